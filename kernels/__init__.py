@@ -1,0 +1,51 @@
+"""Triton kernels of dmpo_fast, installed as ``dmpo_fast.kernels``.
+
+Triton is imported here and nowhere else. The rest of the package asks one question,
+:func:`available`, before dispatching ``impl="triton"``: kernels can run when Triton imports and
+either a CUDA device is present or ``TRITON_INTERPRET=1`` (the CPU interpreter, used by the tests).
+
+One op per file; each file holds the ``@triton.jit`` kernels, the launcher and the autograd
+function. The eager twin of every kernel lives in ``dmpo_fast.ops`` and is the test oracle.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:  # Triton is absent on macOS / Windows and optional everywhere.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+    _IMPORT_ERROR: Exception | None = None
+except Exception as e:  # pragma: no cover - depends on the platform
+    HAS_TRITON = False
+    _IMPORT_ERROR = e
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device=None) -> bool:
+    """Whether Triton kernels can run on ``device`` (a torch device, or any device when None)."""
+    if not HAS_TRITON:
+        return False
+    if interpreting():
+        return True
+    import torch
+
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def unavailable_reason(device=None) -> str:
+    """A sentence saying why :func:`available` is False, for error messages."""
+    if not HAS_TRITON:
+        return f"Triton could not be imported ({_IMPORT_ERROR!r}); install it with `pip install triton`"
+    return (
+        f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (got device {device}); "
+        "use impl='chunked' or impl='eager' on CPU"
+    )
