@@ -1,3 +1,27 @@
-"""dmpo_fast: fast RL fine-tuning of diffusion language models (DMPO and MRO)."""
+"""dmpo_fast: fast RL fine-tuning of diffusion language models (DMPO and MRO).
+
+The hot loop (denoising cross-entropy over masked tokens, log-probs, noising, importance weights)
+runs in fused Triton kernels on CUDA, with an eager PyTorch twin of every op for verification and a
+memory-lean chunked path for CPUs. See ``dmpo_fast.ops`` for the op contracts.
+"""
+
+from dmpo_fast.ops import (
+    ImportanceWeights,
+    forward_mask,
+    importance_weights,
+    linear_logprob,
+    wdce_loss,
+    weighted_linear_ce,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ImportanceWeights",
+    "__version__",
+    "forward_mask",
+    "importance_weights",
+    "linear_logprob",
+    "wdce_loss",
+    "weighted_linear_ce",
+]

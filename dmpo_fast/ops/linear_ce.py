@@ -1,0 +1,267 @@
+"""Linear cross-entropy ops: ``linear_logprob`` and ``weighted_linear_ce``.
+
+Both project hidden rows onto the vocabulary (``hidden @ weight.T``) and reduce each row of logits
+to one number, so the [N, V] logits never need to exist at once:
+
+    linear_logprob(h, W, y)[i]        = log softmax(h_i · Wᵀ)[y_i]
+    weighted_linear_ce(h, W, y, w)    = Σ_i w_i · (−log softmax(h_i · Wᵀ)[y_i])
+
+Backends (``impl=``):
+- ``eager``: the plain reference. Builds the full [N, V] logits in fp32 (fp64 for fp64 inputs) and
+  lets autograd differentiate. The test oracle and the benchmark baseline.
+- ``chunked``: memory-lean torch. Rows are processed in chunks of ``chunk_rows(V)`` so at most a
+  chunk of logits (``CHUNK_ELEMENTS`` fp32 values, 64 MiB) is alive in the forward *and* the backward.
+  ``weighted_linear_ce`` computes its gradients during the forward (3 GEMM passes: logits, dH, dW)
+  because the token weights are known up front; the backward only scales them by the upstream
+  gradient. ``linear_logprob`` cannot do that (its per-row coefficient arrives in the backward), so
+  it saves the per-row log-sum-exp and recomputes each chunk of logits in the backward.
+- ``triton``: the fused kernels in ``dmpo_fast.kernels.linear_ce``.
+
+Gradients, with p_i = softmax(h_i · Wᵀ) and e_y the one-hot of the target:
+    d logp_i / d h_i = (e_{y_i} − p_i) · W             d logp_i / d W = (e_{y_i} − p_i)ᵀ h_i
+    d CE / d w_i     = CE_i (token weights get a gradient too; usually they are detached).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dmpo_fast.ops._common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    resolve_impl,
+)
+
+# Largest logits chunk the chunked path holds: 2**24 fp32 values = 64 MiB.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def chunk_rows(vocab: int, chunk_elements: int | None = None) -> int:
+    """Rows per chunk so that one [rows, vocab] fp32 block stays within ``chunk_elements``."""
+    return max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, vocab))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_linear(hidden, weight, targets, token_weights=None):
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    n, h = hidden.shape
+    if weight.shape[1] != h:
+        raise ValueError(
+            f"weight must have shape [V, {h}] to match hidden [N, {h}], got {list(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row, got V = 0")
+    check_tensor("targets", targets, dtypes=INDEX_DTYPES, shape=(n,))
+    if token_weights is not None:
+        check_tensor("token_weights", token_weights, dtypes=FLOAT_DTYPES, shape=(n,))
+    check_same_device(hidden=hidden, weight=weight, targets=targets, token_weights=token_weights)
+    # Range check only where it costs no device sync.
+    if targets.device.type == "cpu" and n > 0:
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"targets must lie in [0, {weight.shape[0]}), got values in [{lo}, {hi}]")
+
+
+# --------------------------------------------------------------------------------------------------
+# Eager references
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_logprob_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Reference: full [N, V] logits in fp32 (fp64 for fp64 inputs), log-softmax, gather."""
+    dt = compute_dtype(hidden.dtype)
+    logits = hidden.to(dt) @ weight.to(dt).T  # [N, V]
+    return torch.log_softmax(logits, dim=-1).gather(1, targets.long()[:, None]).squeeze(1)
+
+
+def weighted_linear_ce_ref(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor
+) -> torch.Tensor:
+    """Reference: Σ_i token_weights[i] · CE(hidden[i] · Wᵀ, targets[i]) with full logits."""
+    dt = compute_dtype(hidden.dtype)
+    nll = -linear_logprob_ref(hidden, weight, targets)
+    return (token_weights.to(dt) * nll).sum()
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked torch
+# --------------------------------------------------------------------------------------------------
+
+
+class _ChunkedLinearLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        dt = compute_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=dt, device=hidden.device)
+        lse = torch.empty(n, dtype=dt, device=hidden.device)
+        w = weight.to(dt)
+        for s in range(0, n, chunk):
+            logits = hidden[s : s + chunk].to(dt) @ w.T  # [c, V]
+            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+            logp[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None].long()).squeeze(1) - lse[
+                s : s + chunk
+            ]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dt = lse.dtype
+        chunk = ctx.chunk
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dt)
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk].to(dt)
+            g = grad_logp[s : s + chunk].to(dt)
+            # d logp / d logits = e_y − p, scaled by the upstream gradient: G = g · (e_y − p)
+            G = torch.exp(h @ w.T - lse[s : s + chunk, None])  # p, [c, V]
+            G.mul_(-g[:, None])
+            G.scatter_add_(1, targets[s : s + chunk, None].long(), g[:, None])
+            if need_h:
+                dh[s : s + chunk] = (G @ w).to(hidden.dtype)
+            if need_w:
+                dw.addmm_(G.T, h)
+        return dh, (dw.to(weight.dtype) if need_w else None), None, None
+
+
+class _ChunkedWeightedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights, chunk, need_h, need_w, need_tw):
+        dt = compute_dtype(hidden.dtype)
+        n = hidden.shape[0]
+        w = weight.to(dt)
+        tw = token_weights.to(dt)
+        ce = torch.zeros(n, dtype=dt, device=hidden.device)
+        dh = torch.zeros(hidden.shape, dtype=dt, device=hidden.device) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need_w else None
+        # Rows with weight 0 cost nothing: only live rows are projected. (nonzero() syncs on CUDA;
+        # the chunked path is the CPU / fallback path, the Triton kernel skips rows in-kernel.)
+        # When the token weights themselves need a gradient (dL/dw_i = CE_i) every row is live.
+        live = torch.arange(n, device=tw.device) if need_tw else (tw != 0).nonzero().squeeze(1)
+        for s in range(0, live.numel(), chunk):
+            idx = live[s : s + chunk]
+            h = hidden.index_select(0, idx).to(dt)  # [c, H]
+            y = targets.index_select(0, idx).long()[:, None]
+            logits = h @ w.T  # [c, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            ce[idx] = lse - logits.gather(1, y).squeeze(1)
+            if need_h or need_w:
+                # d(w_i · CE_i)/d logits_i = w_i · (p_i − e_y): reuse the logits buffer in place.
+                G = logits.sub_(lse[:, None]).exp_()
+                G.scatter_add_(1, y, torch.full_like(lse, -1.0)[:, None])
+                G.mul_(tw.index_select(0, idx)[:, None])
+                if need_h:
+                    dh.index_copy_(0, idx, G @ w)
+                if need_w:
+                    dw.addmm_(G.T, h)
+        ctx.save_for_backward(dh, dw, ce)
+        ctx.dtypes = (hidden.dtype, weight.dtype, token_weights.dtype)
+        return (tw * ce).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dh, dw, ce = ctx.saved_tensors
+        h_dt, w_dt, tw_dt = ctx.dtypes
+        g = grad_out.to(ce.dtype)
+        dh = (dh * g).to(h_dt) if ctx.needs_input_grad[0] else None
+        dw = (dw * g).to(w_dt) if ctx.needs_input_grad[1] else None
+        dtw = (ce * g).to(tw_dt) if ctx.needs_input_grad[3] else None
+        return dh, dw, None, dtw, None, None, None, None
+
+
+def linear_logprob_chunked(hidden, weight, targets, *, chunk_elements: int | None = None):
+    return _ChunkedLinearLogprob.apply(hidden, weight, targets, chunk_rows(weight.shape[0], chunk_elements))
+
+
+def weighted_linear_ce_chunked(hidden, weight, targets, token_weights, *, chunk_elements: int | None = None):
+    grad_on = torch.is_grad_enabled()
+    need_h = grad_on and hidden.requires_grad
+    need_w = grad_on and weight.requires_grad
+    need_tw = grad_on and token_weights.requires_grad
+    chunk = chunk_rows(weight.shape[0], chunk_elements)
+    return _ChunkedWeightedLinearCE.apply(hidden, weight, targets, token_weights, chunk, need_h, need_w, need_tw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    impl: str = "auto",
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """Per-row log-probability of ``targets`` under ``softmax(hidden @ weight.T)``.
+
+    Args:
+        hidden: [N, H] float (bf16 / fp16 / fp32 / fp64).
+        weight: [V, H], same dtype as ``hidden`` (the LM head).
+        targets: [N] int32/int64 in [0, V).
+        impl: "auto" | "triton" | "chunked" | "eager".
+        chunk_elements: chunked path only, the most logits held at once (default 2**24).
+    Returns:
+        logp: [N] fp32 (fp64 for fp64 inputs), differentiable in ``hidden`` and ``weight``.
+    """
+    _check_linear(hidden, weight, targets)
+    impl = resolve_impl(impl, hidden.device)
+    if impl == "eager":
+        return linear_logprob_ref(hidden, weight, targets)
+    if impl == "triton":
+        from dmpo_fast.kernels.linear_ce import linear_logprob_triton
+
+        return linear_logprob_triton(hidden, weight, targets)
+    return linear_logprob_chunked(hidden, weight, targets, chunk_elements=chunk_elements)
+
+
+def weighted_linear_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    impl: str = "auto",
+    deterministic: bool = False,
+    chunk_elements: int | None = None,
+) -> torch.Tensor:
+    """``Σ_i token_weights[i] · (−log softmax(hidden[i] @ weight.T)[targets[i]])`` as a scalar.
+
+    Token weights may have any sign; rows with weight 0 cost no matmul work in the chunked and Triton
+    paths (unless ``token_weights`` itself requires grad: dL/dw_i = CE_i needs every row). The gradient is computed during the forward pass (3 GEMM passes), so call it inside the
+    autograd graph you will backpropagate through once.
+
+    Args:
+        hidden: [N, H] float; weight: [V, H] same dtype; targets: [N] int in [0, V);
+        token_weights: [N] float (any dtype; math in fp32).
+        impl: "auto" | "triton" | "chunked" | "eager".
+        deterministic: triton path only, reduce dW in a fixed order (slower, bit-reproducible).
+    Returns:
+        A 0-dim fp32 tensor (fp64 for fp64 inputs).
+    """
+    _check_linear(hidden, weight, targets, token_weights)
+    impl = resolve_impl(impl, hidden.device)
+    if impl == "eager":
+        return weighted_linear_ce_ref(hidden, weight, targets, token_weights)
+    if impl == "triton":
+        from dmpo_fast.kernels.linear_ce import weighted_linear_ce_triton
+
+        return weighted_linear_ce_triton(hidden, weight, targets, token_weights, deterministic=deterministic)
+    return weighted_linear_ce_chunked(hidden, weight, targets, token_weights, chunk_elements=chunk_elements)
