@@ -1,0 +1,221 @@
+"""linear_logprob / weighted_linear_ce / wdce_loss: eager and chunked against float64 truths."""
+
+import pytest
+import torch
+
+import dmpo_fast
+from dmpo_fast.ops.linear_ce import linear_logprob_ref, weighted_linear_ce_ref
+from dmpo_fast.ops.wdce import wdce_loss_ref
+from dmpo_fast.profiling import peak_memory
+
+SHAPES = [(1, 16, 64), (7, 37, 131), (23, 48, 97), (64, 5, 1009)]
+
+
+def _inputs(n, h, v, dtype=torch.float64, peaked=False, zero_every=0):
+    hidden = torch.randn(n, h, dtype=torch.float64) / h**0.25
+    weight = torch.randn(v, h, dtype=torch.float64) / h**0.25
+    targets = torch.randint(0, v, (n,))
+    targets[0] = 0
+    targets[-1] = v - 1
+    if peaked:  # make the target logit of every row ~30 above the rest
+        weight[targets] += 30.0 * hidden / hidden.norm(dim=1, keepdim=True) ** 2
+    w = torch.randn(n, dtype=torch.float64)
+    if zero_every:
+        w[::zero_every] = 0.0
+    return hidden.to(dtype), weight.to(dtype), targets, w
+
+
+def _truth_and_grads(fn, hidden, weight, *rest):
+    h = hidden.detach().double().requires_grad_()
+    W = weight.detach().double().requires_grad_()
+    out = fn(h, W, *rest)
+    out.sum().backward()
+    return out.detach(), h.grad, W.grad
+
+
+@pytest.mark.parametrize("n,h,v", SHAPES)
+@pytest.mark.parametrize("impl", ["eager", "chunked"])
+def test_linear_logprob_matches_fp64(n, h, v, impl):
+    hidden, weight, targets, _ = _inputs(n, h, v, torch.float32)
+    g = torch.randn(n)
+    h32 = hidden.clone().requires_grad_()
+    W32 = weight.clone().requires_grad_()
+    out = dmpo_fast.linear_logprob(h32, W32, targets, impl=impl, chunk_elements=3 * v)
+    (out * g).sum().backward()
+    hd, Wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    truth = linear_logprob_ref(hd, Wd, targets)
+    (truth * g.double()).sum().backward()
+    assert out.dtype == torch.float32 and out.shape == (n,)
+    torch.testing.assert_close(out.double(), truth.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h32.grad.double(), hd.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(W32.grad.double(), Wd.grad, rtol=1e-4, atol=1e-5)
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("n,h,v", SHAPES)
+@pytest.mark.parametrize("peaked", [False, True])
+def test_weighted_linear_ce_matches_fp64(n, h, v, peaked):
+    """Eager fp32 must be close to the fp64 truth; chunked fp32 no worse than 2x eager's error."""
+    hidden, weight, targets, w = _inputs(n, h, v, torch.float32, peaked=peaked, zero_every=3)
+    hd, Wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    truth = weighted_linear_ce_ref(hd, Wd, targets, w)
+    truth.backward()
+    errs = {}
+    for impl in ("eager", "chunked"):
+        h32 = hidden.clone().requires_grad_()
+        W32 = weight.clone().requires_grad_()
+        loss = dmpo_fast.weighted_linear_ce(h32, W32, targets, w.float(), impl=impl, chunk_elements=2 * v)
+        loss.backward()
+        assert loss.dim() == 0 and loss.dtype == torch.float32
+        # Rows with weight 0 get exactly zero gradient.
+        assert torch.all(h32.grad[w == 0] == 0)
+        errs[impl] = [abs(loss.item() - truth.item()), _max_err(h32.grad, hd.grad), _max_err(W32.grad, Wd.grad)]
+    scale = [abs(truth.item()) + 1, hd.grad.abs().max().item() + 1, Wd.grad.abs().max().item() + 1]
+    for e_eager, e_chunked, sc in zip(errs["eager"], errs["chunked"], scale):
+        assert e_eager <= 1e-4 * sc, errs  # fp32 math is accurate here
+        assert e_chunked <= 2 * e_eager + 1e-6 * sc, errs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_low_precision_no_worse_than_eager(dtype):
+    """Judge low precision by eager's error in the same dtype against the fp64 truth (STYLE.md)."""
+    hidden, weight, targets, w = _inputs(29, 40, 211, dtype, zero_every=4)
+    truth = weighted_linear_ce_ref(hidden.double(), weight.double(), targets, w)
+    errs = {}
+    for impl in ("eager", "chunked"):
+        h = hidden.clone().requires_grad_()
+        W = weight.clone().requires_grad_()
+        loss = dmpo_fast.weighted_linear_ce(h, W, targets, w.float(), impl=impl, chunk_elements=5 * 211)
+        loss.backward()
+        errs[impl] = (abs(loss.item() - truth.item()), h.grad.float(), W.grad.float())
+    assert errs["chunked"][0] <= 2 * errs["eager"][0] + 1e-4
+    # Both compute in fp32 from the same rounded inputs: gradients agree to fp32 accuracy, then round once.
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(errs["chunked"][1], errs["eager"][1], rtol=2 * eps, atol=2 * eps)
+    torch.testing.assert_close(errs["chunked"][2], errs["eager"][2], rtol=2 * eps, atol=2 * eps)
+
+
+@pytest.mark.parametrize("impl", ["eager", "chunked"])
+def test_gradcheck_float64(impl):
+    hidden, weight, targets, w = _inputs(11, 7, 29, zero_every=4)
+    h, W = hidden.requires_grad_(), weight.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda h, W: dmpo_fast.linear_logprob(h, W, targets, impl=impl, chunk_elements=60), (h, W)
+    )
+    assert torch.autograd.gradcheck(
+        lambda h, W: dmpo_fast.weighted_linear_ce(h, W, targets, w, impl=impl, chunk_elements=60), (h, W)
+    )
+    # The token weights get dL/dw_i = CE_i, zero-weight rows included.
+    tw = w.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda tw: dmpo_fast.weighted_linear_ce(h, W, targets, tw, impl=impl, chunk_elements=60), (tw,)
+    )
+
+
+def test_all_zero_weights_give_exact_zero():
+    hidden, weight, targets, _ = _inputs(9, 8, 31, torch.float32)
+    h, W = hidden.requires_grad_(), weight.requires_grad_()
+    loss = dmpo_fast.weighted_linear_ce(h, W, targets, torch.zeros(9), impl="chunked")
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.all(h.grad == 0) and torch.all(W.grad == 0)
+
+
+def test_no_grad_forward_equals_grad_forward():
+    hidden, weight, targets, w = _inputs(13, 9, 53, torch.float32)
+    with torch.no_grad():
+        a = dmpo_fast.weighted_linear_ce(hidden, weight, targets, w.float(), impl="chunked")
+    b = dmpo_fast.weighted_linear_ce(hidden.requires_grad_(), weight, targets, w.float(), impl="chunked")
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def _wdce_inputs(R, L, H, V, dtype=torch.float32):
+    hidden = torch.randn(R, L, H, dtype=dtype)
+    head = torch.randn(V, H, dtype=dtype) / H**0.5
+    targets = torch.randint(0, V, (R, L))
+    mask = torch.rand(R, L) < 0.4
+    mask[0] = False  # a row with nothing masked
+    mask[1, :3] = False  # prompt-like prefix never in the loss
+    rw = torch.randn(R, dtype=torch.float64)
+    rw[2] = 0.0
+    return hidden, head, targets, mask, rw
+
+
+def _wdce_truth(hidden, head, targets, mask, rw):
+    total = torch.zeros((), dtype=torch.float64)
+    for r in range(hidden.shape[0]):
+        n = int(mask[r].sum())
+        if n == 0:
+            continue
+        logp = torch.log_softmax(hidden[r].double() @ head.double().T, -1)
+        ce = -logp.gather(1, targets[r, :, None]).squeeze(1)
+        total = total + rw[r] / n * ce[mask[r]].sum()
+    return total
+
+
+@pytest.mark.parametrize("impl", ["eager", "chunked"])
+@pytest.mark.parametrize("R,L,H,V", [(5, 13, 8, 37), (8, 7, 16, 101)])
+def test_wdce_loss_matches_definition(impl, R, L, H, V):
+    hidden, head, targets, mask, rw = _wdce_inputs(R, L, H, V)
+    h = hidden.clone().requires_grad_()
+    W = head.clone().requires_grad_()
+    loss = dmpo_fast.wdce_loss(h, W, targets, mask, rw.float(), impl=impl)
+    loss.backward()
+    hd, Wd = hidden.double().requires_grad_(), head.double().requires_grad_()
+    truth = _wdce_truth(hd, Wd, targets, mask, rw)
+    truth.backward()
+    assert abs(loss.item() - truth.item()) <= 1e-5 * (1 + abs(truth.item()))
+    torch.testing.assert_close(h.grad.double(), hd.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(W.grad.double(), Wd.grad, rtol=1e-4, atol=1e-6)
+    # Positions outside the loss (and the zero-weight row) get exactly zero gradient.
+    assert torch.all(h.grad[~mask] == 0) and torch.all(h.grad[2] == 0)
+
+
+def test_wdce_loss_nothing_masked_is_zero_with_zero_grads():
+    hidden, head, targets, mask, rw = _wdce_inputs(3, 5, 4, 11)
+    h = hidden.requires_grad_()
+    loss = dmpo_fast.wdce_loss(h, head, targets, torch.zeros_like(mask), rw.float(), impl="chunked")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(h.grad == 0)
+
+
+def test_wdce_eager_is_the_reference_path():
+    hidden, head, targets, mask, rw = _wdce_inputs(4, 6, 8, 19)
+    a = wdce_loss_ref(hidden, head, targets, mask, rw.float())
+    b = dmpo_fast.wdce_loss(hidden, head, targets, mask, rw.float(), impl="eager")
+    assert a.item() == b.item()
+
+
+def test_chunked_peak_memory_is_bounded_as_rows_grow():
+    """The chunked path holds one chunk of logits however many rows there are; eager holds N·V."""
+    H, V, chunk = 4, 4096, 1 << 16
+    peaks = {}
+    for n in (512, 4096):
+        hidden = torch.randn(n, H, requires_grad=True)
+        weight = torch.randn(V, H, requires_grad=True)
+        targets = torch.randint(0, V, (n,))
+        w = torch.rand(n)
+        for impl in ("eager", "chunked"):
+
+            def step():
+                loss = dmpo_fast.weighted_linear_ce(hidden, weight, targets, w, impl=impl, chunk_elements=chunk)
+                loss.backward()
+
+            peaks[impl, n] = peak_memory(step)[1]
+        _, peaks["logprob", n] = peak_memory(
+            lambda: dmpo_fast.linear_logprob(hidden, weight, targets, impl="chunked", chunk_elements=chunk)
+            .sum()
+            .backward()
+        )
+    logits_bytes_4096 = 4096 * V * 4
+    # Chunked: a few chunk-sized buffers + O(N·H + V·H) gradients, nowhere near N·V.
+    bound = 4 * chunk * 4 + 4 * (4096 * H + V * H) * 4
+    for impl in ("chunked", "logprob"):
+        assert peaks[impl, 4096] <= bound, peaks
+        assert peaks[impl, 4096] <= 1.5 * peaks[impl, 512], peaks
+    # Eager materialises the full logits (sanity check that the measurement sees them).
+    assert peaks["eager", 4096] >= logits_bytes_4096
+    assert peaks["eager", 4096] >= 6 * peaks["eager", 512]
