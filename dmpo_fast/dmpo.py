@@ -1,0 +1,308 @@
+"""DMPO as pure functions over tensors: the ELBO estimator, the WDCE and WDDO losses, the EOS mask.
+
+DMPO (arXiv 2510.08233) fits the policy p_θ to the reward-tilted target p* ∝ p_ref·exp(r/α). Rollouts
+x_1..x_G of a prompt come from p_old; each gets an importance weight w (``dmpo_fast.importance_weights``)
+and the policy minimises the weighted denoising cross-entropy
+
+    WDCE = Σ_b (w_b − c_b) · mean_k [ 1/m_bk · Σ_{masked l} −log p_θ(x_bl | noisy_bk) ]
+
+over R noisy copies k of each rollout (``forward_mask``: rate λ ~ U[rate_min, rate_max), Bernoulli per
+completion token, antithetic complements), with m_bk the number of masked tokens and c_b a weight
+baseline. Every function here takes whole prompt groups (a group never straddles a call), so the
+group-wise baselines are exact per group.
+
+Sequence log-likelihoods use the masked-diffusion ELBO with the same noising:
+
+    ELBO(x) = mean_k (n_maskable / m_k) · Σ_{masked l} log p(x_l | noisy_k)
+
+Policy and reference are scored on the *same* masks by passing the same ``seed`` (the noise is
+counter-based, ``dmpo_fast.ops.philox``).
+
+Where this departs from the reference implementation (and why):
+- the "group" and "model" baselines and the ESS are computed per prompt group; the reference code
+  computes them over each GPU's slice of the batch, which mixes groups when a group spans GPUs;
+- WDDO uses the paper's scaling (weights G·softmax, mean 1 per group); the reference averages the
+  softmax weights over the local batch, i.e. scales the first term by 1/G relative to the second
+  (``ddo_a`` reproduces any ratio);
+- the EOS padding after the answer is in the loss and the ELBO by default, as in the reference
+  (``completion_mask(..., include_eos_padding=True)``); ``False`` keeps only tokens up to the first EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from dmpo_fast.ops import forward_mask, linear_logprob, wdce_loss
+from dmpo_fast.ops._common import check_tensor
+
+Baseline = Literal["none", "group", "individual", "model"]
+
+
+class Denoiser(Protocol):
+    """What the losses need from a model (``dmpo_fast.models.DiffusionLM`` provides it).
+
+    logits = (hidden(ids) @ head_weight.T) · logit_scale; ``logit_scale`` is optional (default 1).
+    """
+
+    mask_id: int
+    head_weight: torch.Tensor
+
+    def hidden(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """The forward-noising options shared by the ELBO and the losses."""
+
+    replicates: int = 4
+    antithetic: bool = True
+    rate_min: float = 0.1
+    rate_max: float = 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------------
+
+
+def completion_mask(
+    completion_ids: torch.Tensor, eos_id: int, *, include_eos_padding: bool = True
+) -> torch.Tensor:
+    """[N, Lc] bool: the completion positions that belong in the loss and the ELBO.
+
+    With ``include_eos_padding`` every position counts (the EOS padding after the answer is
+    part of what the model generates, as in LLaDA's SFT and DMPO's reference code). Without it, only
+    the positions up to and including the first EOS count (all of them if there is no EOS).
+    """
+    check_tensor("completion_ids", completion_ids, ndim=2)
+    if include_eos_padding:
+        return torch.ones_like(completion_ids, dtype=torch.bool)
+    is_eos = (completion_ids == eos_id).to(torch.int32)
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS strictly before this position
+    return eos_before == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring helpers (written once, used by the ELBO, the model baseline and WDDO)
+# --------------------------------------------------------------------------------------------------
+
+
+def _hidden_and_head(model: Denoiser, ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """Hidden states with the model's logit scale folded in, and the head weight."""
+    hidden = model.hidden(ids, attention_mask=attention_mask)  # [M, L, H]
+    scale = float(getattr(model, "logit_scale", 1.0))
+    if scale != 1.0:
+        hidden = hidden * scale
+    head = model.head_weight
+    if head.dtype != hidden.dtype:
+        head = head.to(hidden.dtype)
+    return hidden, head
+
+
+def masked_logprob_sums(
+    hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, *, impl: str = "auto"
+) -> torch.Tensor:
+    """[M] per-row Σ_{masked l} log softmax(hidden[m, l] · headᵀ)[targets[m, l]]; only masked rows projected."""
+    M, L, H = hidden.shape
+    flat = masked.reshape(-1).nonzero().squeeze(1)  # [n_masked]
+    logp = linear_logprob(
+        hidden.reshape(M * L, H).index_select(0, flat), head, targets.reshape(-1).index_select(0, flat), impl=impl
+    )
+    return torch.zeros(M, dtype=logp.dtype, device=logp.device).index_add(0, flat // L, logp)
+
+
+def _elbo_from_sums(sums: torch.Tensor, masked: torch.Tensor, maskable: torch.Tensor, replicates: int):
+    """Per-sequence ELBO from per-row sums: mean over replicates of (n_maskable / m) · sum."""
+    N = maskable.shape[0]
+    m = masked.sum(dim=1).clamp_min(1).to(sums.dtype)  # [R*N]
+    n = maskable.sum(dim=1).to(sums.dtype).repeat(replicates)  # [R*N]
+    return (n / m * sums).reshape(replicates, N).mean(dim=0)
+
+
+def _noise(ids, maskable, mask_id, noise: NoiseConfig, seed: int | None, generator):
+    return forward_mask(
+        ids,
+        maskable,
+        mask_id=mask_id,
+        replicates=noise.replicates,
+        antithetic=noise.antithetic,
+        rate_min=noise.rate_min,
+        rate_max=noise.rate_max,
+        seed=seed,
+        generator=generator,
+    )
+
+
+def _check_batch(ids, maskable, attention_mask):
+    check_tensor("ids", ids, ndim=2, dtypes=(torch.int32, torch.int64))
+    check_tensor("maskable", maskable, dtypes=(torch.bool,), shape=tuple(ids.shape))
+    if attention_mask is not None:
+        check_tensor("attention_mask", attention_mask, shape=tuple(ids.shape))
+
+
+# --------------------------------------------------------------------------------------------------
+# ELBO
+# --------------------------------------------------------------------------------------------------
+
+
+def elbo(
+    model: Denoiser,
+    ids: torch.Tensor,
+    maskable: torch.Tensor,
+    *,
+    noise: NoiseConfig = NoiseConfig(),
+    attention_mask: torch.Tensor | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    micro_batch: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Per-sequence ELBO estimate of log p(x) [N] (see the module docstring).
+
+    Args:
+        model: a ``Denoiser``; ids: [N, L] prompt + completion; maskable: [N, L] bool (completion
+        positions, see ``completion_mask``); attention_mask: [N, L] (0 = padding) or None.
+        seed: Philox seed of the masks; score two models with the same seed to share masks.
+        micro_batch: rows per model call (of the R·N noisy rows); None = all at once.
+    Returns:
+        [N] in fp32, differentiable through the model when grad is enabled.
+    """
+    _check_batch(ids, maskable, attention_mask)
+    noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator)  # [R*N, L] each
+    targets = ids.repeat(noise.replicates, 1)
+    am = attention_mask.repeat(noise.replicates, 1) if attention_mask is not None else None
+    step = micro_batch or noisy.shape[0]
+    sums = []
+    for s in range(0, noisy.shape[0], step):
+        hidden, head = _hidden_and_head(model, noisy[s : s + step], None if am is None else am[s : s + step])
+        sums.append(masked_logprob_sums(hidden, head, targets[s : s + step], masked[s : s + step], impl=impl))
+    return _elbo_from_sums(torch.cat(sums), masked, maskable, noise.replicates)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # 0-dim, to backpropagate
+    stats: dict  # detached tensors for logging (no host sync here)
+
+
+def _group_softmax(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    return torch.softmax(x.reshape(-1, group_size), dim=-1).reshape(-1)
+
+
+def wdce(
+    model: Denoiser,
+    ids: torch.Tensor,
+    maskable: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    group_size: int,
+    noise: NoiseConfig = NoiseConfig(),
+    attention_mask: torch.Tensor | None = None,
+    baseline: Baseline = "none",
+    log_p_old: torch.Tensor | None = None,
+    centering_strength: float = 1.0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    impl: str = "auto",
+) -> LossOutput:
+    """Weighted denoising cross-entropy for whole prompt groups, fresh masks each call.
+
+    Args:
+        weights: [N] importance weights, already baseline-subtracted for "none" / "group" /
+            "individual" (``importance_weights(...).weights``). For ``baseline="model"`` pass the raw
+            weights and ``log_p_old``: the baseline c_b = s · softmax_group(ELBO_θ(x_b) − log p_old(x_b))
+            is estimated from this very forward pass (detached) and subtracted here.
+        log_p_old: [N] rollout-time ELBO of the policy (needed for ``baseline="model"``).
+    Returns:
+        ``LossOutput(loss, stats)``; the loss is Σ over sequences and mean over replicates.
+    """
+    _check_batch(ids, maskable, attention_mask)
+    N = ids.shape[0]
+    check_tensor("weights", weights, shape=(N,))
+    if N % group_size:
+        raise ValueError(f"group_size ({group_size}) must divide the number of sequences ({N})")
+    if baseline not in ("none", "group", "individual", "model"):
+        raise ValueError(f"baseline must be one of ('none', 'group', 'individual', 'model'), got {baseline!r}")
+    if baseline == "model" and log_p_old is None:
+        raise ValueError("baseline='model' needs log_p_old (the rollout-time ELBO of the policy)")
+    R = noise.replicates
+    noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator)  # [R*N, L]
+    targets = ids.repeat(R, 1)
+    am = attention_mask.repeat(R, 1) if attention_mask is not None else None
+    hidden, head = _hidden_and_head(model, noisy, am)  # [R*N, L, H]
+
+    w = weights.detach().float()
+    stats = {}
+    if baseline == "model":
+        with torch.no_grad():
+            sums = masked_logprob_sums(hidden.detach(), head.detach(), targets, masked, impl=impl)
+            elbo_now = _elbo_from_sums(sums, masked, maskable, R)
+            c = centering_strength * _group_softmax(elbo_now - log_p_old.float(), group_size)
+        w = w - c
+        stats["elbo"] = elbo_now
+    row_weights = w.repeat(R) / R  # [R*N], replicate-major like the rows
+    loss = wdce_loss(hidden, head, targets, masked, row_weights, impl=impl)
+    stats["masked_tokens"] = masked.sum()
+    stats["effective_weights"] = w
+    return LossOutput(loss, stats)
+
+
+def wddo(
+    model: Denoiser,
+    ids: torch.Tensor,
+    maskable: torch.Tensor,
+    raw_weights: torch.Tensor,
+    log_p_old: torch.Tensor,
+    *,
+    group_size: int,
+    noise: NoiseConfig = NoiseConfig(),
+    attention_mask: torch.Tensor | None = None,
+    beta: float = 1.0,
+    a: float = 1.0,
+    independent_sets: bool = True,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    impl: str = "auto",
+) -> LossOutput:
+    """Weighted direct discriminative optimisation (DMPO §3.4):
+
+        WDDO = −mean_b[ w̃_b · logσ(β·gap_b) ] − a · mean_b[ logσ(−β·gap'_b) ],
+        gap = ELBO_θ(x) − log p_old(x),   w̃ = G · softmax weights (mean 1 per group).
+
+    With ``independent_sets`` the first R/2 replicates estimate ``gap`` and the other R/2 ``gap'``
+    (with antithetic noise these are the complements of the first half); otherwise both use all R.
+    ``raw_weights`` are the softmax weights before any baseline (``importance_weights(...).raw``).
+    """
+    _check_batch(ids, maskable, attention_mask)
+    N = ids.shape[0]
+    check_tensor("raw_weights", raw_weights, shape=(N,))
+    check_tensor("log_p_old", log_p_old, shape=(N,))
+    if N % group_size:
+        raise ValueError(f"group_size ({group_size}) must divide the number of sequences ({N})")
+    R = noise.replicates
+    if independent_sets and R % 2:
+        raise ValueError(f"independent_sets=True splits the replicates in halves: replicates must be even, got {R}")
+    noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator)
+    targets = ids.repeat(R, 1)
+    am = attention_mask.repeat(R, 1) if attention_mask is not None else None
+    hidden, head = _hidden_and_head(model, noisy, am)
+    sums = masked_logprob_sums(hidden, head, targets, masked, impl=impl)  # [R*N], differentiable
+    lp_old = log_p_old.detach().float()
+    if independent_sets:
+        half = R // 2 * N
+        gap_real = _elbo_from_sums(sums[:half], masked[:half], maskable, R // 2) - lp_old
+        gap_fake = _elbo_from_sums(sums[half:], masked[half:], maskable, R // 2) - lp_old
+    else:
+        gap_real = gap_fake = _elbo_from_sums(sums, masked, maskable, R) - lp_old
+    w = group_size * raw_weights.detach().float()
+    loss = -(w * F.logsigmoid(beta * gap_real)).mean() - a * F.logsigmoid(-beta * gap_fake).mean()
+    return LossOutput(loss, {"gap": gap_real.detach(), "masked_tokens": masked.sum()})
