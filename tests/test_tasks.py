@@ -228,6 +228,19 @@ def test_countdown_rows_solvable_and_split():
     assert _score(small, rows, [r["reference"] for r in rows]) == [1.0] * 10
 
 
+def test_countdown_config_errors():
+    with pytest.raises(ValueError, match="num_counts"):
+        CountdownTask(num_counts=(1,))
+    with pytest.raises(ValueError, match="min_number"):
+        CountdownTask(min_number=10, max_number=5)
+    with pytest.raises(ValueError, match="prompt_style"):
+        CountdownTask(prompt_style="chat")
+    with pytest.raises(ValueError, match="widen"):  # the only problem, 1*1=1, hashes into train
+        CountdownTask(num_counts=(2,), max_number=1, max_target=1, test_fraction=0.01).test(2)
+    with pytest.raises(ValueError, match="'target'"):
+        CountdownTask().reward(None, ["1+2"], nums=[[1, 2]])
+
+
 NUMS, TARGET = [4, 2, 2, 8], 24
 
 

@@ -38,7 +38,7 @@ class Task:
         """``n`` held-out rows; never overlapping the training rows' problems."""
         return self.rows("test", n, seed)
 
-    def rows(self, split: str, n: int | None, seed: int) -> list[dict]:
+    def rows(self, split: str, n: int | None, seed: int | None) -> list[dict]:
         raise NotImplementedError
 
     def reward(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float | None]:

@@ -225,12 +225,19 @@ class CountdownTask(Task):
         template = INSTRUCT_TEMPLATE if self.use_all else INSTRUCT_TEMPLATE_SUBSET
         return template.format(nums_list=list(nums), target=target)
 
-    def rows(self, split: str, n: int | None, seed: int) -> list[dict]:
+    def rows(self, split: str, n: int | None, seed: int | None) -> list[dict]:
         check_split(split)
         n = check_count(n, self.train_size if split == "train" else self.test_size)
         rng = stable_rng("countdown", split, seed)
         out = []
+        draws = 0
         while len(out) < n:
+            draws += 1
+            if draws > 1000 * (n + 10):  # tiny number ranges may hold no problem of this split
+                raise ValueError(
+                    f"found only {len(out)} of {n} {split} problems in {draws - 1} draws; widen "
+                    "min_number/max_number/max_target or change test_fraction"
+                )
             count = rng.choice(self.num_counts)
             nums, target, solution = random_problem(
                 rng, count, self.min_number, self.max_number, self.max_target

@@ -218,7 +218,7 @@ class SudokuTask(Task):
         grid = format_grid(solution)
         return grid if self.prompt_style == "compact" else f"<answer>{grid}</answer>"
 
-    def rows(self, split: str, n: int | None, seed: int) -> list[dict]:
+    def rows(self, split: str, n: int | None, seed: int | None) -> list[dict]:
         grids = self.grids(split)
         n = check_count(n, self.train_size if split == "train" else self.test_size)
         rng = stable_rng("sudoku", split, seed, self.min_blanks, self.max_blanks)
