@@ -43,6 +43,18 @@ def _check(ids, maskable, mask_id, replicates, antithetic, rate_min, rate_max):
         )
 
 
+def mask_rates(B: int, base_replicates: int, rate_min: float, rate_max: float, seed: int, device) -> torch.Tensor:
+    """[Rb, B] fp32 rates λ = rate_min + (rate_max − rate_min) · U(seed; 0, b, r, STREAM_RATE).
+
+    Computed by this one torch expression for every backend, so the per-position comparison
+    ``u < λ`` is bit-identical across backends.
+    """
+    r = torch.arange(base_replicates, device=device)[:, None]
+    b = torch.arange(B, device=device)[None, :]
+    u = philox_uniform(seed, torch.zeros_like(b), b, r, torch.full_like(r, STREAM_RATE))
+    return rate_min + (rate_max - rate_min) * u
+
+
 def forward_mask_ref(
     ids: torch.Tensor,
     maskable: torch.Tensor,
@@ -58,12 +70,10 @@ def forward_mask_ref(
     B, L = ids.shape
     base = replicates // 2 if antithetic else replicates
     dev = ids.device
+    rate = mask_rates(B, base, rate_min, rate_max, seed, dev)[:, :, None]  # [Rb, B, 1]
     r = torch.arange(base, device=dev)[:, None, None]  # [Rb, 1, 1]
     b = torch.arange(B, device=dev)[None, :, None]  # [1, B, 1]
     pos = torch.arange(L, device=dev)[None, None, :]  # [1, 1, L]
-    rate = rate_min + (rate_max - rate_min) * philox_uniform(
-        seed, torch.zeros_like(b), b, r, torch.full_like(r, STREAM_RATE)
-    )  # [Rb, B, 1]
     u = philox_uniform(seed, pos, b, r, torch.full_like(r, STREAM_POSITION))  # [Rb, B, L]
     masked = (u < rate) & maskable[None]  # [Rb, B, L]
     if antithetic:

@@ -134,7 +134,7 @@ def importance_weights_ref(
     raw = _masked_softmax(c * logits, valid)  # [num_groups, G]
     s = float(centering_strength)
     if baseline == "group":
-        n_valid = valid.sum(dim=-1, keepdim=True).clamp_min(1)
+        n_valid = valid.sum(dim=-1, keepdim=True).clamp_min(1).to(dt)  # int / float would give fp32
         weights = torch.where(valid, raw - s / n_valid, torch.zeros_like(raw))
     elif baseline == "individual":
         weights = raw - s * _masked_softmax(c * anti, valid)
