@@ -1,0 +1,256 @@
+"""``TrainConfig``: every option of a run as a typed, validated dataclass.
+
+Loaded from YAML (``TrainConfig.from_yaml``), overridden by ``key=value`` strings
+(``TrainConfig.with_overrides``: values are parsed as YAML scalars, so ``alpha=0.04``,
+``lora=true``, ``ess_target=null`` do what they say), and validated in ``__post_init__``: a bad field
+raises ``ValueError`` naming the field and the allowed values. A config is never mutated after
+validation; ``replace`` returns a new, re-validated one.
+
+The defaults are the embedded run: DMPO on the built-in tiny model and the 4x4 Sudoku task, on CPU.
+The DMPO fields follow the paper and its reference implementation (alpha 0.04, buffer reuse F,
+4 antithetic mask replicates with rate in [0.1, 1.0], the "individual" weight baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Algorithm = Literal["dmpo", "mro", "diffu_grpo"]
+LossName = Literal["wdce", "wddo"]
+BaselineName = Literal["none", "group", "individual", "model"]
+SamplerName = Literal["llada", "fast_dllm", "roar"]
+CacheName = Literal["none", "prefix", "dual"]
+Remasking = Literal["low_confidence", "random"]
+Reference = Literal["adapter_disabled", "frozen_copy", "none"]
+Scheduler = Literal["constant", "constant_with_warmup", "cosine", "linear"]
+DType = Literal["float32", "bfloat16", "float16"]
+ImplName = Literal["auto", "triton", "native", "chunked", "eager"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- what to train -------------------------------------------------------------------------
+    model: str = "tiny"  # "tiny" (built in), a local directory or a hub name
+    dtype: DType = "float32"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    task: str = "sudoku"  # a registered task name or "package.module:TaskClass"
+    task_kwargs: dict = field(default_factory=dict)
+    reward_funcs: list = field(default_factory=list)  # extra TRL-style rewards by import path
+    algorithm: Algorithm = "dmpo"
+    loss: LossName = "wdce"
+
+    # --- rollouts ------------------------------------------------------------------------------
+    prompts_per_step: int = 8
+    num_generations: int = 8  # group size G: rollouts per prompt
+    sampler: SamplerName = "fast_dllm"
+    cache: CacheName = "prefix"
+    gen_length: int = 24
+    block_length: int = 24
+    steps: int = 12  # denoising steps for the whole completion
+    temperature: float = 0.7
+    remasking: Remasking = "low_confidence"
+    threshold: float | None = None  # fast_dllm confidence threshold (None: fixed tokens per step)
+
+    # --- DMPO ----------------------------------------------------------------------------------
+    num_iterations: int = 4  # F: optimizer steps per rollout buffer (off-policy reuse)
+    num_replicates: int = 4  # noisy copies per rollout in the loss
+    elbo_replicates: int = 4  # noisy copies per rollout for log p_ref / log p_old
+    antithetic: bool = True
+    mask_rate_min: float = 0.1
+    mask_rate_max: float = 1.0
+    alpha: float = 0.04
+    coeff: float = 1.0
+    ess_target: float | None = None
+    baseline: BaselineName = "individual"
+    centering_strength: float = 1.0
+    include_eos_padding: bool = True
+    ddo_beta: float = 1.0
+    ddo_a: float = 1.0
+    ddo_independent_sets: bool = True
+    reference: Reference = "frozen_copy"
+
+    # --- optimisation --------------------------------------------------------------------------
+    learning_rate: float = 1e-4
+    lr_scheduler: Scheduler = "constant_with_warmup"
+    warmup_steps: int = 2
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    max_steps: int = 40
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out"])
+    gradient_checkpointing: bool = False
+    impl: ImplName = "auto"
+    seed: int = 0
+
+    # --- evaluation, logging, checkpoints ------------------------------------------------------
+    eval_size: int = 200
+    eval_every: int = 0  # steps between evaluations during training (0: only before and after)
+    eval_temperature: float = 0.0
+    output_dir: str = "runs/dmpo-sudoku"
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    resume: bool = False
+    tensorboard: bool = True
+    plot: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        _check_types(self)
+        positive = [
+            "prompts_per_step", "num_generations", "gen_length", "block_length", "steps", "num_iterations",
+            "num_replicates", "elbo_replicates", "gradient_accumulation_steps", "max_steps", "lora_r",
+            "eval_size", "save_every", "keep_checkpoints",
+        ]  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})"
+            )
+        blocks = self.gen_length // self.block_length
+        if self.steps % blocks:
+            raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks ({blocks})")
+        if self.antithetic and (self.num_replicates % 2 or self.elbo_replicates % 2):
+            raise ValueError(
+                "num_replicates and elbo_replicates must be even when antithetic=true, got "
+                f"{self.num_replicates} and {self.elbo_replicates}"
+            )
+        if not 0.0 <= self.mask_rate_min < self.mask_rate_max <= 1.0:
+            raise ValueError(
+                "mask_rate_min and mask_rate_max must satisfy 0 <= mask_rate_min < mask_rate_max <= 1, "
+                f"got {self.mask_rate_min} and {self.mask_rate_max}"
+            )
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.coeff <= 0:
+            raise ValueError(f"coeff must be > 0, got {self.coeff}")
+        if self.ess_target is not None and not 0.0 < self.ess_target <= 1.0:
+            raise ValueError(f"ess_target must be in (0, 1] or null, got {self.ess_target}")
+        if not 0.0 <= self.centering_strength <= 1.0:
+            raise ValueError(f"centering_strength must be in [0, 1], got {self.centering_strength}")
+        if self.alpha > 0 and self.reference == "none":
+            raise ValueError("reference must be 'adapter_disabled' or 'frozen_copy' when alpha > 0 (got 'none')")
+        if self.reference == "adapter_disabled" and not self.lora:
+            raise ValueError("reference='adapter_disabled' needs lora=true (the base model is the adapter-off policy)")
+        if self.temperature < 0 or self.eval_temperature < 0:
+            raise ValueError("temperature and eval_temperature must be >= 0")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1] or null, got {self.threshold}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError(f"adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> TrainConfig:
+        _check_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a mapping of field names to values, got {type(d).__name__}")
+        _check_names(d)
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: list[str]) -> TrainConfig:
+        """Apply ``key=value`` strings; values are parsed as YAML (``3``, ``0.1``, ``true``, ``null``, ``[a, b]``)."""
+        import yaml
+
+        changes = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like key=value")
+            key, raw = item.split("=", 1)
+            changes[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        return self.replace(**changes)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _check_names(d: dict) -> None:
+    known = set(field_names())
+    unknown = sorted(set(d) - known)
+    if unknown:
+        import difflib
+
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"unknown config field(s): {', '.join(hints)}")
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        ok, allowed = _matches(value, hints[f.name])
+        if not ok:
+            raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
+
+
+def _matches(value, hint) -> tuple[bool, str]:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        return value in choices, "one of " + ", ".join(repr(c) for c in choices)
+    if origin in (typing.Union, types.UnionType):
+        results = [_matches(value, h) for h in typing.get_args(hint)]
+        return any(ok for ok, _ in results), " or ".join(a for _, a in results)
+    if hint is type(None):
+        return value is None, "null"
+    if hint is bool:
+        return isinstance(value, bool), "true or false"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), "an int"
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    if hint is str:
+        return isinstance(value, str), "a string"
+    if hint is dict or origin is dict:
+        return isinstance(value, dict), "a mapping"
+    if hint is list or origin is list:
+        return isinstance(value, list), "a list"
+    return True, str(hint)

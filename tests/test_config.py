@@ -1,0 +1,54 @@
+"""TrainConfig: defaults validate, YAML + overrides, clear errors naming the field."""
+
+import pytest
+
+from dmpo_fast.config import TrainConfig, field_names
+
+
+def test_defaults_are_valid_and_dict_round_trips():
+    cfg = TrainConfig()
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.rollouts_per_step == cfg.prompts_per_step * cfg.num_generations
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("alpha: 0.1\nbaseline: group\nlora: true\nreference: adapter_disabled\n")
+    cfg = TrainConfig.from_yaml(p)
+    assert cfg.alpha == 0.1 and cfg.baseline == "group" and cfg.lora
+    cfg2 = cfg.with_overrides(["ess_target=0.7", "max_steps=3", "lora_target_modules=[q_proj, v_proj]"])
+    assert cfg2.ess_target == 0.7 and cfg2.max_steps == 3 and cfg2.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.ess_target is None  # the original is never mutated
+    assert cfg2.with_overrides(["ess_target=null"]).ess_target is None
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"baseline": "mean"}, r"baseline must be one of 'none', 'group', 'individual', 'model'"),
+        ({"sampler": "ddim"}, "sampler must be one of"),
+        ({"num_generations": 0}, "num_generations must be an int >= 1"),
+        ({"num_generations": 2.5}, "num_generations must be an int"),
+        ({"gen_length": 30, "block_length": 8}, "gen_length"),
+        ({"steps": 5, "gen_length": 24, "block_length": 8}, "steps"),
+        ({"num_replicates": 3}, "num_replicates"),
+        ({"mask_rate_min": 0.5, "mask_rate_max": 0.2}, "mask_rate_min"),
+        ({"ess_target": 1.5}, "ess_target"),
+        ({"alpha": 0.1, "reference": "none"}, "reference"),
+        ({"reference": "adapter_disabled"}, "lora"),
+        ({"lora": "yes"}, "lora must be true or false"),
+        ({"device": "tpu"}, "device"),
+        ({"alpah": 0.1}, "did you mean 'alpha'"),
+    ],
+)
+def test_bad_fields_name_themselves(changes, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig().replace(**changes)
+
+
+def test_override_syntax_errors(tmp_path):
+    with pytest.raises(ValueError, match="key=value"):
+        TrainConfig().with_overrides(["alpha"])
+    with pytest.raises(ValueError, match="does not exist"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+    assert "alpha" in field_names()
