@@ -1,24 +1,24 @@
 """``DiffusionLM``: the one interface the samplers, the ELBO and the losses use to talk to a model.
 
-A masked-diffusion LM predicts, at every position, a distribution over the token that belongs there. The losses in
-``dmpo_fast.ops`` never want the full ``[B, L, V]`` logits — they project only the masked rows through the output
-matrix — so the interface hands out the two factors instead:
+A masked-diffusion LM predicts, at every position, a distribution over the token that belongs there. The
+losses in ``dmpo_fast.ops`` never want the full ``[B, L, V]`` logits — they project only the masked rows
+through the output matrix — so the interface hands out the two factors instead:
 
     h = lm.hidden(ids, attention_mask)          # [B, L, H]  final hidden states (after the last norm)
     W = lm.head_weight                          # [V, H]     output projection
     lm.logits(ids, attention_mask)              # [B, L, V] == (h @ W.T) * lm.logit_scale
 
-``logit_scale`` is 1.0 except for architectures that scale their logits (LLaDA with ``scale_logits``:
-``1 / sqrt(d_model)``); a consumer that projects ``h`` itself multiplies by it. When the model's output layer has a
-bias ``b``, ``hidden`` carries a trailing constant 1 and ``head_weight`` carries ``b`` as its last column, so the
-identity stays exact; ``hidden_size`` counts that column.
+``logit_scale`` is 1.0 except for architectures that scale their logits (LLaDA with ``scale_logits``: ``1 /
+sqrt(d_model)``); a consumer that projects ``h`` itself multiplies by it. When the model's output layer has a
+bias ``b``, ``hidden`` carries a trailing constant 1 and ``head_weight`` carries ``b`` as its last column, so
+the identity stays exact; ``hidden_size`` counts that column.
 
-Position i of ``hidden`` always predicts token i (models that predict token i from position i-1, like Dream, are
-shifted by their adapter). Token ids never exceed ``vocab_size``; ``mask_id`` is the absorbing [MASK] token,
-``eos_id`` the end-of-sequence token (or None).
+Position i of ``hidden`` always predicts token i (models that predict token i from position i-1, like Dream,
+are shifted by their adapter). Token ids never exceed ``vocab_size``; ``mask_id`` is the absorbing [MASK]
+token, ``eos_id`` the end-of-sequence token (or None).
 
-A ``DiffusionLM`` is an ``nn.Module`` whose ``forward`` is ``hidden``, so DDP/FSDP wrappers and ``accelerate`` can
-wrap it as a whole; ``lm.model`` is the underlying Hugging Face module (what PEFT wraps: ``lm.model =
+A ``DiffusionLM`` is an ``nn.Module`` whose ``forward`` is ``hidden``, so DDP/FSDP wrappers and ``accelerate``
+can wrap it as a whole; ``lm.model`` is the underlying Hugging Face module (what PEFT wraps: ``lm.model =
 get_peft_model(lm.model, cfg)`` keeps working, the adapters look through the PEFT wrapper). ``.to()``,
 ``.train()``, ``.eval()`` and ``.parameters()`` are ``nn.Module``'s.
 
@@ -62,7 +62,7 @@ class DiffusionLM(nn.Module):
         self.hidden_size = hidden_size
         self.logit_scale = logit_scale
 
-    # ---- what subclasses provide -------------------------------------------------------------------------------
+    # ---- what subclasses provide ---------------------------------------------------------------------------
     def hidden(
         self,
         ids: torch.Tensor,
@@ -84,7 +84,7 @@ class DiffusionLM(nn.Module):
         """Full forward over ``ids [B, L]``: ``(hidden [B, L, H], KVCache of positions 0..L-1)``."""
         raise ValueError(f"{type(self).__name__} does not support a KV cache (supports_cache is False)")
 
-    # ---- shared ------------------------------------------------------------------------------------------------
+    # ---- shared --------------------------------------------------------------------------------------------
     @property
     def base_model(self) -> nn.Module:
         """``model`` with any PEFT wrapper looked through (LoRA layers stay injected in it)."""
@@ -93,7 +93,7 @@ class DiffusionLM(nn.Module):
 
     @property
     def head_weight(self) -> torch.Tensor:
-        """Output projection ``[vocab_size, hidden_size]`` (a differentiable view of the model's parameters)."""
+        """Output projection ``[vocab_size, hidden_size]``: a differentiable view of the parameters."""
         weight, bias = self._raw_head()
         weight = weight[: self.vocab_size]
         if bias is None:
@@ -125,12 +125,20 @@ class DiffusionLM(nn.Module):
     def gradient_checkpointing_enable(self, **kwargs) -> None:
         """Turn on HF gradient checkpointing in the underlying model (recompute each block in backward)."""
         base = self.base_model
-        if not hasattr(base, "gradient_checkpointing_enable"):
+        # transformers >= 5.x renamed it (the old name still works, with a FutureWarning).
+        enable = getattr(base, "activation_checkpointing_enable", None) or getattr(
+            base, "gradient_checkpointing_enable", None
+        )
+        if enable is None:
             raise ValueError(f"model ({type(base).__name__}) has no gradient_checkpointing_enable()")
-        base.gradient_checkpointing_enable(**kwargs)
+        enable(**kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
+        base = self.base_model
+        disable = (
+            getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        )
+        disable()
 
 
 def check_ids(ids, name: str = "ids") -> None:
@@ -146,7 +154,7 @@ def check_ids(ids, name: str = "ids") -> None:
 
 
 def check_attention_mask(attention_mask, ids: torch.Tensor, name: str = "attention_mask") -> None:
-    """``ValueError`` naming ``name`` unless it is None or a tensor of ids' shape [B, L] (1/True = real token)."""
+    """``ValueError`` naming ``name`` unless it is None or a tensor of ids' shape [B, L] (1 = real token)."""
     if attention_mask is None:
         return
     if not isinstance(attention_mask, torch.Tensor):

@@ -1,19 +1,20 @@
 """Key/value cache for blockwise (Fast-dLLM style) decoding with the LLaDA implementation.
 
-A diffusion LM attends bidirectionally, so a cache is an approximation during decoding: the keys and values of the
-cached positions are frozen while tokens elsewhere change. It is exact at the moment it is made — a block run against
-a cache taken from a full forward over the same tokens gives the full forward's hidden states — and it drifts only
-as the block's tokens are committed. Fast-dLLM refreshes it once per block.
+A diffusion LM attends bidirectionally, so a cache is an approximation during decoding: the keys and values of
+the cached positions are frozen while tokens elsewhere change. It is exact at the moment it is made — a block
+run against a cache taken from a full forward over the same tokens gives the full forward's hidden states —
+and it drifts only as the block's tokens are committed. Fast-dLLM refreshes it once per block.
 
-A :class:`KVCache` holds, per layer, the keys (RoPE already applied at their own positions) and values of a set of
-sequence positions, plus which of them are real tokens (padding is never attended). Because the keys carry their
-rotation, cached positions need not be contiguous: the dual cache is "everything except the current block".
+A :class:`KVCache` holds, per layer, the keys (RoPE already applied at their own positions) and values of a
+set of sequence positions, plus which of them are real tokens (padding is never attended). Because the keys
+carry their rotation, cached positions need not be contiguous: the dual cache is "everything except the
+current block".
 
-    hidden, cache = lm.prefill(ids, attention_mask)     # full forward over [B, L]; cache holds positions 0..L-1
-    prefix = cache.truncate(start)                      # prefix cache: positions [0, start)
-    h = lm.hidden(ids[:, start:], cache=prefix)         # queries at positions start..L-1   -> [B, L - start, H]
-    dual = cache.exclude(start, end)                    # dual cache: all positions but [start, end)
-    h = lm.hidden(ids[:, start:end], cache=dual, positions=start)   # queries at start..end-1 -> [B, end - start, H]
+    hidden, cache = lm.prefill(ids, attention_mask)  # full forward over [B, L]; cache of positions 0..L-1
+    prefix = cache.truncate(start)                   # prefix cache: positions [0, start)
+    h = lm.hidden(ids[:, start:], cache=prefix)      # queries at start..L-1       -> [B, L - start, H]
+    dual = cache.exclude(start, end)                 # dual cache: all positions but [start, end)
+    h = lm.hidden(ids[:, start:end], cache=dual, positions=start)  # start..end-1 -> [B, end - start, H]
 
 Positions are tracked as Python ints (``spans``), so checks and defaults never synchronise with the device.
 """
@@ -50,7 +51,7 @@ class KVCache:
 
     @property
     def next_position(self) -> int | None:
-        """First position after the cache when it holds a prefix ``[0, S)``, else None (positions must be given)."""
+        """First position after the cache if it holds a prefix ``[0, S)``, else None (give positions)."""
         if len(self.spans) == 1 and self.spans[0][0] == 0:
             return self.spans[0][1]
         if not self.spans:
@@ -94,9 +95,11 @@ class KVCache:
         return self._keep([(0, end)])
 
     def exclude(self, start: int, end: int) -> KVCache:
-        """The cache without positions ``[start, end)`` (a dual cache around the current block). Copies once."""
+        """The cache without positions ``[start, end)``: a dual cache around the current block (one copy)."""
         if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start <= end:
-            raise ValueError(f"start and end must be ints with 0 <= start <= end, got start={start!r}, end={end!r}")
+            raise ValueError(
+                f"start and end must be ints with 0 <= start <= end, got start={start!r}, end={end!r}"
+            )
         big = max(e for _, e in self.spans) if self.spans else 0
         return self._keep([(0, start), (end, max(big, end))])
 

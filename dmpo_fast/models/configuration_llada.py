@@ -1,17 +1,17 @@
 """Configuration of the LLaDA architecture, with the field names LLaDA's own ``config.json`` uses.
 
-An official checkpoint directory (``GSAI-ML/LLaDA-8B-Instruct`` and friends) carries a ``config.json`` written by
-LLaDA's trainer: ``d_model``, ``n_heads``, ``n_kv_heads``, ``n_layers``, ``mlp_hidden_size``, ``rope_theta``, ... .
-:class:`LLaDAConfig` reads those fields as they are, so the checkpoint loads without ``trust_remote_code``; fields
-this implementation does not use (``init_device``, ``precision``, ``flash_attention``, ``auto_map``, ...) are kept as
-plain attributes and written back on save.
+An official checkpoint directory (``GSAI-ML/LLaDA-8B-Instruct`` and friends) carries a ``config.json`` written
+by LLaDA's trainer: ``d_model``, ``n_heads``, ``n_kv_heads``, ``n_layers``, ``mlp_hidden_size``,
+``rope_theta``, ... . :class:`LLaDAConfig` reads those fields as they are, so the checkpoint loads without
+``trust_remote_code``; fields this implementation does not use (``init_device``, ``precision``,
+``flash_attention``, ``auto_map``, ...) are kept as plain attributes and written back on save.
 
-Only the variant LLaDA actually ships is implemented: the Llama-style block (``block_type="llama"``), RMS norms,
-RoPE, no ALiBi, no QK-norm, one block per group. Any other value of those switches raises ``ValueError`` naming the
-field, rather than running a different network than the checkpoint was trained as.
+Only the variant LLaDA actually ships is implemented: the Llama-style block (``block_type="llama"``), RMS
+norms, RoPE, no ALiBi, no QK-norm, one block per group. Any other value of those switches raises
+``ValueError`` naming the field, rather than running a different network than the checkpoint was trained as.
 
-The defaults are LLaDA-8B's architecture choices (LLaDA's trainer defaults are GPT-2-like and describe a model this
-code does not implement); every official ``config.json`` sets all of them explicitly anyway.
+The defaults are LLaDA-8B's architecture choices (LLaDA's trainer defaults are GPT-2-like and describe a model
+this code does not implement); every official ``config.json`` sets all of them explicitly anyway.
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ ACTIVATION_TYPES = ("silu", "gelu", "relu")
 class LLaDAConfig(PretrainedConfig):
     """LLaDA architecture hyper-parameters (``model_type = "llada"``).
 
-    Shapes: hidden size ``d_model``; ``n_heads`` query heads of size ``d_model // n_heads``; ``n_kv_heads`` key/value
-    heads (grouped-query attention when fewer than ``n_heads``); MLP width ``mlp_hidden_size`` (or
-    ``mlp_ratio * d_model``); ``embedding_size`` rows in the embedding and output matrices (at least ``vocab_size``;
-    the extra rows are padding that no token id reaches).
+    Shapes: hidden size ``d_model``; ``n_heads`` query heads of size ``d_model // n_heads``; ``n_kv_heads``
+    key/value heads (grouped-query attention when fewer than ``n_heads``); MLP width ``mlp_hidden_size`` (or
+    ``mlp_ratio * d_model``); ``embedding_size`` rows in the embedding and output matrices (at least
+    ``vocab_size``; the extra rows are padding that no token id reaches).
 
-    Numerics: ``scale_logits`` multiplies the logits by ``1 / sqrt(d_model)``; ``input_emb_norm`` multiplies the
-    embeddings by ``d_model ** 0.5``; ``rope_full_precision`` applies the rotary embedding in float32 whatever the
-    model dtype. ``init_fn`` only matters for a randomly initialised model: "mitchell" as LLaDA defines it, any other
-    value is LLaDA's "normal" (``init_std``, optional ``init_cutoff_factor``).
+    Numerics: ``scale_logits`` multiplies the logits by ``1 / sqrt(d_model)``; ``input_emb_norm`` multiplies
+    the embeddings by ``d_model ** 0.5``; ``rope_full_precision`` applies the rotary embedding in float32
+    whatever the model dtype. ``init_fn`` only matters for a randomly initialised model: "mitchell" as LLaDA
+    defines it, any other value is LLaDA's "normal" (``init_std``, optional ``init_cutoff_factor``).
     """
 
     model_type = "llada"
@@ -118,8 +118,8 @@ class LLaDAConfig(PretrainedConfig):
         self.init_std = init_std
         self.init_cutoff_factor = init_cutoff_factor
         self.use_cache = use_cache
-        # HF's generic tying logic keys off tie_word_embeddings; LLaDA's switch is weight_tying. Keep them equal so
-        # no transformers version ties (or unties) the output matrix behind the checkpoint's back.
+        # HF's generic tying logic keys off tie_word_embeddings; LLaDA's switch is weight_tying. Keep them
+        # equal so no transformers version ties (or unties) the output matrix behind the checkpoint's back.
         kwargs.pop("tie_word_embeddings", None)
         kwargs.setdefault("architectures", ["LLaDAModelLM"])
         super().__init__(
@@ -149,7 +149,7 @@ class LLaDAConfig(PretrainedConfig):
 
     @property
     def effective_n_kv_heads(self) -> int:
-        """Key/value heads, resolving LLaDA's two ways of saying it (``n_kv_heads``, ``multi_query_attention``)."""
+        """Key/value heads, from LLaDA's two ways of saying it (``n_kv_heads``, ``multi_query_attention``)."""
         if self.n_kv_heads is None:
             return 1 if self.multi_query_attention else self.n_heads
         return self.n_kv_heads
@@ -167,7 +167,8 @@ class LLaDAConfig(PretrainedConfig):
     def logit_scale(self) -> float:
         """Factor the logits are multiplied by: ``1 / sqrt(d_model)`` with ``scale_logits``, else 1.
 
-        Computed as LLaDA computes it (``1 / math.sqrt``), so ``(hidden @ W.T) * logit_scale`` is bit-identical.
+        Computed as LLaDA computes it (``1 / math.sqrt``), so ``(hidden @ W.T) * logit_scale`` is
+        bit-identical.
         """
         return 1 / math.sqrt(self.d_model) if self.scale_logits else 1.0
 
@@ -191,10 +192,13 @@ class LLaDAConfig(PretrainedConfig):
                 1 if self.multi_query_attention else self.n_heads
             ):
                 raise ValueError(
-                    f"n_kv_heads ({self.n_kv_heads}) contradicts multi_query_attention ({self.multi_query_attention})"
+                    f"n_kv_heads ({self.n_kv_heads}) contradicts "
+                    f"multi_query_attention ({self.multi_query_attention})"
                 )
         if self.n_heads % self.effective_n_kv_heads != 0:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.effective_n_kv_heads})")
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.effective_n_kv_heads})"
+            )
         if self.mlp_hidden_size is not None:
             positive("mlp_hidden_size")
         else:
@@ -204,13 +208,19 @@ class LLaDAConfig(PretrainedConfig):
                 f"embedding_size ({self.embedding_size}) must be at least vocab_size ({self.vocab_size})"
             )
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
-            raise ValueError(f"mask_token_id must be in [0, vocab_size={self.vocab_size}), got {self.mask_token_id}")
+            raise ValueError(
+                f"mask_token_id must be in [0, vocab_size={self.vocab_size}), got {self.mask_token_id}"
+            )
         if self.block_type not in BLOCK_TYPES:
             raise ValueError(f"block_type must be one of {BLOCK_TYPES}, got {self.block_type!r}")
         if self.layer_norm_type not in LAYER_NORM_TYPES:
-            raise ValueError(f"layer_norm_type must be one of {LAYER_NORM_TYPES}, got {self.layer_norm_type!r}")
+            raise ValueError(
+                f"layer_norm_type must be one of {LAYER_NORM_TYPES}, got {self.layer_norm_type!r}"
+            )
         if self.activation_type not in ACTIVATION_TYPES:
-            raise ValueError(f"activation_type must be one of {ACTIVATION_TYPES}, got {self.activation_type!r}")
+            raise ValueError(
+                f"activation_type must be one of {ACTIVATION_TYPES}, got {self.activation_type!r}"
+            )
         if self.block_group_size != 1:
             raise ValueError(f"block_group_size must be 1, got {self.block_group_size!r}")
         if self.alibi:

@@ -1,23 +1,27 @@
 """``DiffusionLM`` adapters for models this package does not implement: any HF model, and Dream.
 
-The generic adapter needs two things from a model: its output projection (``get_output_embeddings()``, a module with
-a ``weight [V, H]`` and maybe a ``bias``) and the hidden state that goes into it. It finds the latter in one of two
-ways and keeps the first that it can *verify*, once, on a probe input, reproduces the model's own logits:
+The generic adapter needs two things from a model: its output projection (``get_output_embeddings()``, a
+module with a ``weight [V, H]`` and maybe a ``bias``) and the hidden state that goes into it. It finds the
+latter in one of two ways and keeps the first that it can *verify*, once, on a probe input, reproduces the
+model's own logits:
 
-1. ``"decoder"``: ``model.get_decoder()(...)``'s ``last_hidden_state`` — the Llama/Qwen layout, where the head reads
+1. ``"decoder"``: ``model.get_decoder()(...)``'s ``last_hidden_state`` — the Llama/Qwen layout, where the head
+reads
    the decoder output directly. Cheapest: the ``[B, L, V]`` logits are never computed.
-2. ``"hook"``: a forward pre-hook on the output projection captures its input during a full ``model(...)`` call —
-   works for heads with a transform in front (BERT: dense + act + norm). The model's logits are computed and dropped.
+2. ``"hook"``: a forward pre-hook on the output projection captures its input during a full ``model(...)``
+call —
+   works for heads with a transform in front (BERT: dense + act + norm). The model's logits are computed and
+   dropped.
 
 The check is ``|hidden @ W.T + b - logits| <= tol`` (after fitting one constant factor, which becomes
-``logit_scale``, for models that scale their logits); if neither path passes — soft-capping, a non-linear head —
-construction raises ``ValueError`` rather than train against the wrong distribution.
+``logit_scale``, for models that scale their logits); if neither path passes — soft-capping, a non-linear head
+— construction raises ``ValueError`` rather than train against the wrong distribution.
 
-Dream (``model_type "Dream"``, remote code) predicts token i at position i-1, like the AR model it was adapted from.
-``DreamAdapter`` shifts the hidden states right by one so position i predicts token i, as Dream's own sampler shifts
-its logits (``cat([logits[:, :1], logits[:, :-1]])``; position 0 reuses its own state and predicts nothing useful —
-keep position 0 a prompt token). With padding it passes Dream a boolean ``[B, 1, L, L]`` key mask and positions that
-skip the pads (``cumsum(mask) - 1``), as Dream's sampler does.
+Dream (``model_type "Dream"``, remote code) predicts token i at position i-1, like the AR model it was adapted
+from. ``DreamAdapter`` shifts the hidden states right by one so position i predicts token i, as Dream's own
+sampler shifts its logits (``cat([logits[:, :1], logits[:, :-1]])``; position 0 reuses its own state and
+predicts nothing useful — keep position 0 a prompt token). With padding it passes Dream a boolean ``[B, 1, L,
+L]`` key mask and positions that skip the pads (``cumsum(mask) - 1``), as Dream's sampler does.
 
 The adapters have no KV cache (``supports_cache`` is False).
 """
@@ -41,8 +45,8 @@ class HFAdapter(DiffusionLM):
         weight = getattr(head, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(
-                f"model ({type(model).__name__}) has no output projection: get_output_embeddings() must return a "
-                f"module with a 2-D weight [V, H], got {type(head).__name__}"
+                f"model ({type(model).__name__}) has no output projection: get_output_embeddings() must "
+                f"return a module with a 2-D weight [V, H], got {type(head).__name__}"
             )
         bias = getattr(head, "bias", None)
         super().__init__(
@@ -90,7 +94,7 @@ class HFAdapter(DiffusionLM):
         return captured[0]
 
     def _verify(self) -> tuple[str, float]:
-        """Pick the hidden-state path whose linear read-out reproduces the model's logits; fit the logit scale."""
+        """The hidden-state path whose linear read-out reproduces the model's logits, and the logit scale."""
         base = self.base_model
         weight, bias = self._raw_head()
         n = 8
@@ -106,7 +110,8 @@ class HFAdapter(DiffusionLM):
                 for path in candidates:
                     try:
                         h = self._run(path, ids, None)
-                    except Exception as err:  # a decoder that does not take these arguments: try the next path
+                    # A decoder that does not take these arguments: try the next path.
+                    except Exception as err:
                         failures.append(f"{path}: {type(err).__name__}: {err}")
                         continue
                     if tuple(h.shape) != (*ids.shape, weight.shape[1]):
@@ -128,21 +133,24 @@ class HFAdapter(DiffusionLM):
         finally:
             base.train(was_training)
         raise ValueError(
-            f"model ({type(base).__name__}): its logits are not (hidden @ output_embeddings.weight.T + bias) times a "
-            "constant, so it cannot be used as a DiffusionLM (soft-capping or a non-linear head?). Tried "
-            + "; ".join(failures)
+            f"model ({type(base).__name__}): its logits are not (hidden @ output_embeddings.weight.T + bias) "
+            "times a constant, so it cannot be used as a DiffusionLM (soft-capping or a non-linear head?). "
+            "Tried " + "; ".join(failures)
         )
 
     def hidden(self, ids, attention_mask=None, *, cache=None, positions=None) -> torch.Tensor:
         if cache is not None:
             raise ValueError(f"cache is not supported by {type(self).__name__} (supports_cache is False)")
         if positions is not None:
-            raise ValueError(f"positions is not supported by {type(self).__name__}; the model places tokens itself")
+            raise ValueError(
+                f"positions is not supported by {type(self).__name__}; the model places tokens itself"
+            )
         check_ids(ids)
         check_attention_mask(attention_mask, ids)
         h = self._run(self.path, ids, attention_mask)
         if self.shift:
-            h = torch.cat((h[:, :1], h[:, :-1]), dim=1)  # position i now holds the state that predicts token i
+            # Position i now holds the state that predicts token i.
+            h = torch.cat((h[:, :1], h[:, :-1]), dim=1)
         return self._with_bias_column(h)
 
 
@@ -155,8 +163,8 @@ class DreamAdapter(HFAdapter):
         if attention_mask is None:
             return {"input_ids": ids}
         real = attention_mask.bool()
-        # Keys only (every query row may attend all real keys): Dream's sampler masks query rows of pads too, which
-        # gives NaN hidden states at pads; real positions are identical either way.
+        # Keys only (every query row may attend all real keys): Dream's sampler masks query rows of pads too,
+        # which gives NaN hidden states at pads; real positions are identical either way.
         mask = real[:, None, None, :].expand(-1, 1, ids.shape[1], -1)  # [B, 1, L, L]
         positions = (real.long().cumsum(-1) - 1).clamp_min(0)  # pads take position 0; they are never attended
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}

@@ -1,18 +1,20 @@
-"""The LLaDA network as a Hugging Face ``PreTrainedModel`` that loads official checkpoints without remote code.
+"""The LLaDA network as a Hugging Face ``PreTrainedModel``; loads official checkpoints without remote code.
 
 ``LLaDAModelLM`` (HF wrapper, what PEFT wraps) -> ``.model``: ``LLaDAModel`` -> ``.transformer``: ``wte``,
-``blocks.{i}``, ``ln_f`` and, without ``weight_tying``, ``ff_out``. Those are the attribute paths of LLaDA's own
-code, so ``state_dict`` keys (``model.transformer.blocks.3.q_proj.weight`` ...) match the official safetensors.
+``blocks.{i}``, ``ln_f`` and, without ``weight_tying``, ``ff_out``. Those are the attribute paths of LLaDA's
+own code, so ``state_dict`` keys (``model.transformer.blocks.3.q_proj.weight`` ...) match the official
+safetensors.
 
-``LLaDAModel.forward`` returns the final hidden states (after ``ln_f``) and optionally a :class:`KVCache`; it never
-builds logits, so a loss can project only the rows it needs. ``LLaDAModelLM.forward`` adds the output projection
-(``F.linear`` with the tied or separate matrix, then ``* 1/sqrt(d_model)`` with ``scale_logits``), i.e. exactly
-LLaDA's logits, over all ``embedding_size`` rows.
+``LLaDAModel.forward`` returns the final hidden states (after ``ln_f``) and optionally a :class:`KVCache`; it
+never builds logits, so a loss can project only the rows it needs. ``LLaDAModelLM.forward`` adds the output
+projection (``F.linear`` with the tied or separate matrix, then ``* 1/sqrt(d_model)`` with ``scale_logits``),
+i.e. exactly LLaDA's logits, over all ``embedding_size`` rows.
 
-Departures from LLaDA's code, none of which changes a logit: padding masks are honoured (LLaDA's HF code drops the
-attention mask), a key/value cache is supported (LLaDA asserts it off), positions may be given explicitly (the
-default, ``0..L-1``, is LLaDA's; RoPE makes attention depend only on differences, so a left-padded row gives its
-unpadded hidden states up to float rounding), and HF gradient checkpointing replaces LLaDA's own strategies.
+Departures from LLaDA's code, none of which changes a logit: padding masks are honoured (LLaDA's HF code drops
+the attention mask), a key/value cache is supported (LLaDA asserts it off), positions may be given explicitly
+(the default, ``0..L-1``, is LLaDA's; RoPE makes attention depend only on differences, so a left-padded row
+gives its unpadded hidden states up to float rounding), and HF gradient checkpointing replaces LLaDA's own
+strategies.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from .llada_layers import LLaDABlock, RMSNorm, build_norm, rope_tables
 
 
 def _tag_init(module: nn.Module, std: float, cutoff: float | None) -> None:
-    # The std of LLaDA's "mitchell" init depends on the layer index, which HF's per-module _init_weights hook cannot
-    # see; record it on the module when the module is built.
+    # The std of LLaDA's "mitchell" init depends on the layer index, which HF's per-module _init_weights hook
+    # cannot see; record it on the module when the module is built.
     module._llada_init = (std, cutoff)
 
 
@@ -52,7 +54,9 @@ class LLaDAModel(nn.Module):
             )
         )
         if not config.weight_tying:
-            self.transformer["ff_out"] = nn.Linear(config.d_model, config.output_size, bias=bool(config.include_bias))
+            self.transformer["ff_out"] = nn.Linear(
+                config.d_model, config.output_size, bias=bool(config.include_bias)
+            )
         self._tag_inits()
 
     def _tag_inits(self) -> None:
@@ -60,15 +64,22 @@ class LLaDAModel(nn.Module):
         mitchell = cfg.init_fn == "mitchell"
         emb_factor = 0.5 * math.sqrt(d) if cfg.scale_logits else 1.0
 
-        def tag(module: nn.Module, fan_in: int, factor: float = 1.0, layer: int | None = None, residual=False):
-            if mitchell:  # std = factor / sqrt(fan_in), / sqrt(2 (layer + 1)) for outputs of layer `layer`, cut at 3 std
+        def tag(
+            module: nn.Module, fan_in: int, factor: float = 1.0, layer: int | None = None, residual=False
+        ):
+            # mitchell: std = factor / sqrt(fan_in), / sqrt(2 (layer + 1)) for block outputs, cut at 3 std.
+            if mitchell:
                 std = factor / math.sqrt(fan_in)
                 if layer is not None:
                     std /= math.sqrt(2 * (layer + 1))
                 _tag_init(module, std, 3 * std)
             else:  # "normal": init_std, residual outputs scaled by 1 / sqrt(2 n_layers), optional cut-off
                 std = cfg.init_std * factor / (math.sqrt(2 * cfg.n_layers) if residual else 1.0)
-                cut = cfg.init_cutoff_factor * cfg.init_std * factor if cfg.init_cutoff_factor is not None else None
+                cut = (
+                    cfg.init_cutoff_factor * cfg.init_std * factor
+                    if cfg.init_cutoff_factor is not None
+                    else None
+                )
                 _tag_init(module, std, cut)
 
         tag(self.transformer.wte, d, emb_factor)
@@ -157,14 +168,14 @@ def _key_mask(
     # One host sync: with no padding, pass no mask (LLaDA's path, and the only one flash attention takes).
     if bool(own.all()):
         return None
-    # A row with no real key at all would softmax over nothing (NaN); let it attend everywhere instead. Its hidden
-    # states are padding and meaningless either way, but finite, so a masked-out loss stays finite.
+    # A row with no real key at all would softmax over nothing (NaN); let it attend everywhere instead. Its
+    # hidden states are padding and meaningless either way, but finite, so a masked-out loss stays finite.
     own = own | ~own.any(dim=1, keepdim=True)
     return own[:, None, None, :]
 
 
 class LLaDAModelLM(PreTrainedModel):
-    """LLaDA with its output projection; ``forward`` returns ``MaskedLMOutput(logits [B, L, embedding_size])``."""
+    """LLaDA plus its output projection: ``forward`` -> ``MaskedLMOutput(logits [B, L, embedding_size])``."""
 
     config_class = LLaDAConfig
     base_model_prefix = "model"

@@ -4,11 +4,13 @@ LLaDA is a Llama-shaped encoder: pre-norm blocks ``x + Attn(RMSNorm(x))`` then `
 ``MLP(h) = ff_out(act(ff_proj(h)) * up_proj(h))``, rotary positions, and attention without a causal mask. The
 numerics follow LLaDA's own modeling code step for step so that logits agree to float32 rounding:
 
-- the norm statistic is taken in float32 and cast back *before* the weight multiplies (``weight * x.to(dtype)``);
-- the rotary tables are ``cos/sin(position * inv_freq)`` in float32, and with ``rope_full_precision`` the rotation
-  itself runs in float32 too, so bf16 models rotate exactly like LLaDA does;
-- attention is ``F.scaled_dot_product_attention(is_causal=False)``, with grouped key/value heads repeated to the
-  query heads (as LLaDA does) and no mask at all when nothing is padded, so the flash kernel stays eligible.
+- the norm statistic is taken in float32 and cast back *before* the weight multiplies (``weight *
+  x.to(dtype)``);
+- the rotary tables are ``cos/sin(position * inv_freq)`` in float32, and with ``rope_full_precision`` the
+  rotation itself runs in float32 too, so bf16 models rotate exactly like LLaDA does;
+- attention is ``F.scaled_dot_product_attention(is_causal=False)``, with grouped key/value heads repeated to
+  the query heads (as LLaDA does) and no mask at all when nothing is padded, so the flash kernel stays
+  eligible.
 
 Parameter names are LLaDA's (``attn_norm``, ``q_proj``, ``k_proj``, ``v_proj``, ``attn_out``, ``ff_norm``,
 ``ff_proj``, ``up_proj``, ``ff_out``) so official ``state_dict`` keys load unchanged.
@@ -68,8 +70,10 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     positions: ``[L]`` (shared by the batch) or ``[B, L]`` integer tensor.
     Returns two float32 tensors of shape ``[1, 1, L, head_dim]`` or ``[B, 1, L, head_dim]``.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
-    freqs = positions.float().unsqueeze(-1) * inv_freq  # [..., L, head_dim / 2]; one product each, as an outer product
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    # [..., L, head_dim / 2]: one product per entry, the same numbers as LLaDA's outer product.
+    freqs = positions.float().unsqueeze(-1) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     emb = emb[None, None] if positions.dim() == 1 else emb[:, None]
     return emb.cos(), emb.sin()
@@ -149,7 +153,8 @@ class LLaDABlock(nn.Module):
         k_all = k if past_k is None else torch.cat((past_k, k), dim=2)  # [B, nkv, S, hd]
         v_all = v if past_v is None else torch.cat((past_v, v), dim=2)
         if self.n_kv_heads != self.n_heads:
-            # LLaDA repeats the grouped heads explicitly (no enable_gqa) — same numbers, and works on torch 2.4.
+            # LLaDA repeats the grouped heads explicitly (no enable_gqa) — same numbers, and works on torch
+            # 2.4.
             rep = self.n_heads // self.n_kv_heads
             k_all = k_all.repeat_interleave(rep, dim=1, output_size=self.n_heads)
             v_all = v_all.repeat_interleave(rep, dim=1, output_size=self.n_heads)

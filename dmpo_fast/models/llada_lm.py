@@ -6,9 +6,10 @@ Cache API (see :mod:`dmpo_fast.models.cache` for the exactness argument):
     lm.hidden(ids[:, s:], cache=cache.truncate(s))                  # prefix cache: queries at s..L-1
     lm.hidden(ids[:, s:e], cache=cache.exclude(s, e), positions=s)  # dual cache: queries at s..e-1
 
-``positions`` is an int (first position of the queries), a ``[L]`` or ``[B, L]`` integer tensor, or None — which
-means ``0..L-1`` without a cache and "right after the cache" with a prefix cache. The cache's key padding mask comes
-from ``prefill``'s ``attention_mask``; the queries' own ``attention_mask`` (optional) masks their own keys.
+``positions`` is an int (first position of the queries), a ``[L]`` or ``[B, L]`` integer tensor, or None —
+which means ``0..L-1`` without a cache and "right after the cache" with a prefix cache. The cache's key
+padding mask comes from ``prefill``'s ``attention_mask``; the queries' own ``attention_mask`` (optional) masks
+their own keys.
 """
 
 from __future__ import annotations
@@ -72,23 +73,29 @@ class LLaDADiffusionLM(DiffusionLM):
             start = cache.next_position
             if start is None:
                 raise ValueError(
-                    f"positions is required when cache is not a prefix (it holds positions {list(cache.spans)})"
+                    "positions is required when cache is not a prefix "
+                    f"(it holds positions {list(cache.spans)})"
                 )
             positions = start
         if isinstance(positions, bool) or not isinstance(positions, (int, torch.Tensor)):
-            raise ValueError(f"positions must be None, an int or an integer tensor, got {type(positions).__name__}")
+            raise ValueError(
+                f"positions must be None, an int or an integer tensor, got {type(positions).__name__}"
+            )
         if isinstance(positions, int):
             limit = self.config.max_sequence_length
             if positions < 0 or positions + L > limit:
                 raise ValueError(f"positions {positions}..{positions + L - 1} must lie in [0, {limit})")
             if cache is not None and cache.covers(positions, positions + L):
                 raise ValueError(
-                    f"positions {positions}..{positions + L - 1} overlap the cached positions {list(cache.spans)}"
+                    f"positions {positions}..{positions + L - 1} overlap the cached positions "
+                    f"{list(cache.spans)}"
                 )
             return torch.arange(positions, positions + L, device=device)
         if positions.dtype.is_floating_point or positions.dim() not in (1, 2) or positions.shape[-1] != L:
-            raise ValueError(f"positions tensor must be integer [L] or [B, L] with L={L}, got {positions.dtype} "
-                             f"{list(positions.shape)}")
+            raise ValueError(
+                f"positions tensor must be integer [L] or [B, L] with L={L}, got {positions.dtype} "
+                f"{list(positions.shape)}"
+            )
         return positions
 
     def hidden(self, ids, attention_mask=None, *, cache=None, positions=None) -> torch.Tensor:
@@ -110,7 +117,7 @@ class LLaDADiffusionLM(DiffusionLM):
         return self._with_bias_column(h), dataclasses.replace(cache, spans=((0, ids.shape[1]),))
 
     def save_pretrained(self, path: str) -> None:
-        """Write ``config.json`` + ``model.safetensors`` with LLaDA's parameter names (loadable by ``load``)."""
+        """Write ``config.json`` + ``model.safetensors`` with LLaDA's parameter names (for ``load``)."""
         from .loading import save_llada  # noqa: PLC0415
 
         save_llada(self.base_model, path)

@@ -7,8 +7,8 @@
 - ``"Dream"``: Dream's own remote code through :class:`DreamAdapter` — only with ``trust_remote_code=True``;
 - anything else: ``AutoModelForMaskedLM`` / ``AutoModelForCausalLM`` through the verified :class:`HFAdapter`.
 
-A ``name_or_path`` that is not a local directory is taken as a hub id (``owner/name``) and downloaded — only then,
-only when a user asks for it. Every model comes back in eval mode, like ``from_pretrained``.
+A ``name_or_path`` that is not a local directory is taken as a hub id (``owner/name``) and downloaded — only
+then, only when a user asks for it. Every model comes back in eval mode, like ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
 
 def _resolve_dir(name_or_path, revision: str | None) -> str:
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise ValueError(f"name_or_path must be a directory or a hub id string, got {type(name_or_path).__name__}")
+        raise ValueError(
+            f"name_or_path must be a directory or a hub id string, got {type(name_or_path).__name__}"
+        )
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
         return path
@@ -68,7 +70,8 @@ def _resolve_dir(name_or_path, revision: str | None) -> str:
                 f"name_or_path {path!r} is not a local directory and could not be fetched from the hub: {err}"
             ) from err
     raise ValueError(
-        f"name_or_path {path!r} is neither an existing checkpoint directory nor a hub id of the form owner/name"
+        f"name_or_path {path!r} is neither an existing checkpoint directory nor a hub id of the form "
+        "owner/name"
     )
 
 
@@ -134,10 +137,15 @@ def save_llada(model: LLaDAModelLM, path: str) -> None:
     state = model.state_dict()
     odd = [k for k in state if not _LLADA_KEY.fullmatch(k)]
     if odd:
-        raise ValueError(f"model has parameters outside LLaDA's layout ({odd[:3]}); merge LoRA adapters first")
+        raise ValueError(
+            f"model has parameters outside LLaDA's layout ({odd[:3]}); merge LoRA adapters first"
+        )
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        os.path.join(path, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config = LLaDAConfig.from_dict(model.config.to_dict())
     # auto_map would point transformers at modeling files this directory does not have.
     if hasattr(config, "auto_map"):
@@ -146,7 +154,7 @@ def save_llada(model: LLaDAModelLM, path: str) -> None:
 
 
 def wrap(model: torch.nn.Module, *, mask_id: int | None = None, eos_id: int | None = None) -> DiffusionLM:
-    """A :class:`DiffusionLM` over an already built model: LLaDA, Dream (by ``config.model_type``) or generic HF."""
+    """A :class:`DiffusionLM` over a built model: LLaDA, Dream (by ``config.model_type``) or generic HF."""
     if isinstance(model, LLaDAModelLM):
         return LLaDADiffusionLM(model)
     config = getattr(model, "config", None)
@@ -171,7 +179,11 @@ def _load_hf(path, model_type, dtype, device, trust_remote_code, mask_id) -> Dif
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     archs = " ".join(getattr(config, "architectures", None) or [])
     if str(model_type).lower() == "dream" or "ForMaskedLM" not in archs and "ForCausalLM" not in archs:
-        classes = [transformers.AutoModel, transformers.AutoModelForMaskedLM, transformers.AutoModelForCausalLM]
+        classes = [
+            transformers.AutoModel,
+            transformers.AutoModelForMaskedLM,
+            transformers.AutoModelForCausalLM,
+        ]
     elif "ForMaskedLM" in archs:
         classes = [transformers.AutoModelForMaskedLM]
     else:
@@ -191,12 +203,16 @@ def _load_hf(path, model_type, dtype, device, trust_remote_code, mask_id) -> Dif
         if model.get_output_embeddings() is not None:
             return wrap(model.to(device), mask_id=mask_id).eval()
         errors.append(f"{cls.__name__}: no output embeddings")
-    raise ValueError(f"name_or_path {path!r} (model_type {model_type!r}) loads as no LM with an output head: "
-                     + "; ".join(errors))
+    raise ValueError(
+        f"name_or_path {path!r} (model_type {model_type!r}) loads as no LM with an output head: "
+        + "; ".join(errors)
+    )
 
 
 def tiny_config(vocab_size: int, **overrides) -> LLaDAConfig:
-    """The built-in tiny LLaDA: d_model 128, 4 layers x 4 heads, MLP 344, 512 positions (~0.8M params + 2*128*V).
+    """The built-in tiny LLaDA: d_model 128, 4 layers x 4 heads, MLP 344, 512 positions.
+
+    About 0.8M parameters plus 2 * 128 * vocab_size for the embedding and output matrices.
 
     Defaults: ``mask_token_id = vocab_size - 1``, ``eos_token_id = pad_token_id = vocab_size - 2``; any
     ``LLaDAConfig`` field can be overridden.
@@ -223,9 +239,21 @@ def tiny_config(vocab_size: int, **overrides) -> LLaDAConfig:
     return LLaDAConfig(**fields)
 
 
-def build_tiny(vocab_size: int, mask_id: int, eos_id: int | None, seed: int = 0, **overrides) -> LLaDADiffusionLM:
-    """A randomly initialised tiny LLaDA (float32, CPU, train mode); the same ``seed`` gives the same weights."""
-    config = tiny_config(vocab_size, mask_token_id=mask_id, eos_token_id=eos_id, pad_token_id=eos_id, **overrides)
+def build_tiny(
+    vocab_size: int, mask_id: int, eos_id: int | None, seed: int = 0, **overrides
+) -> LLaDADiffusionLM:
+    """A randomly initialised tiny LLaDA (float32, CPU, train mode); one ``seed`` gives one set of weights."""
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 2:
+        raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    if not isinstance(mask_id, int) or not 0 <= mask_id < vocab_size:
+        raise ValueError(f"mask_id must be an int in [0, vocab_size={vocab_size}), got {mask_id!r}")
+    if eos_id is not None and (not isinstance(eos_id, int) or not 0 <= eos_id < vocab_size):
+        raise ValueError(f"eos_id must be None or an int in [0, vocab_size={vocab_size}), got {eos_id!r}")
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    config = tiny_config(
+        vocab_size, mask_token_id=mask_id, eos_token_id=eos_id, pad_token_id=eos_id, **overrides
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LLaDAModelLM(config)
