@@ -1,0 +1,129 @@
+"""The output directory of a run: metrics, checkpoints, summary and plot, written so nothing is lost.
+
+    output_dir/
+      config.yaml            the full config of the run
+      metrics.jsonl          one JSON line per optimizer step (appended, flushed each line)
+      summary.json           eval_before / eval_after, steps, wall_seconds, config (written at the end)
+      reward.png             reward and accuracy over steps
+      tb/                    TensorBoard events (when tensorboard is installed and enabled)
+      checkpoints/step-000010/ ...   the newest ``keep`` checkpoints
+
+Every file that replaces an older one is written to a temporary name in the same directory and then
+renamed (atomic on POSIX), so a run killed at any instant leaves the last good checkpoint intact.
+A non-empty output directory is never overwritten unless the run resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_PREFIX = "step-"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike, *, resume: bool):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"output_dir {str(self.path)!r} exists and is not a directory")
+        if not resume and self.path.is_dir() and any(self.path.iterdir()):
+            raise ValueError(
+                f"output_dir {str(self.path)!r} is not empty: pass resume=true (--resume) to continue that run, "
+                "or choose another output_dir; an existing run is never overwritten"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_path = self.path / "metrics.jsonl"
+
+    # --- metrics -----------------------------------------------------------------------------------
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop metric lines after ``last_step`` (a resumed run rewrites the steps it repeats)."""
+        if not self.metrics_path.exists():
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
+        atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
+
+    def log(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln]
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        if not self.checkpoints.is_dir():
+            return None
+        done = sorted(p for p in self.checkpoints.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and p.is_dir())
+        return done[-1] if done else None
+
+    def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> Path:
+        """Write ``state`` (tensors / picklable objects) as checkpoints/step-NNNNNN atomically."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=".tmp-"))
+        torch.save(state, tmp / "state.pt")
+        atomic_write_text(tmp / "step.json", json.dumps({"step": step}))
+        if final.exists():  # the same step written again after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(p for p in self.checkpoints.iterdir() if p.name.startswith(CHECKPOINT_PREFIX))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load_checkpoint(path: Path) -> dict[str, Any]:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+    # --- summary and plot --------------------------------------------------------------------------
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def plot(self, eval_before: dict | None = None, eval_after: dict | None = None) -> Path | None:
+        """reward.png: mean reward (and accuracy when known) per step, with the evals as dashed lines."""
+        rows = self.read_metrics()
+        if not rows:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        steps = [r["step"] for r in rows]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [r["reward_mean"] for r in rows], label="rollout reward (mean)")
+        if all(r.get("accuracy") is not None for r in rows):
+            ax.plot(steps, [r["accuracy"] for r in rows], label="rollout solve rate")
+        for name, ev, style in (("before", eval_before, ":"), ("after", eval_after, "--")):
+            if ev is not None:
+                ax.axhline(ev["accuracy"], linestyle=style, color="gray", label=f"held-out solve rate {name}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("reward / accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        fig.tight_layout()
+        out = self.path / "reward.png"
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out
