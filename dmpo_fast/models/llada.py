@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import MaskedLMOutput
 
+from .base import check_attention_mask, check_ids
 from .cache import KVCache
 from .configuration_llada import LLaDAConfig
 from .llada_layers import LLaDABlock, RMSNorm, build_norm, rope_tables
@@ -174,6 +175,15 @@ def _key_mask(
     return own[:, None, None, :]
 
 
+def check_inputs(config: LLaDAConfig, ids, attention_mask, cache_length: int = 0) -> None:
+    """Rank/dtype/shape checks plus the length limit ``cache_length + L <= max_sequence_length``."""
+    check_ids(ids)
+    check_attention_mask(attention_mask, ids)
+    if cache_length + ids.shape[1] > config.max_sequence_length:
+        what = f"ids length {ids.shape[1]}" + (f" + cache length {cache_length}" if cache_length else "")
+        raise ValueError(f"{what} exceeds max_sequence_length={config.max_sequence_length}")
+
+
 class LLaDAModelLM(PreTrainedModel):
     """LLaDA plus its output projection: ``forward`` -> ``MaskedLMOutput(logits [B, L, embedding_size])``."""
 
@@ -235,8 +245,6 @@ class LLaDAModelLM(PreTrainedModel):
         """
         if labels is not None:
             raise ValueError("labels is not supported: compute masked-diffusion losses with dmpo_fast's ops")
-        from .llada_lm import check_inputs  # noqa: PLC0415  (llada_lm imports this module)
-
         check_inputs(self.config, input_ids, attention_mask)
         hidden, _ = self.model(input_ids, attention_mask=attention_mask, positions=position_ids)
         logits = F.linear(hidden, self.model.output_weight, self.model.output_bias)

@@ -18,19 +18,10 @@ import dataclasses
 
 import torch
 
-from .base import DiffusionLM, check_attention_mask, check_ids
+from .base import DiffusionLM
 from .cache import KVCache
 from .configuration_llada import LLaDAConfig
-from .llada import LLaDAModelLM
-
-
-def check_inputs(config: LLaDAConfig, ids, attention_mask, cache_length: int = 0) -> None:
-    """Rank/dtype/shape checks plus the length limit ``cache_length + L <= max_sequence_length``."""
-    check_ids(ids)
-    check_attention_mask(attention_mask, ids)
-    if cache_length + ids.shape[1] > config.max_sequence_length:
-        what = f"ids length {ids.shape[1]}" + (f" + cache length {cache_length}" if cache_length else "")
-        raise ValueError(f"{what} exceeds max_sequence_length={config.max_sequence_length}")
+from .llada import LLaDAModelLM, check_inputs
 
 
 class LLaDADiffusionLM(DiffusionLM):
