@@ -10,11 +10,12 @@ never builds logits, so a loss can project only the rows it needs. ``LLaDAModelL
 projection (``F.linear`` with the tied or separate matrix, then ``* 1/sqrt(d_model)`` with ``scale_logits``),
 i.e. exactly LLaDA's logits, over all ``embedding_size`` rows.
 
-Departures from LLaDA's code, none of which changes a logit: padding masks are honoured (LLaDA's HF code drops
-the attention mask), a key/value cache is supported (LLaDA asserts it off), positions may be given explicitly
-(the default, ``0..L-1``, is LLaDA's; RoPE makes attention depend only on differences, so a left-padded row
-gives its unpadded hidden states up to float rounding), and HF gradient checkpointing replaces LLaDA's own
-strategies.
+Departures from LLaDA's code, none of which changes the logits of an unpadded forward without a cache:
+padding masks are honoured (LLaDA's published HF code passes no mask to attention, so padded keys leak into
+real positions there), a key/value cache is supported (LLaDA asserts it off), positions may be given
+explicitly (the default, ``0..L-1``, is LLaDA's; RoPE makes attention depend only on differences, so a
+left-padded row gives its unpadded hidden states up to float rounding), and HF gradient checkpointing replaces
+LLaDA's own strategies.
 """
 
 from __future__ import annotations
