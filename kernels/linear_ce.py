@@ -8,8 +8,9 @@ What is computed (eager references: ``dmpo_fast.ops.linear_ce``), with z_i = h_i
 The [N, V] logits never exist at once (V = 126464 for LLaDA-8B: 2.3 GB in fp32 at N = 4506).
 
 linear_logprob: the forward is one GEMM pass whose epilogue reduces each logits tile to (max, Σexp)
-per row (``_lse_kernel``); only lse[N] is saved. Its per-row upstream gradient g exists only in the
-backward, which recomputes the logits tiles chunk by chunk and writes G = g·(e_y − p) directly
+per row (``_lse_kernel``); only lse[N] is saved (as max + log-sum: 2 floats per row, so that z − lse
+keeps its digits for a confident row). Its per-row upstream gradient g exists only in the backward,
+which recomputes the logits tiles chunk by chunk and writes G = g·(e_y − p) directly
 (``_grad_logits_kernel``), then dH = G·W and dW += Gᵀ·H. Four GEMM passes in all: unavoidable
 when g comes after the forward.
 
@@ -97,9 +98,11 @@ __all__ = ["LinearCEOptions", "linear_logprob_triton", "weighted_linear_ce_trito
 
 
 def _lse_pass(h, w, y, tiles: _Tiles, e_buf=None):
-    """GEMM pass over the vocabulary for rows ``h`` [n, H]: returns lse [n], z_y [n], m [tiles, n].
+    """GEMM pass over the vocabulary for rows ``h`` [n, H].
 
-    With ``e_buf`` ([n, V], contiguous) also stores e = exp(z − m_tile) there.
+    Returns top [n] = max_v z, log_s [n] = log Σ_v exp(z − top) (lse = top + log_s, kept apart so
+    z − lse = (z − top) − log_s keeps the digits of a confident row), z_y [n] and the per-tile row
+    maxima m [tiles, n]. With ``e_buf`` ([n, V], contiguous) also stores e = exp(z − m_tile) there.
     """
     n, H = h.shape
     V = w.shape[0]
@@ -118,12 +121,12 @@ def _lse_pass(h, w, y, tiles: _Tiles, e_buf=None):
     )  # fmt: skip
     # lse = log Σ_t s_t · exp(m_t), merged over the tiles in a fixed order (deterministic).
     top = m.amax(0)
-    lse = top + torch.log(torch.exp(m - top).mul_(s).sum(0))
-    return lse, zy, m
+    log_s = torch.log(torch.exp(m - top).mul_(s).sum(0))
+    return top, log_s, zy, m
 
 
 def _lse_all_rows(h, w, y):
-    """lse and z_y of every row of ``h`` without storing logits (forward without gradients)."""
+    """top, log_s and z_y of every row of ``h``, storing no logits (forward without gradients)."""
     n = h.shape[0]
     tiles = _logits_tiles(h.dtype)
     if _autotune_enabled() and n > 0:
@@ -131,30 +134,31 @@ def _lse_all_rows(h, w, y):
         tiles = _pick(key, _LOGITS_CANDIDATES, lambda t: _lse_pass(h[:4096], w, y[:4096], t))
     per_tile_row = 8 * triton.cdiv(w.shape[0], tiles.cols)  # bytes of (m, s) per row
     step = max(tiles.rows, _STATS_BYTES // per_tile_row // tiles.rows * tiles.rows)
-    lse = torch.empty(n, dtype=torch.float32, device=h.device)
-    zy = torch.empty(n, dtype=torch.float32, device=h.device)
+    out = torch.empty(3, n, dtype=torch.float32, device=h.device)  # top, log_s, z_y
     for s in range(0, n, step):
-        lse[s : s + step], zy[s : s + step], _ = _lse_pass(h[s : s + step], w, y[s : s + step], tiles)
-    return lse, zy
+        top, log_s, zy, _ = _lse_pass(h[s : s + step], w, y[s : s + step], tiles)
+        out[0, s : s + step], out[1, s : s + step], out[2, s : s + step] = top, log_s, zy
+    return out[0], out[1], out[2]
 
 
-def _probs_to_grad(buf, m, lse, zy, y, c, tiles: _Tiles):
+def _probs_to_grad(buf, m, top, log_s, zy, y, c, tiles: _Tiles):
     """buf := c · (p − e_y) in place, from the e = exp(z − m_tile) that ``_lse_pass`` stored."""
     n, V = buf.shape
     grid = (triton.cdiv(n, _CONVERT_ROWS) * m.shape[0],)
     _probs_to_grad_kernel[grid](
-        buf, m, lse, zy, y, c, n, V, m.stride(0), buf.stride(0),
+        buf, m, top, log_s, zy, y, c, n, V, m.stride(0), buf.stride(0),
         BLOCK_N=_CONVERT_ROWS, BLOCK_V=tiles.cols, num_warps=4,
     )  # fmt: skip
 
 
-def _grad_logits(h, w, y, lse, c, buf, tiles: _Tiles):
+def _grad_logits(h, w, y, top, log_s, c, buf, tiles: _Tiles):
     """buf := c · (p − e_y) for rows ``h``, recomputing the logits with a known lse (one GEMM pass)."""
     n, H = h.shape
     V = w.shape[0]
     grid = (triton.cdiv(n, tiles.rows) * triton.cdiv(V, tiles.cols),)
     _grad_logits_kernel[grid](
-        h, w, y, lse, c, buf, n, V, H, h.stride(0), h.stride(1), w.stride(0), w.stride(1), buf.stride(0),
+        h, w, y, top, log_s, c, buf, n, V, H,
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1), buf.stride(0),
         BLOCK_N=tiles.rows, BLOCK_V=tiles.cols, BLOCK_K=tiles.inner, EVEN_K=H % tiles.inner == 0,
         **_dot_flags(h.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
@@ -241,8 +245,8 @@ def _weighted_ce_forward(
         dh = torch.zeros_like(hidden) if live is not None else _alloc((N, H), hidden.dtype, hidden.device)
     dw = _new_dw(weight, opts, n) if need_w else None
     if not (need_h or need_w):
-        lse, zy = _lse_all_rows(h, weight, y)
-        ce = lse - zy
+        top, log_s, zy = _lse_all_rows(h, weight, y)
+        ce = (top - zy) + log_s  # lse − z_y
     else:
         tiles = _logits_tiles(hidden.dtype)
         step = _chunk_rows(V, hidden.dtype, tiles, opts)
@@ -255,9 +259,9 @@ def _weighted_ce_forward(
         for s in range(0, n, step):
             hc, yc, cc = h[s : s + step], y[s : s + step], c[s : s + step]
             gc = buf[: hc.shape[0]]
-            lse, zy, m = _lse_pass(hc, weight, yc, tiles, e_buf=gc)  # GEMM pass 1
-            ce[s : s + step] = lse - zy
-            _probs_to_grad(gc, m, lse, zy, yc, cc, tiles)  # gc := w · (p − e_y) = d(w·CE)/dz
+            top, log_s, zy, m = _lse_pass(hc, weight, yc, tiles, e_buf=gc)  # GEMM pass 1
+            ce[s : s + step] = (top - zy) + log_s
+            _probs_to_grad(gc, m, top, log_s, zy, yc, cc, tiles)  # gc := w · (p − e_y) = d(w·CE)/dz
             if need_h and live is None:
                 torch.mm(gc, weight, out=dh[s : s + step])  # GEMM pass 2: dH = G · W
             elif need_h:
@@ -277,15 +281,15 @@ class _LinearLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, opts):
         targets = targets.contiguous()
-        lse, zy = _lse_all_rows(hidden, weight, targets)
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        top, log_s, zy = _lse_all_rows(hidden, weight, targets)
+        ctx.save_for_backward(hidden, weight, targets, top, log_s)
         ctx.opts = opts
-        return zy - lse  # logp = z_y − lse
+        return (zy - top) - log_s  # logp = z_y − lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets, top, log_s = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):
             return None, None, None, None
@@ -301,7 +305,8 @@ class _LinearLogprob(torch.autograd.Function):
         for s in range(0, n, step):
             hc = hidden[s : s + step]
             gc = buf[: hc.shape[0]]
-            _grad_logits(hc, weight, targets[s : s + step], lse[s : s + step], coef[s : s + step], gc, tiles)
+            rows = slice(s, s + step)
+            _grad_logits(hc, weight, targets[rows], top[rows], log_s[rows], coef[rows], gc, tiles)
             if need_h:
                 torch.mm(gc, weight, out=dh[s : s + step])  # dH = G · W
             if need_w:

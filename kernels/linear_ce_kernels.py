@@ -5,7 +5,10 @@ functions and the entry points). Notation used in the comments:
 
     z = hidden · weightᵀ            logits, [rows, V], computed tile by tile in fp32, never stored whole
     m_t, s_t                        per (row, vocabulary tile t): max_v z and Σ_v exp(z − m_t)
-    lse = log Σ_v exp(z)            merged from the per-tile (m_t, s_t) by the launcher
+    lse = log Σ_v exp(z)            merged from the per-tile (m_t, s_t) by the launcher and kept as
+                                    the pair (M, log S), M = max_v z: lse = M + log S. z − lse is
+                                    formed as (z − M) − log S so that log S ≈ 1e-7 of a confident
+                                    row is not rounded away against M ≈ 40 (ulp 4e-6)
     p = exp(z − lse)                softmax
     d CE / d z = p − e_y            (e_y: one-hot of the target); every gradient below is c · (p − e_y)
                                     with a per-row coefficient c (the token weight, or −grad_logp)
@@ -139,16 +142,17 @@ def _lse_kernel(
     )  # fmt: skip
     row_ok = rows < n_rows
     col_ok = cols < V
+    # The target logit first: acc is then dead and z can take its registers (128 per thread at 128x256).
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    zy = tl.sum(tl.where(cols[None, :] == y[:, None], acc, 0.0), axis=1)
+    owns_target = row_ok & (y >= tile * BLOCK_V) & (y < tile * BLOCK_V + BLOCK_V)
+    tl.store(zy_ptr + rows, zy, mask=owns_target)
     z = tl.where(col_ok[None, :], acc, float("-inf"))
     m = tl.max(z, axis=1)  # finite: every tile holds at least one real column
     e = tl.exp(z - m[:, None])
     s = tl.sum(e, axis=1)
     tl.store(m_ptr + tile * stride_mt + rows, m, mask=row_ok)
     tl.store(s_ptr + tile * stride_mt + rows, s, mask=row_ok)
-    y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    zy = tl.sum(tl.where(cols[None, :] == y[:, None], acc, 0.0), axis=1)
-    owns_target = row_ok & (y >= tile * BLOCK_V) & (y < tile * BLOCK_V + BLOCK_V)
-    tl.store(zy_ptr + rows, zy, mask=owns_target)
     if STORE_E:
         e_ptrs = e_ptr + rows[:, None] * stride_en + cols[None, :]
         tl.store(e_ptrs, e, mask=row_ok[:, None] & col_ok[None, :])
@@ -158,7 +162,8 @@ def _lse_kernel(
 def _probs_to_grad_kernel(
     e_ptr,
     m_ptr,
-    lse_ptr,
+    top_ptr,
+    logs_ptr,
     zy_ptr,
     y_ptr,
     c_ptr,
@@ -184,14 +189,15 @@ def _probs_to_grad_kernel(
     e_ptrs = e_ptr + rows[:, None] * stride_en + cols[None, :]
     e = tl.load(e_ptrs, mask=ok, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + tile * stride_mt + rows, mask=row_ok, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    top = tl.load(top_ptr + rows, mask=row_ok, other=0.0)
+    log_s = tl.load(logs_ptr + rows, mask=row_ok, other=0.0)
     zy = tl.load(zy_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     c = tl.load(c_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    p = e * tl.exp(m - lse)[:, None]  # p = exp(z − m_t) · exp(m_t − lse)
+    p = e * tl.exp((m - top) - log_s)[:, None]  # p = exp(z − m_t) · exp(m_t − lse)
     # At the target p_y − 1 = expm1(z_y − lse) from the exact fp32 target logit: for a confident
     # row 1 − p_y is smaller than e's rounding and would be lost in (p_y − 1).
-    d = tl.where(cols[None, :] == y[:, None], _expm1(zy - lse)[:, None], p)
+    d = tl.where(cols[None, :] == y[:, None], _expm1((zy - top) - log_s)[:, None], p)
     tl.store(e_ptrs, d * c[:, None], mask=ok)  # G = c · (p − e_y)
 
 
@@ -200,7 +206,8 @@ def _grad_logits_kernel(
     h_ptr,
     w_ptr,
     y_ptr,
-    lse_ptr,
+    top_ptr,
+    logs_ptr,
     c_ptr,
     g_ptr,
     n_rows,
@@ -218,7 +225,7 @@ def _grad_logits_kernel(
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Recompute a logits tile when lse is already known and write G = c · (p − e_y) directly.
+    """Recompute a logits tile when lse = top + log_s is already known and write G = c · (p − e_y) directly.
 
     Used by the backward of ``linear_logprob``, whose per-row coefficient c = −grad_logp only exists
     in the backward: d logp / d z = e_y − p, so G = grad_logp · (e_y − p) = −grad_logp · (p − e_y).
@@ -234,10 +241,11 @@ def _grad_logits_kernel(
         BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, DOT_FP32, PRECISION,
     )  # fmt: skip
     row_ok = rows < n_rows
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    top = tl.load(top_ptr + rows, mask=row_ok, other=0.0)
+    log_s = tl.load(logs_ptr + rows, mask=row_ok, other=0.0)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     c = tl.load(c_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    x = acc - lse[:, None]
+    x = (acc - top[:, None]) - log_s[:, None]  # z − lse
     hit = cols[None, :] == y[:, None]
     xy = tl.sum(tl.where(hit, x, 0.0), axis=1)  # z_y − lse of the rows whose target is in this tile
     d = tl.where(hit, _expm1(xy)[:, None], tl.exp(x))  # p − e_y, the target term kept exact
