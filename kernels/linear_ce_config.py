@@ -63,7 +63,10 @@ _INTERP_DW = _Tiles(16, 32, 16, 4, 1)
 # Hopper, 16-bit: a 128x256 fp32 accumulator on 2 warpgroups; 3 stages of (128+256)x64 bf16 operands
 # take 144 KB of the 227 KB of shared memory.
 _GPU_LOGITS = _Tiles(128, 256, 64, 8, 3)
-_GPU_DW = _Tiles(64, 128, 256, 8, 3)
+# dW: 64 rows x (128 vocabulary x 128 hidden) tiles on 8 warps: the fp32 accumulator (64 registers
+# per thread) and the tile read back for the cross-chunk read-modify-write (64 more) fit without
+# spilling; 4 stages of 2 x 64x128 bf16 operands take 128 KB of shared memory.
+_GPU_DW = _Tiles(64, 128, 128, 8, 4)
 # fp32 dots in full precision run on the CUDA cores: smaller tiles.
 _GPU_FP32 = _Tiles(64, 64, 32, 4, 2)
 _LOGITS_CANDIDATES = (
@@ -73,11 +76,14 @@ _LOGITS_CANDIDATES = (
     _Tiles(128, 128, 64, 8, 3),
     _Tiles(64, 256, 64, 4, 4),
 )
+# Timed with the overwrite epilogue (idempotent), so only tiles whose read-modify-write epilogue
+# also fits in registers (BLOCK_V·BLOCK_H / threads ≤ 64) are candidates.
 _DW_CANDIDATES = (
-    _Tiles(64, 128, 256, 8, 3),
-    _Tiles(64, 128, 128, 4, 4),
-    _Tiles(64, 256, 128, 8, 3),
-    _Tiles(32, 128, 128, 4, 5),
+    _Tiles(64, 128, 128, 8, 4),
+    _Tiles(64, 128, 128, 8, 3),
+    _Tiles(128, 128, 128, 8, 3),
+    _Tiles(32, 128, 128, 8, 5),
+    _Tiles(64, 128, 64, 4, 4),
 )
 _CONVERT_ROWS = 16  # rows per program of the elementwise e -> G pass (16 x 256 values, 4 warps)
 _STATS_BYTES = 64 << 20  # bound of the per-tile (max, Σexp) statistics of a no-grad pass

@@ -339,7 +339,8 @@ def _truth_chunked(hidden, weight, targets, tw, rows=512):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dw_accumulate", ["fp32", "weight"])
-def test_gpu_weighted_linear_ce_llada_shapes(dw_accumulate):
+def test_gpu_weighted_linear_ce_llada_shapes(dw_accumulate, monkeypatch):
+    monkeypatch.setenv("DMPO_FAST_POISON", "1")  # internal buffers start as NaN
     gen = torch.Generator("cuda").manual_seed(0)
     hidden, weight, targets, tw = _inputs(LLADA_N, LLADA_H, LLADA_V, BF16, device="cuda", gen=gen)
     opts = LinearCEOptions(dw_accumulate=dw_accumulate)
@@ -353,7 +354,8 @@ def test_gpu_weighted_linear_ce_llada_shapes(dw_accumulate):
 
 
 @pytest.mark.gpu
-def test_gpu_weighted_linear_ce_peaked_fp32_and_deterministic():
+def test_gpu_weighted_linear_ce_peaked_fp32_and_deterministic(monkeypatch):
+    monkeypatch.setenv("DMPO_FAST_POISON", "1")  # internal buffers start as NaN
     gen = torch.Generator("cuda").manual_seed(1)
     hidden, weight, targets, tw = _inputs(
         1031, 1024, 32003, FP32, logits="peaked_target", device="cuda", gen=gen
@@ -376,7 +378,8 @@ def test_gpu_weighted_linear_ce_peaked_fp32_and_deterministic():
 
 
 @pytest.mark.gpu
-def test_gpu_linear_logprob_llada_shapes():
+def test_gpu_linear_logprob_llada_shapes(monkeypatch):
+    monkeypatch.setenv("DMPO_FAST_POISON", "1")  # internal buffers start as NaN
     gen = torch.Generator("cuda").manual_seed(2)
     n = 1024  # the eager reference keeps fp32 [n, V] logits and their gradient
     hidden, weight, targets, _ = _inputs(n, LLADA_H, LLADA_V, BF16, device="cuda", gen=gen)
