@@ -141,21 +141,11 @@ def _train(impl, steps=4):
 def test_training_steps_same_with_every_backend():
     """Kernels on vs off: a few training steps give the same losses and parameters."""
     ref_losses, ref_params = _train("eager")
-    impls = ["chunked"]
     from dmpo_fast import kernels
 
-    if kernels.available() and _has_triton_ops():
-        impls.append("triton")
+    impls = ["chunked", "triton"] if kernels.available() else ["chunked"]
     for impl in impls:
         losses, params = _train(impl)
         assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-6), impl
         for a, b in zip(params, ref_params):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def _has_triton_ops():
-    try:
-        import dmpo_fast.kernels.linear_ce  # noqa: F401
-    except ImportError:
-        return False
-    return True
