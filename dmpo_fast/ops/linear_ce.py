@@ -209,6 +209,7 @@ def linear_logprob(
     *,
     impl: str = "auto",
     chunk_elements: int | None = None,
+    options=None,
 ) -> torch.Tensor:
     """Per-row log-probability of ``targets`` under ``softmax(hidden @ weight.T)``.
 
@@ -218,6 +219,7 @@ def linear_logprob(
         targets: [N] int32/int64 in [0, V).
         impl: "auto" | "triton" | "chunked" | "eager".
         chunk_elements: chunked path only, the most logits held at once (default 2**24).
+        options: triton path only, a ``dmpo_fast.kernels.linear_ce.LinearCEOptions`` (chunk size, ...).
     Returns:
         logp: [N] fp32 (fp64 for fp64 inputs), differentiable in ``hidden`` and ``weight``.
     """
@@ -228,7 +230,7 @@ def linear_logprob(
     if impl == "triton":
         from dmpo_fast.kernels.linear_ce import linear_logprob_triton
 
-        return linear_logprob_triton(hidden, weight, targets)
+        return linear_logprob_triton(hidden, weight, targets, options=options)
     return linear_logprob_chunked(hidden, weight, targets, chunk_elements=chunk_elements)
 
 
@@ -241,6 +243,7 @@ def weighted_linear_ce(
     impl: str = "auto",
     deterministic: bool = False,
     chunk_elements: int | None = None,
+    options=None,
 ) -> torch.Tensor:
     """``Σ_i token_weights[i] · (−log softmax(hidden[i] @ weight.T)[targets[i]])`` as a scalar.
 
@@ -253,6 +256,9 @@ def weighted_linear_ce(
         token_weights: [N] float (any dtype; math in fp32).
         impl: "auto" | "triton" | "chunked" | "eager".
         deterministic: triton path only, reduce dW in a fixed order (slower, bit-reproducible).
+        options: triton path only, a ``dmpo_fast.kernels.linear_ce.LinearCEOptions`` (chunk size, dW
+            accumulation in fp32 or in the weight dtype, ...). The triton backward scales gradients
+            saved by the forward, so it can run once per forward (no ``retain_graph`` reuse).
     Returns:
         A 0-dim fp32 tensor (fp64 for fp64 inputs).
     """
@@ -263,5 +269,7 @@ def weighted_linear_ce(
     if impl == "triton":
         from dmpo_fast.kernels.linear_ce import weighted_linear_ce_triton
 
-        return weighted_linear_ce_triton(hidden, weight, targets, token_weights, deterministic=deterministic)
+        return weighted_linear_ce_triton(
+            hidden, weight, targets, token_weights, deterministic=deterministic, options=options
+        )
     return weighted_linear_ce_chunked(hidden, weight, targets, token_weights, chunk_elements=chunk_elements)
