@@ -1,0 +1,20 @@
+"""``python -m benchmarks <name> [--device cpu|cuda] [--quick]``: one script per op, JSON rows out."""
+
+import sys
+
+SCRIPTS = {"loss": "benchmarks.loss"}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SCRIPTS:
+        names = ", ".join(sorted(SCRIPTS))
+        print(f"usage: python -m benchmarks <name> [options]; names: {names}", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(SCRIPTS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
