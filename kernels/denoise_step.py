@@ -3,7 +3,8 @@
 Computes ``dmpo_fast.ops.denoise_step.sample_rows_ref`` for the N active rows of a step: with fp32 logits
 z = (hidden_row · head_weightᵀ or logits_row) · logit_scale, mask token at −∞,
 
-    token = argmax_v (z_v · (1/T) + g_v)   (argmax z at T = 0)      confidence = exp(z_token − max z) / Σ_v exp(z_v − max z)
+    token = argmax_v (z_v · (1/T) + g_v)   (argmax z at T = 0)
+    confidence = exp(z_token − max z) / Σ_v exp(z_v − max z)
 
 with the Gumbel noise g drawn in the kernel from the same Philox counters as the reference (see the header of
 ``dmpo_fast/ops/denoise_step.py``). The commit rule runs afterwards in torch on [B, L].
@@ -31,11 +32,12 @@ import math
 import os
 
 import torch
-
 from dmpo_fast.kernels import HAS_TRITON, interpreting
 
 if not HAS_TRITON:  # pragma: no cover - depends on the platform
-    raise ImportError("dmpo_fast.kernels.denoise_step needs Triton; use denoise_step(..., impl='chunked') without it")
+    raise ImportError(
+        "dmpo_fast.kernels.denoise_step needs Triton; use denoise_step(..., impl='chunked') without it"
+    )
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -206,9 +208,11 @@ def _denoise_merge_kernel(
         best = tl.where(better, best_k, best)
         col = tl.where(better, tl.load(col_ptr + at, mask=ok, other=0), col)
         z_best = tl.where(better, tl.load(zbest_ptr + at, mask=ok, other=0.0), z_best)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows past N: keep their (unstored) lanes finite
+    # Rows past N (never stored) get finite stand-ins, so no lane computes 0/0 or inf − inf.
+    m_safe = tl.where(ok, m, 0.0)
+    s_safe = tl.where(ok, s, 1.0)
     tl.store(token_ptr + rows, col, mask=ok)
-    tl.store(conf_ptr + rows, tl.exp(z_best - m_safe) / s, mask=ok)
+    tl.store(conf_ptr + rows, tl.exp(z_best - m_safe) / s_safe, mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +253,9 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     """Uninitialised, or NaN/-1-filled in the interpreter and with DMPO_FAST_POISON=1 so that an element a
     kernel forgets to write shows up."""
     if interpreting() or os.environ.get("DMPO_FAST_POISON", "0") == "1":
-        return torch.full(shape, -1 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=device)
+        return torch.full(
+            shape, -1 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=device
+        )
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -268,7 +274,7 @@ def denoise_rows_triton(
     logit_scale: float,
     mask_id: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [N] int64, confidence [N] fp32) of the N active rows (b_idx[i], l_idx[i]); counters int64 [N]."""
+    """(token [N] int64, confidence [N] fp32) of the N active rows (b_idx[i], l_idx[i]); counters int64."""
     has_hidden = hidden is not None
     src = hidden if has_hidden else logits
     if src.stride(2) != 1:
@@ -276,7 +282,9 @@ def denoise_rows_triton(
     N, device = b_idx.shape[0], src.device
     V = head_weight.shape[0] if has_hidden else src.shape[2]
     H = src.shape[2] if has_hidden else 0
-    row_off = (b_idx * src.stride(0) + l_idx * src.stride(1)).contiguous()  # gather by offset: no copy of rows
+    row_off = (
+        b_idx * src.stride(0) + l_idx * src.stride(1)
+    ).contiguous()  # gather by offset: no copy of rows
     if has_hidden:
         w = head_weight
         if w.dtype != src.dtype:

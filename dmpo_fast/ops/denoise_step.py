@@ -1,12 +1,12 @@
 """``denoise_step``: one reverse step of masked diffusion — sample a token at every active position,
 score it, and commit the best-scored ones.
 
-    x_new, committed, confidence = denoise_step(logits, x, active, temperature=T, num_transfer=k, seed=s, step=t)
-    x_new, committed, confidence = denoise_step((hidden, head_weight), x, active, threshold=0.9, seed=s, step=t)
+    x_new, committed, confidence = denoise_step(logits, x, active, temperature=T, num_transfer=k, seed=s)
+    x_new, committed, confidence = denoise_step((hidden, head_weight), x, active, threshold=0.9, seed=s)
 
 For every active position (b, l), with fp32 logits z = logits[b, l] · logit_scale:
 
-    token      = argmax_v (z_v / T + g_v)          g_v ~ Gumbel(0, 1), i.e. token ~ softmax(z / T); argmax z at T = 0
+    token      = argmax_v (z_v / T + g_v)      g_v ~ Gumbel(0, 1): token ~ softmax(z / T); argmax z at T = 0
     confidence = softmax(z)[token]                 UNtempered, as LLaDA / Fast-dLLM low-confidence remasking
                  (or a Philox uniform with remasking="random")
 
@@ -16,9 +16,9 @@ then per row one commit rule picks which active positions keep their token (the 
     threshold         every position with confidence >= threshold, and always the best one (Fast-dLLM)
     factor            the n best, n the largest with (i + 1)·(1 − c_(i)) <= factor for i = 1..n, c sorted
                       descending; at least one (Fast-dLLM's factor-based parallel decoding: it commits while
-                      c_(i) >= 1 − factor / (i + 1); the thresholds grow with i and c_(i) falls, so the passing
-                      ranks form a prefix). Fast-dLLM's loop also commits the last candidate when only it fails;
-                      that quirk is not reproduced.
+                      c_(i) >= 1 − factor / (i + 1); the thresholds grow with i and c_(i) falls, so the
+                      passing ranks form a prefix). Fast-dLLM's loop also commits the last candidate when
+                      only it fails; that quirk is not reproduced.
 
 Ties in confidence go to the lower position (a stable sort), so every backend commits the same set.
 
@@ -37,8 +37,8 @@ row's result depends only on its own counters, never on the batch layout or the 
 
 with p = column index + ``position_offset`` (the samplers pass the index within the completion), r = the row
 key (``rows[b]``, default b) and t = the step (``step`` or ``step[b]``). The Gumbel draw uses all four output
-words of a Philox call (4x fewer calls); its uniform is u = (2·(bits >> 9) + 1)·2⁻²⁴, the midpoints of a
-2²³-cell grid of (0, 1) — exact in fp32, never 0 or 1, so g = −log(−log u) is finite (|g| < 17). The
+words of a Philox call (4x fewer calls); its uniform is u = (2·(bits >> 9) + 1)·2⁻²⁴, the midpoints of
+a 2²³-cell grid of (0, 1) — exact in fp32, never 0 or 1, so g = −log(−log u) is finite (|g| < 17). The
 remasking uniform is ``uniform_from_bits`` (top 24 bits · 2⁻²⁴).
 
 ``denoise_step_reference_fastdllm`` is the benchmark baseline: what the research code does per step (head over
@@ -145,7 +145,13 @@ def commit_mask(
 
 
 def sample_rows_ref(
-    z: torch.Tensor, pos: torch.Tensor, row: torch.Tensor, step: torch.Tensor, *, seed: int, inv_t: float | None
+    z: torch.Tensor,
+    pos: torch.Tensor,
+    row: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    seed: int,
+    inv_t: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token [N] int64, confidence [N] fp32) from fp32 logits ``z [N, V]`` (excluded entries −inf).
 
@@ -160,7 +166,9 @@ def sample_rows_ref(
     token = torch.argmax(score, dim=1)
     m = z.max(dim=1).values
     s = torch.exp(z - m[:, None]).sum(dim=1)
-    conf = torch.exp(z.gather(1, token[:, None])[:, 0] - m) / s  # softmax(z)[token], as the kernel computes it
+    conf = (
+        torch.exp(z.gather(1, token[:, None])[:, 0] - m) / s
+    )  # softmax(z)[token], as the kernel computes it
     return token, conf
 
 
@@ -178,7 +186,20 @@ def _active_logits(logits, hidden, w32, b_idx, l_idx, logit_scale, mask_id) -> t
 
 
 def denoise_rows_ref(
-    logits, hidden, head_weight, b_idx, l_idx, pos, row, step, *, seed, inv_t, logit_scale, mask_id, chunk_rows
+    logits,
+    hidden,
+    head_weight,
+    b_idx,
+    l_idx,
+    pos,
+    row,
+    step,
+    *,
+    seed,
+    inv_t,
+    logit_scale,
+    mask_id,
+    chunk_rows,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token and confidence of the N active rows, ``chunk_rows`` rows of [rows, V] logits at a time."""
     tokens, confs = [], []
@@ -213,10 +234,16 @@ def _as_row_tensor(name: str, value, B: int, device, *, upper: int) -> torch.Ten
 
 def _check_counters(rows: torch.Tensor, step: torch.Tensor, position_offset: int, L: int) -> None:
     """Range checks of the Philox counter words (one small host sync; user input, so not an assert)."""
-    if isinstance(position_offset, bool) or not isinstance(position_offset, int) or position_offset < 0 \
-            or position_offset + L > 1 << 32:
-        raise ValueError(f"position_offset must be an int with 0 <= position_offset and position_offset + L "
-                         f"<= 2**32, got {position_offset!r}")
+    if (
+        isinstance(position_offset, bool)
+        or not isinstance(position_offset, int)
+        or position_offset < 0
+        or position_offset + L > 1 << 32
+    ):
+        raise ValueError(
+            f"position_offset must be an int with 0 <= position_offset and position_offset + L "
+            f"<= 2**32, got {position_offset!r}"
+        )
     r_lo, r_hi, s_lo, s_hi = torch.stack([rows.min(), rows.max(), step.min(), step.max()]).tolist()
     if r_lo < 0 or r_hi >= 1 << 32:
         raise ValueError(f"rows must lie in [0, 2**32), got values in [{r_lo}, {r_hi}]")
@@ -262,19 +289,23 @@ def denoise_step(
             window of the sequence draws the same noise as the whole).
         mask_id: this token is never sampled (its logit counts as −∞, in the confidence too).
         logit_scale: multiplies the logits (the model's ``logit_scale``; mainly for the hidden-state form).
-        impl: "auto" | "triton" | "chunked" | "eager" ("eager" materialises the [active, V] fp32 logits at once,
-            "chunked" a bounded number of rows at a time).
+        impl: "auto" | "triton" | "chunked" | "eager" ("eager" materialises the [active, V] fp32 logits at
+            once, "chunked" a bounded number of rows at a time).
     Returns:
         ``DenoiseOutput(x, committed, confidence)``: x with committed tokens written, committed [B, L] bool,
         confidence [B, L] fp32 (the ranking score of active positions, 0 elsewhere).
     """
     if isinstance(logits, (tuple, list)):
         if len(logits) != 2:
-            raise ValueError(f"logits must be a [B, L, V] tensor or a (hidden, head_weight) pair, got {len(logits)} items")
+            raise ValueError(
+                f"logits must be a [B, L, V] tensor or a (hidden, head_weight) pair, got {len(logits)} items"
+            )
         hidden, head_weight = logits
         logits = None
         check_tensor("hidden", hidden, ndim=3, dtypes=FLOAT_DTYPES)
-        check_tensor("head_weight", head_weight, ndim=2, dtypes=(hidden.dtype,), shape=(None, hidden.shape[2]))
+        check_tensor(
+            "head_weight", head_weight, ndim=2, dtypes=(hidden.dtype,), shape=(None, hidden.shape[2])
+        )
         B, L, V = hidden.shape[0], hidden.shape[1], head_weight.shape[0]
         check_same_device(hidden=hidden, head_weight=head_weight, x=x)
     else:
@@ -315,7 +346,11 @@ def denoise_step(
         if bool((num_transfer < 0).any()):
             raise ValueError("num_transfer must be >= 0")
     step = _as_row_tensor("step", step, B, device, upper=MAX_STEP)
-    rows = torch.arange(B, device=device) if rows is None else _as_row_tensor("rows", rows, B, device, upper=(1 << 32) - 1)
+    rows = (
+        torch.arange(B, device=device)
+        if rows is None
+        else _as_row_tensor("rows", rows, B, device, upper=(1 << 32) - 1)
+    )
     _check_counters(rows, step, position_offset, L)
 
     flat = active.reshape(-1).nonzero()[:, 0]  # [N] — the one host sync: sizes the gather

@@ -48,8 +48,8 @@ class DecodePlan:
 
 
 def transfer_schedule(block_length: int, steps: int) -> list[int]:
-    """Tokens committed at each of ``steps`` steps of a block: as even as possible, the remainder first (LLaDA's
-    linear schedule: the expected number of unmasked tokens per step is constant)."""
+    """Tokens committed at each of ``steps`` steps of a block: as even as possible, the remainder first
+    (LLaDA's linear schedule: the expected number of unmasked tokens per step is constant)."""
     base, extra = divmod(block_length, steps)
     return [base + 1] * extra + [base] * (steps - extra)
 
@@ -81,8 +81,10 @@ def _block_hidden(model, ids, attn, s: int, e: int, mode: CacheMode, cache, firs
     return model.hidden(ids[:, s:e], cache=cache, positions=s), cache  # dual: the block only
 
 
-def _scaled_logprob(model, hidden_rows: torch.Tensor, tokens: torch.Tensor, scale: float, impl: str) -> torch.Tensor:
-    """log softmax(hidden · headᵀ · scale)[token] per row, [n] fp32; the scale folded into hidden as in the ELBO."""
+def _scaled_logprob(
+    model, hidden_rows: torch.Tensor, tokens: torch.Tensor, scale: float, impl: str
+) -> torch.Tensor:
+    """log softmax(hidden · headᵀ · scale)[token] per row, [n] fp32; scale folded into hidden as in dmpo."""
     head = model.head_weight
     if scale != 1.0:
         hidden_rows = hidden_rows * scale
@@ -104,7 +106,7 @@ def decode(
     ref_model=None,
     impl: str = "auto",
 ) -> Rollout:
-    """Run ``plan`` over a validated batch (see ``dmpo_fast.sampling.samplers`` for the public entry points)."""
+    """Run ``plan`` over a validated batch (public entry points: ``dmpo_fast.sampling.samplers``)."""
     B, P = prompt_ids.shape
     G, bl = gen_length, block_length
     device, mask_id = prompt_ids.device, model.mask_id
@@ -129,7 +131,11 @@ def decode(
         rule = dict(num_transfer=1)
 
     for k in range(G // bl):
-        s, e, c = P + k * bl, P + (k + 1) * bl, k * bl  # block [s, e) of the sequence, [c, c + bl) of the completion
+        s, e, c = (
+            P + k * bl,
+            P + (k + 1) * bl,
+            k * bl,
+        )  # block [s, e) of the sequence, [c, c + bl) of the completion
         cache = None
         for i in range(plan.steps_per_block):
             block = ids[:, s:e]
@@ -155,20 +161,30 @@ def decode(
                 logprobs[:, c : c + bl] = torch.where(keep, lp[:, None], logprobs[:, c : c + bl])
                 if sampling_logprobs is not None:
                     lps = _scaled_logprob(model, hidden[rows, at], tok, scale / plan.temperature, impl)
-                    sampling_logprobs[:, c : c + bl] = torch.where(keep, lps[:, None], sampling_logprobs[:, c : c + bl])
+                    sampling_logprobs[:, c : c + bl] = torch.where(
+                        keep, lps[:, None], sampling_logprobs[:, c : c + bl]
+                    )
                 if ref_logprobs is not None:
-                    h_ref = ref_model.hidden(ids, attn)[rows, s + at]  # the state the policy saw (before the write)
-                    lpr = _scaled_logprob(ref_model, h_ref, tok, float(getattr(ref_model, "logit_scale", 1.0)), impl)
+                    h_ref = ref_model.hidden(ids, attn)[
+                        rows, s + at
+                    ]  # the state the policy saw (before the write)
+                    lpr = _scaled_logprob(
+                        ref_model, h_ref, tok, float(getattr(ref_model, "logit_scale", 1.0)), impl
+                    )
                     ref_logprobs[:, c : c + bl] = torch.where(keep, lpr[:, None], ref_logprobs[:, c : c + bl])
             ids[:, s:e] = out.x
-            commit_step[:, c : c + bl] = torch.where(out.committed, row_steps[:, None], commit_step[:, c : c + bl])
+            commit_step[:, c : c + bl] = torch.where(
+                out.committed, row_steps[:, None], commit_step[:, c : c + bl]
+            )
             row_steps += active.any(dim=1)
         if eos_id is not None and stop_at_eos:
             newly = (ids[:, P:e] == eos_id).any(dim=1) & ~finished
             # A finished row's undecoded blocks become EOS, "committed" after its last step (masked in every
             # state the row was decoded from); it has nothing left to decode, so its step counter stops.
             ids[:, e:] = torch.where(newly[:, None], eos_id, ids[:, e:])
-            commit_step[:, c + bl :] = torch.where(newly[:, None], row_steps[:, None], commit_step[:, c + bl :])
+            commit_step[:, c + bl :] = torch.where(
+                newly[:, None], row_steps[:, None], commit_step[:, c + bl :]
+            )
             finished |= newly
             if bool(finished.all()):
                 break

@@ -24,10 +24,10 @@ class Rollout:
         t is ``state_at(t)``: the tokens with commit_step < t visible, the rest masked. Positions the sampler
         never decoded (EOS fill after an early finish) carry ``num_steps`` — masked in every state.
     num_steps: [B] int64, the number of steps each row took.
-    seed: the Philox key the noise was drawn with; ``row_keys`` [B] the rows' counters (see ``dmpo_fast.sampling``).
+    seed: the Philox key of the noise; ``row_keys`` [B] the rows' counters (see ``dmpo_fast.sampling``).
     mask_id: the mask token, for ``state_at``.
-    logprobs: [B, G] fp32 (ROAR) log softmax of the policy's logits (temperature 1) at the state where the token
-        was committed, 0 where never decoded; ``ref_logprobs`` the same under the reference model;
+    logprobs: [B, G] fp32 (ROAR) log softmax of the policy's logits (temperature 1) at the state where the
+        token was committed, 0 where never decoded; ``ref_logprobs`` the same under the reference model;
         ``sampling_logprobs`` under the tempered distribution softmax(z / T) the token was drawn from (T > 0).
     """
 
@@ -89,8 +89,14 @@ def _positive_int(name: str, value) -> int:
 def check_prompts(prompt_ids, attention_mask) -> torch.Tensor:
     """Validate a left-padded prompt batch; returns the bool attention mask ([B, P])."""
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
-        raise ValueError(f"prompt_ids must be a [B, P] integer tensor, got {getattr(prompt_ids, 'shape', prompt_ids)!r}")
-    if prompt_ids.dtype.is_floating_point or prompt_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise ValueError(
+            f"prompt_ids must be a [B, P] integer tensor, got {getattr(prompt_ids, 'shape', prompt_ids)!r}"
+        )
+    if prompt_ids.dtype.is_floating_point or prompt_ids.dtype in (
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    ):
         raise ValueError(f"prompt_ids must have an integer dtype, got {prompt_ids.dtype}")
     if prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids must be non-empty [B, P], got shape {list(prompt_ids.shape)}")
@@ -102,16 +108,20 @@ def check_prompts(prompt_ids, attention_mask) -> torch.Tensor:
             f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}"
         )
     if attention_mask.device != prompt_ids.device:
-        raise ValueError(f"attention_mask must be on prompt_ids' device {prompt_ids.device}, got {attention_mask.device}")
+        raise ValueError(
+            f"attention_mask must be on prompt_ids' device {prompt_ids.device}, got {attention_mask.device}"
+        )
     mask = attention_mask.to(torch.bool)
     # Left padding: once a row's real tokens start they run to the end (0...0 1...1).
     if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-        raise ValueError("attention_mask must describe left padding (each row 0...0 1...1): prompts are left-padded")
+        raise ValueError(
+            "attention_mask must describe left padding (each row 0...0 1...1): prompts are left-padded"
+        )
     return mask
 
 
 def check_lengths(model, P: int, gen_length, block_length) -> tuple[int, int]:
-    """(gen_length, number of blocks); ValueError for a bad split or a sequence longer than the model's context."""
+    """(gen_length, number of blocks); ValueError for a bad split or a sequence longer than the context."""
     gen_length = _positive_int("gen_length", gen_length)
     block_length = _positive_int("block_length", block_length)
     if gen_length % block_length:
@@ -119,7 +129,8 @@ def check_lengths(model, P: int, gen_length, block_length) -> tuple[int, int]:
     limit = context_length(model)
     if limit is not None and P + gen_length > limit:
         raise ValueError(
-            f"prompt width {P} + gen_length {gen_length} = {P + gen_length} exceeds the model's context of {limit} tokens"
+            f"prompt width {P} + gen_length {gen_length} = {P + gen_length} exceeds the model's context of "
+            f"{limit} tokens"
         )
     return gen_length, gen_length // block_length
 
@@ -142,7 +153,11 @@ def resolve_row_keys(row_keys, B: int, device) -> torch.Tensor:
     """[B] int64 Philox row counters: ``row_keys`` or 0..B-1."""
     if row_keys is None:
         return torch.arange(B, device=device)
-    if not isinstance(row_keys, torch.Tensor) or row_keys.shape != (B,) or row_keys.dtype not in (torch.int32, torch.int64):
+    if (
+        not isinstance(row_keys, torch.Tensor)
+        or row_keys.shape != (B,)
+        or row_keys.dtype not in (torch.int32, torch.int64)
+    ):
         raise ValueError(f"row_keys must be None or an int32/int64 tensor of shape [{B}], got {row_keys!r}")
     return row_keys.to(device=device, dtype=torch.int64)
 

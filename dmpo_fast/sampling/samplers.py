@@ -23,11 +23,24 @@ SAMPLERS: tuple[str, ...] = ("llada", "fast_dllm", "roar")
 CACHES: tuple[str, ...] = ("none", "prefix", "dual")
 
 
-def _common(model, prompt_ids, attention_mask, gen_length, block_length, temperature, seed, generator, row_keys, eos_id):
+def _common(
+    model,
+    prompt_ids,
+    attention_mask,
+    gen_length,
+    block_length,
+    temperature,
+    seed,
+    generator,
+    row_keys,
+    eos_id,
+):
     mask = check_prompts(prompt_ids, attention_mask)
     for name in ("mask_id", "hidden", "head_weight"):
         if not hasattr(model, name):
-            raise ValueError(f"model must be a DiffusionLM (mask_id, hidden, head_weight); it has no {name!r}")
+            raise ValueError(
+                f"model must be a DiffusionLM (mask_id, hidden, head_weight); it has no {name!r}"
+            )
     gen_length, n_blocks = check_lengths(model, prompt_ids.shape[1], gen_length, block_length)
     temperature = check_temperature(temperature)
     seed = resolve_seed(seed, generator)
@@ -42,11 +55,15 @@ def _common(model, prompt_ids, attention_mask, gen_length, block_length, tempera
 def _steps_per_block(steps, n_blocks: int, block_length: int) -> int:
     steps = _positive_int("steps", steps)
     if steps % n_blocks:
-        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({n_blocks} = gen_length / block_length)")
+        raise ValueError(
+            f"steps ({steps}) must be a multiple of the number of blocks "
+            f"({n_blocks} = gen_length / block_length)"
+        )
     per_block = steps // n_blocks
     if per_block > block_length:
         raise ValueError(
-            f"steps ({steps}) gives {per_block} steps per block, more than block_length ({block_length}) tokens to commit"
+            f"steps ({steps}) gives {per_block} steps per block, more than block_length ({block_length}) "
+            "tokens to commit"
         )
     return per_block
 
@@ -72,15 +89,39 @@ def llada(
     of the block (the remainder first) — the highest-confidence positions, or random ones with
     ``remasking="random"``. Every step is a full forward over the sequence (no cache)."""
     mask, n_blocks, temperature, seed, row_keys, eos_id = _common(
-        model, prompt_ids, attention_mask, gen_length, block_length, temperature, seed, generator, row_keys, eos_id
+        model,
+        prompt_ids,
+        attention_mask,
+        gen_length,
+        block_length,
+        temperature,
+        seed,
+        generator,
+        row_keys,
+        eos_id,
     )
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
-    plan = DecodePlan("schedule", _steps_per_block(steps, n_blocks, block_length), remasking=remasking,
-                      temperature=temperature)
+    plan = DecodePlan(
+        "schedule",
+        _steps_per_block(steps, n_blocks, block_length),
+        remasking=remasking,
+        temperature=temperature,
+    )
     with inference(model):
-        return decode(model, prompt_ids, mask, gen_length=gen_length, block_length=block_length, plan=plan, seed=seed,
-                      row_keys=row_keys, eos_id=eos_id, stop_at_eos=stop_at_eos, impl=impl)
+        return decode(
+            model,
+            prompt_ids,
+            mask,
+            gen_length=gen_length,
+            block_length=block_length,
+            plan=plan,
+            seed=seed,
+            row_keys=row_keys,
+            eos_id=eos_id,
+            stop_at_eos=stop_at_eos,
+            impl=impl,
+        )
 
 
 def fast_dllm(
@@ -105,15 +146,26 @@ def fast_dllm(
 ) -> Rollout:
     """Fast-dLLM: parallel decoding with a KV cache.
 
-    Commit rule (one of): ``threshold`` — every masked position of the block with confidence >= threshold, at
-    least the best (default 0.9 when none is given); ``factor`` — the n best with (i + 1)·(1 − c_(i)) <= factor
-    for i <= n; ``steps`` — LLaDA's fixed schedule. With threshold / factor a block takes as many steps as it
-    needs (at most block_length). ``cache``: "prefix" refreshes a cache of everything before the block at the
-    block's first step and then runs the block plus the rest of the sequence against it; "dual" also caches the
-    (still masked) positions after the block and runs the block alone; "none" runs the full sequence.
+    Commit rule (one of): ``threshold`` — every masked position of the block with confidence >= threshold,
+    at least the best (default 0.9 when none is given); ``factor`` — the n best with
+    (i + 1)·(1 − c_(i)) <= factor for i <= n; ``steps`` — LLaDA's fixed schedule. With threshold / factor a
+    block takes as many steps as it needs (at most block_length).
+
+    ``cache``: "prefix" refreshes a cache of everything before the block at the block's first step, then runs
+    the block plus the rest of the sequence against it; "dual" also caches the (still masked) positions after
+    the block and runs the block alone; "none" runs the full sequence every step.
     """
     mask, n_blocks, temperature, seed, row_keys, eos_id = _common(
-        model, prompt_ids, attention_mask, gen_length, block_length, temperature, seed, generator, row_keys, eos_id
+        model,
+        prompt_ids,
+        attention_mask,
+        gen_length,
+        block_length,
+        temperature,
+        seed,
+        generator,
+        row_keys,
+        eos_id,
     )
     if remasking not in REMASKING:
         raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
@@ -121,27 +173,57 @@ def fast_dllm(
         raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
     if cache != "none" and not getattr(model, "supports_cache", False):
         raise ValueError(f"cache={cache!r} needs a model with a KV cache (supports_cache); use cache='none'")
-    given = [name for name, v in (("threshold", threshold), ("factor", factor), ("steps", steps)) if v is not None]
+    given = [
+        name for name, v in (("threshold", threshold), ("factor", factor), ("steps", steps)) if v is not None
+    ]
     if len(given) > 1:
         raise ValueError(f"give at most one of threshold, factor, steps; got {given}")
     if not given:
         threshold = 0.9
     if steps is not None:
-        plan = DecodePlan("schedule", _steps_per_block(steps, n_blocks, block_length), remasking=remasking,
-                          cache=cache, temperature=temperature)
+        plan = DecodePlan(
+            "schedule",
+            _steps_per_block(steps, n_blocks, block_length),
+            remasking=remasking,
+            cache=cache,
+            temperature=temperature,
+        )
     elif factor is not None:
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
             raise ValueError(f"factor must be a positive number, got {factor!r}")
-        plan = DecodePlan("factor", block_length, factor=float(factor), remasking=remasking, cache=cache,
-                          temperature=temperature)
+        plan = DecodePlan(
+            "factor",
+            block_length,
+            factor=float(factor),
+            remasking=remasking,
+            cache=cache,
+            temperature=temperature,
+        )
     else:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-        plan = DecodePlan("threshold", block_length, threshold=float(threshold), remasking=remasking, cache=cache,
-                          temperature=temperature)
+        plan = DecodePlan(
+            "threshold",
+            block_length,
+            threshold=float(threshold),
+            remasking=remasking,
+            cache=cache,
+            temperature=temperature,
+        )
     with inference(model):
-        return decode(model, prompt_ids, mask, gen_length=gen_length, block_length=block_length, plan=plan, seed=seed,
-                      row_keys=row_keys, eos_id=eos_id, stop_at_eos=stop_at_eos, impl=impl)
+        return decode(
+            model,
+            prompt_ids,
+            mask,
+            gen_length=gen_length,
+            block_length=block_length,
+            plan=plan,
+            seed=seed,
+            row_keys=row_keys,
+            eos_id=eos_id,
+            stop_at_eos=stop_at_eos,
+            impl=impl,
+        )
 
 
 def roar(
@@ -164,24 +246,50 @@ def roar(
     """ROAR: one token per step, in a uniformly random order inside each block (blocks left to right), with
     exact per-token log-probs.
 
-    ``Rollout.logprobs[b, j]`` = log softmax(z)[token], z the policy's logits (temperature 1) at position j of
-    the state from which the token was committed — so Σ_j logprobs is log p_θ(completion | prompt, order) of the
-    any-order autoregressive factorisation along the sampled order. The token itself is drawn from
-    softmax(z / T): its log-prob under that distribution is ``sampling_logprobs`` (T > 0; equal to logprobs at
-    T = 1). ``ref_logprobs`` (with ``ref_model``) scores the same tokens at the same states under the reference.
-    ``steps`` is gen_length (the default); any other value is an error.
+    ``Rollout.logprobs[b, j]`` = log softmax(z)[token], z the policy's logits (temperature 1) at position j
+    of the state from which the token was committed — so Σ_j logprobs is log p_θ(completion | prompt, order)
+    of the any-order autoregressive factorisation along the sampled order. The token itself is drawn from
+    softmax(z / T): its log-prob under that distribution is ``sampling_logprobs`` (T > 0; equal to logprobs
+    at T = 1). ``ref_logprobs`` (with ``ref_model``) scores the same tokens at the same states under the
+    reference. ``steps`` is gen_length (the default); any other value is an error.
     """
     mask, n_blocks, temperature, seed, row_keys, eos_id = _common(
-        model, prompt_ids, attention_mask, gen_length, block_length, temperature, seed, generator, row_keys, eos_id
+        model,
+        prompt_ids,
+        attention_mask,
+        gen_length,
+        block_length,
+        temperature,
+        seed,
+        generator,
+        row_keys,
+        eos_id,
     )
     if steps is not None and steps != gen_length:
-        raise ValueError(f"steps must be None or gen_length ({gen_length}) for roar (one token per step), got {steps!r}")
+        raise ValueError(
+            f"steps must be None or gen_length ({gen_length}) for roar (one token per step), got {steps!r}"
+        )
     if ref_model is not None and getattr(ref_model, "mask_id", None) != model.mask_id:
-        raise ValueError(f"ref_model must share the policy's mask_id {model.mask_id}, got {getattr(ref_model, 'mask_id', None)!r}")
+        raise ValueError(
+            f"ref_model must share the policy's mask_id {model.mask_id}, "
+            f"got {getattr(ref_model, 'mask_id', None)!r}"
+        )
     plan = DecodePlan("order", block_length, temperature=temperature, logprobs=True)
     with inference(model, ref_model):
-        return decode(model, prompt_ids, mask, gen_length=gen_length, block_length=block_length, plan=plan, seed=seed,
-                      row_keys=row_keys, eos_id=eos_id, stop_at_eos=stop_at_eos, ref_model=ref_model, impl=impl)
+        return decode(
+            model,
+            prompt_ids,
+            mask,
+            gen_length=gen_length,
+            block_length=block_length,
+            plan=plan,
+            seed=seed,
+            row_keys=row_keys,
+            eos_id=eos_id,
+            stop_at_eos=stop_at_eos,
+            ref_model=ref_model,
+            impl=impl,
+        )
 
 
 def generate(
