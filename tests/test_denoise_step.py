@@ -339,6 +339,8 @@ def test_no_float64_vocabulary_tensor(impl):
         (dict(impl="fast"), "impl"),
         (dict(logit_scale=0.0), "logit_scale"),
         (dict(num_transfer=torch.tensor([1.0, 2.0])), "num_transfer"),
+        (dict(num_transfer=torch.tensor([1, -2])), "num_transfer"),
+        (dict(num_transfer=-1), "num_transfer"),
         (dict(mask_id=-3), "mask_id"),
     ],
 )

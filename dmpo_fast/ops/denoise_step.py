@@ -6,9 +6,9 @@ score it, and commit the best-scored ones.
 
 For every active position (b, l), with fp32 logits z = logits[b, l] · logit_scale:
 
-    token      = argmax_v (z_v / T + g_v)      g_v ~ Gumbel(0, 1): token ~ softmax(z / T); argmax z at T = 0
-    confidence = softmax(z)[token]                 UNtempered, as LLaDA / Fast-dLLM low-confidence remasking
-                 (or a Philox uniform with remasking="random")
+    token      = argmax_v (z_v / T + g_v)   g_v ~ Gumbel(0, 1): token ~ softmax(z / T); argmax z at T = 0
+    confidence = softmax(z)[token]          UNtempered, as LLaDA / Fast-dLLM low-confidence remasking
+                                            (a Philox uniform instead with remasking="random")
 
 then per row one commit rule picks which active positions keep their token (the others stay masked):
 
@@ -27,7 +27,8 @@ the Gumbel-argmax are accumulated online over vocabulary tiles, in fp32, and no 
 tensor is kept. From hidden states only the active rows are projected (``hidden[active] · head_weightᵀ``);
 the Triton kernel (``dmpo_fast.kernels.denoise_step``) fuses that GEMM with the sampling epilogue so the
 logits never reach memory. The commit rules run on [B, L] confidences with a stable sort, on the device,
-with no host sync; the only sync is the count of active positions (to size the gather).
+with no host sync; the syncs are the count of active positions (to size the gather) and, when counters come
+as tensors, one range check.
 
 Random numbers are counter-based (Philox4x32-10, ``dmpo_fast.ops.philox``; key = the 64-bit ``seed``), so a
 row's result depends only on its own counters, never on the batch layout or the backend:
@@ -232,8 +233,9 @@ def _as_row_tensor(name: str, value, B: int, device, *, upper: int) -> torch.Ten
     return value.to(torch.int64)
 
 
-def _check_counters(rows: torch.Tensor, step: torch.Tensor, position_offset: int, L: int) -> None:
-    """Range checks of the Philox counter words (one small host sync; user input, so not an assert)."""
+def _check_ranges(tensors: dict[str, torch.Tensor], position_offset: int, L: int) -> None:
+    """Range checks of the Philox counter words and num_transfer given as tensors (ints were checked in
+    Python): one small host sync, none when nothing came as a tensor. User input, so not an assert."""
     if (
         isinstance(position_offset, bool)
         or not isinstance(position_offset, int)
@@ -244,11 +246,14 @@ def _check_counters(rows: torch.Tensor, step: torch.Tensor, position_offset: int
             f"position_offset must be an int with 0 <= position_offset and position_offset + L "
             f"<= 2**32, got {position_offset!r}"
         )
-    r_lo, r_hi, s_lo, s_hi = torch.stack([rows.min(), rows.max(), step.min(), step.max()]).tolist()
-    if r_lo < 0 or r_hi >= 1 << 32:
-        raise ValueError(f"rows must lie in [0, 2**32), got values in [{r_lo}, {r_hi}]")
-    if s_lo < 0 or s_hi > MAX_STEP:
-        raise ValueError(f"step must lie in [0, {MAX_STEP}], got values in [{s_lo}, {s_hi}]")
+    if not tensors:
+        return
+    lo_hi = torch.stack([v for t in tensors.values() for v in (t.min(), t.max())]).tolist()
+    limits = {"rows": (1 << 32) - 1, "step": MAX_STEP, "num_transfer": 1 << 62}
+    for i, name in enumerate(tensors):
+        lo, hi = lo_hi[2 * i], lo_hi[2 * i + 1]
+        if lo < 0 or hi > limits[name]:
+            raise ValueError(f"{name} must lie in [0, {limits[name]}], got values in [{lo}, {hi}]")
 
 
 def denoise_step(
@@ -341,19 +346,21 @@ def denoise_step(
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     device = x.device
     impl = resolve_impl(impl, device)
+    as_tensors = [
+        n for n, v in (("rows", rows), ("step", step), ("num_transfer", num_transfer)) if torch.is_tensor(v)
+    ]
     if num_transfer is not None:
         num_transfer = _as_row_tensor("num_transfer", num_transfer, B, device, upper=1 << 62)
-        if bool((num_transfer < 0).any()):
-            raise ValueError("num_transfer must be >= 0")
     step = _as_row_tensor("step", step, B, device, upper=MAX_STEP)
     rows = (
         torch.arange(B, device=device)
         if rows is None
         else _as_row_tensor("rows", rows, B, device, upper=(1 << 32) - 1)
     )
-    _check_counters(rows, step, position_offset, L)
+    converted = {"rows": rows, "step": step, "num_transfer": num_transfer}
+    _check_ranges({name: converted[name] for name in as_tensors}, position_offset, L)
 
-    flat = active.reshape(-1).nonzero()[:, 0]  # [N] — the one host sync: sizes the gather
+    flat = active.reshape(-1).nonzero()[:, 0]  # [N] — a host sync: sizes the gather
     b_idx, l_idx = flat // L, flat % L
     pos, row_key, row_step = l_idx + position_offset, rows[b_idx], step[b_idx]
     inv_t = None if temperature == 0 else 1.0 / float(temperature)
