@@ -6,20 +6,27 @@ memory-lean chunked path for CPUs. See ``dmpo_fast.ops`` for the op contracts.
 """
 
 from dmpo_fast.ops import (
+    DenoiseOutput,
     ImportanceWeights,
+    denoise_step,
     forward_mask,
     importance_weights,
     linear_logprob,
     wdce_loss,
     weighted_linear_ce,
 )
+from dmpo_fast.sampling import Rollout, generate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DenoiseOutput",
     "ImportanceWeights",
+    "Rollout",
     "__version__",
+    "denoise_step",
     "forward_mask",
+    "generate",
     "importance_weights",
     "linear_logprob",
     "wdce_loss",

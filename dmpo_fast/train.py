@@ -98,16 +98,19 @@ def _decode(tokenizer, ids: torch.Tensor) -> list[str]:
 
 
 def _sample_kwargs(cfg: TrainConfig, *, temperature: float) -> dict:
-    return dict(
-        sampler=cfg.sampler,
-        gen_length=cfg.gen_length,
-        block_length=cfg.block_length,
-        steps=cfg.steps,
-        temperature=temperature,
-        remasking=cfg.remasking,
-        threshold=cfg.threshold,
-        cache=cfg.cache,
-    )
+    """The chosen sampler's keyword arguments (each sampler takes only its own options)."""
+    kw = dict(
+        sampler=cfg.sampler, gen_length=cfg.gen_length, block_length=cfg.block_length, temperature=temperature,
+        impl=cfg.impl,
+    )  # fmt: skip
+    if cfg.sampler == "llada":
+        kw.update(steps=cfg.steps, remasking=cfg.remasking)
+    elif cfg.sampler == "fast_dllm":
+        kw.update(cache=cfg.cache, remasking=cfg.remasking)
+        kw.update(threshold=cfg.threshold) if cfg.threshold is not None else kw.update(steps=cfg.steps)
+    else:  # roar: one token per step
+        kw.update(steps=cfg.gen_length)
+    return kw
 
 
 # --------------------------------------------------------------------------------------------------

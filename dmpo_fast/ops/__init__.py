@@ -8,9 +8,11 @@ part of the contract:
 - ``weighted_linear_ce(hidden[N,H], weight[V,H], targets[N], token_weights[N]) -> scalar``
 - ``wdce_loss(hidden[R,L,H], head_weight[V,H], targets[R,L], loss_mask[R,L], row_weights[R]) -> scalar``
 - ``importance_weights(rewards[N], log_ratio[N], *, group_size, alpha, ...) -> ImportanceWeights``
+- ``denoise_step(logits[B,L,V] | (hidden[B,L,H], head_weight[V,H]), x[B,L], active[B,L], ...) -> DenoiseOutput``
 """
 
 from dmpo_fast.ops._common import IMPLS, resolve_impl
+from dmpo_fast.ops.denoise_step import DenoiseOutput, denoise_step, denoise_step_reference_fastdllm
 from dmpo_fast.ops.forward_mask import forward_mask
 from dmpo_fast.ops.importance_weights import BASELINES, ImportanceWeights, importance_weights
 from dmpo_fast.ops.linear_ce import linear_logprob, weighted_linear_ce
@@ -19,6 +21,9 @@ from dmpo_fast.ops.wdce import wdce_loss
 __all__ = [
     "BASELINES",
     "IMPLS",
+    "DenoiseOutput",
+    "denoise_step",
+    "denoise_step_reference_fastdllm",
     "ImportanceWeights",
     "forward_mask",
     "importance_weights",
