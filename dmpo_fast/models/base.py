@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import KVCache
+from .peft_support import adapted_head_weight
 
 
 class DiffusionLM(nn.Module):
@@ -93,9 +94,11 @@ class DiffusionLM(nn.Module):
 
     @property
     def head_weight(self) -> torch.Tensor:
-        """Output projection ``[vocab_size, hidden_size]``: a differentiable view of the parameters."""
+        """Output projection ``[vocab_size, hidden_size]``: a differentiable view of the parameters.
+
+        A LoRA adapter on the output layer is included (``W + B@A·scale``, see :mod:`.peft_support`)."""
         weight, bias = self._raw_head()
-        weight = weight[: self.vocab_size]
+        weight = adapted_head_weight(self.base_model, weight)[: self.vocab_size]
         if bias is None:
             return weight
         return torch.cat((weight, bias[: self.vocab_size, None].to(weight.dtype)), dim=1)
