@@ -1,4 +1,4 @@
-"""LoRA (PEFT) with the fused path: ``head_weight`` carries an adapter on the output layer, or refuses clearly.
+"""LoRA (PEFT) and the fused path: ``head_weight`` carries an adapter on the output layer, or refuses.
 
 The truth for "what the adapted head computes" is PEFT's own module forward (and, for an HF model, PEFT's own
 logits); the fused loss's gradients must reach the adapter's A and B exactly as full-logits autograd does.
@@ -80,7 +80,7 @@ def test_fused_loss_gradients_reach_the_head_adapter_like_full_logits():
     g_ref = torch.autograd.grad(ref, params)
 
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_fused, g_ref):
+    for a, b in zip(g_fused, g_ref, strict=True):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -109,7 +109,7 @@ def test_head_dropout_while_training_raises_and_eval_merges():
     lm = _adapt(_tiny(), HEAD, lora_dropout=0.1)
     lm.train()
     with pytest.raises(ValueError, match="lora_dropout=0.1"):
-        lm.head_weight
+        _ = lm.head_weight
     lm.eval()
     torch.testing.assert_close(lm.head_weight, _expected(_head(lm)))
 
@@ -117,13 +117,13 @@ def test_head_dropout_while_training_raises_and_eval_merges():
 def test_dora_on_the_head_raises():
     lm = _adapt(_tiny(), HEAD, use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):
-        lm.head_weight
+        _ = lm.head_weight
 
 
 def test_tied_output_matrix_with_adapted_embedding_raises():
     lm = _adapt(_tiny(weight_tying=True), r"model\.transformer\.wte")
     with pytest.raises(ValueError, match="tied"):
-        lm.head_weight
+        _ = lm.head_weight
 
 
 def test_hf_model_with_lora_and_modules_to_save_heads_matches_peft_logits():
@@ -134,7 +134,9 @@ def test_hf_model_with_lora_and_modules_to_save_heads_matches_peft_logits():
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
     )  # fmt: skip
     ids = torch.randint(4, V, (2, 9))
-    for extra in ({"target_modules": ["lm_head", "q_proj"]}, {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}):
+    lora_head = {"target_modules": ["lm_head", "q_proj"]}
+    saved_head = {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}
+    for extra in (lora_head, saved_head):
         lm = wrap(LlamaForCausalLM(cfg).eval(), mask_id=MASK, eos_id=EOS)
         lm.model = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **extra))
         with torch.no_grad():

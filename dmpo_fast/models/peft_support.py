@@ -9,8 +9,8 @@ gradient. ``adapted_head_weight`` returns what the adapted module computes, as o
 differentiable in ``A`` and ``B`` (the fused kernels return dL/dW_eff, autograd carries it into both). This is
 exactly PEFT's LoRA forward ``base(x) + B(A(x))·scale`` without dropout, so:
 
-- adapters disabled (``with peft_model.disable_adapter():``, the usual reference model) or merged into the base
-  weight (``merge_adapter()``): ``W`` as stored, as PEFT's forward does;
+- adapters disabled (``with peft_model.disable_adapter():``, the usual reference model) or merged into the
+  base weight (``merge_adapter()``): ``W`` as stored, as PEFT's forward does;
 - LoRA dropout on the head while training cannot be written as one matrix (the mask is per token): a
   ``ValueError`` says so, instead of silently training without it (``lora_dropout=0`` for the head, or a
   config that leaves the head out, or eval mode);
@@ -20,8 +20,8 @@ exactly PEFT's LoRA forward ``base(x) + B(A(x))·scale`` without dropout, so:
   changes the lookup only, while the model's own head reads the stored matrix, so the two disagree about what
   the adapted model is; ``ValueError`` rather than pick one.
 
-``modules_to_save`` copies of the head need nothing here: the wrapper's ``weight`` already is the active copy.
-Nothing in this module imports ``peft``; without it loaded, no adapter can exist and the weight passes through.
+``modules_to_save`` copies of the head need nothing here: the wrapper's ``weight`` is the active copy.
+Nothing here imports ``peft`` unless it is loaded already; without it no adapter can exist.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def adapted_head_weight(model: nn.Module, weight: torch.Tensor) -> torch.Tensor:
             f"the output layer carries a PEFT adapter ({name}) whose base weight is not the head matrix the "
             "model reads; cannot tell what the adapted head is"
         )
-    from peft.tuners.lora import Embedding as LoraEmbedding, Linear as LoraLinear  # noqa: PLC0415
+    from peft.tuners.lora import Embedding as LoraEmbedding  # noqa: PLC0415
+    from peft.tuners.lora import Linear as LoraLinear  # noqa: PLC0415
 
     if isinstance(head, LoraEmbedding):
         raise ValueError(
