@@ -1,0 +1,618 @@
+"""MRO (Multi-Reward Optimization, arXiv 2510.21473) as pure functions: step rewards, SGRO, rejection SFT.
+
+A rollout is (final ids, commit step per position) (``dmpo_fast.sampling.Rollout``): the state before step t
+shows the tokens committed before t and masks the rest, so every state of a trajectory is rebuilt from the
+final ids alone. Steps are counted per row; positions a sampler never decoded (EOS fill) are not actions.
+
+Rewards of step t of a rollout (U_t = the positions committed at step t, s_t the state before step t):
+- token verification (intra-sequence correlation: do the tokens decoded in parallel agree?), mean over
+  i ∈ U_t of the model's probability (``verification_score="prob"``, in [0, 1]) or log-prob of x_i when it
+  is re-masked, from one of three contexts (``verification``):
+    "leave_one_out"  s_{t+1} with only i masked: each token checked against the others of its step
+                     (default; one forward per token; equals "pre_step" when a step commits one token);
+    "pre_step"       s_t, all of U_t masked (the policy's confidence in its own choices; a forward per step);
+    "final"          the final sequence with U_t masked (checked against everything decoded later);
+- perplexity (inter-sequence correlation / fluency): the text committed after step t (``ppl_text``:
+  "visible" = every committed completion token in position order, "prefix" = the committed run from the
+  completion's start), up to the first EOS, scored by an autoregressive LM (``ARScorer``):
+  r = (C − min(PPL, C)) / F, C = F = 100 by default, so r ∈ [0, C / F] and an empty text scores 0;
+- the task (quality) reward of the final answer, added to the last window.
+
+SGRO (step-wise group reward optimisation): the steps of a row are cut into windows of w consecutive steps;
+window j's reward R_j is the sum of its steps' λ_tv·r_tv + λ_ppl·r_ppl (+ λ_q·r_task in the row's last
+window). Its return is R_j alone (``returns="window"``) or the reward-to-go Σ_{j' ≥ j} R_j' (default), and
+its advantage the return minus the mean return of window j over the prompt's group (``baseline="group"``).
+The loss is REINFORCE over the tokens committed in each window:
+
+    loss = Σ_rows Σ_windows c_j · A_j · Σ_{t ∈ window j} Σ_{i ∈ U_t} −log p_θ(x_i | s_t)  /  (n_row · N)
+
+with n_row the tokens the row committed and N the rollouts, computed by ``weighted_linear_ce`` on the
+committed positions only (one state per step). c_j = 1, or the importance factor of a window sampled for
+this optimizer step (``importance``) so the estimate stays unbiased while fewer states are run.
+
+Readings of what the paper leaves open (each an option; defaults in ``MROConfig``):
+- "group size": ``window`` is the number of denoising steps per group step (SGRO's grouping of steps);
+  ``group_size`` is the number of rollouts per prompt that share a baseline.
+- importance sampling: read as sampling which windows enter the loss (for sampling efficiency), K per
+  rollout uniformly ("uniform") or with probability ∝ |A_j| ("advantage"), weighted by 1 / (K q_j); "none"
+  trains on every window. No policy ratio is used: with ``num_iterations`` > 1 the reuse is off-policy.
+- shaping: "none" sums the perplexity rewards of the states; "potential" treats the perplexity reward as a
+  potential Φ and rewards its change Φ(s_{t+1}) − Φ(s_t) (Ng et al. 1999), so a window earns only the
+  fluency it adds and the sum over the trajectory telescopes to the final text's reward.
+- the log-prob of a token is read at its own step's state and temperature 1, ignoring which positions the
+  sampler chose to commit (as d1 and the paper treat the denoising policy).
+
+Test-time scaling is ``dmpo_fast.sampling.tts.generate_tts`` (``tts_reward_fn`` below scores candidates);
+rejection sampling is SFT with the masked-diffusion loss on the best rollout of each group
+(``select_best`` + ``rejection_sft_loss``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from dmpo_fast import dmpo
+from dmpo_fast.dmpo import LossOutput, NoiseConfig, _hidden_and_head
+from dmpo_fast.grpo import group_advantages
+from dmpo_fast.ops import linear_logprob, weighted_linear_ce
+from dmpo_fast.ops.philox import philox_uniform
+
+STREAM_WINDOWS = 6  # Philox stream (c3 word) of the window sampling
+Verification = Literal["leave_one_out", "pre_step", "final"]
+
+
+@dataclass(frozen=True)
+class MROConfig:
+    """MRO / SGRO options. Rewards: weights tv_weight, ppl_weight, task_weight (1 each, as the paper sums
+    them); verification / verification_score (see the module docstring); ppl_cap C and ppl_scale F of the
+    bounded perplexity reward (100, 100); ppl_text "visible" | "prefix"; shaping "none" | "potential".
+    SGRO: group_size rollouts per prompt; window w steps per group step (8); returns "reward_to_go" |
+    "window"; baseline "group" | "none"; scale_std divides advantages by the group std; importance "none" |
+    "uniform" | "advantage" with windows_per_rollout K draws; num_iterations optimizer steps per buffer
+    (1: REINFORCE is on-policy). micro_batch: rows per model call when scoring rewards (no grad)."""
+
+    group_size: int = 8
+    window: int = 8
+    verification: Verification = "leave_one_out"
+    verification_score: Literal["prob", "logprob"] = "prob"
+    ppl_cap: float = 100.0
+    ppl_scale: float = 100.0
+    ppl_text: Literal["visible", "prefix"] = "visible"
+    tv_weight: float = 1.0
+    ppl_weight: float = 1.0
+    task_weight: float = 1.0
+    shaping: Literal["none", "potential"] = "none"
+    returns: Literal["reward_to_go", "window"] = "reward_to_go"
+    baseline: Literal["group", "none"] = "group"
+    scale_std: bool = False
+    importance: Literal["none", "uniform", "advantage"] = "none"
+    windows_per_rollout: int = 4
+    num_iterations: int = 1
+    micro_batch: int = 64
+
+    def __post_init__(self):
+        for name in ("group_size", "window", "windows_per_rollout", "num_iterations", "micro_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        choices = {
+            "verification": ("leave_one_out", "pre_step", "final"), "verification_score": ("prob", "logprob"),
+            "ppl_text": ("visible", "prefix"), "shaping": ("none", "potential"),
+            "returns": ("reward_to_go", "window"), "baseline": ("group", "none"),
+            "importance": ("none", "uniform", "advantage"),
+        }  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (self.ppl_cap > 0 and self.ppl_scale > 0):
+            raise ValueError(f"ppl_cap and ppl_scale must be > 0, got {self.ppl_cap!r}, {self.ppl_scale!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Rebuilding states and scoring positions
+# --------------------------------------------------------------------------------------------------
+
+
+def _states(rollout, rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """[M, P + G] prompt of ``rows`` + their completion where ``visible`` [M, G], mask_id elsewhere."""
+    P = rollout.prompt_length
+    completion = torch.where(visible, rollout.ids[rows, P:], rollout.mask_id)
+    return torch.cat((rollout.ids[rows, :P], completion), dim=1)
+
+
+def _score(model, rollout, rows, visible, target, micro_batch: int, impl: str) -> torch.Tensor:
+    """log p(x_j | state) for every True of ``target`` [M, G] in row-major order, the state of query m being
+    row rows[m] with ``visible[m]`` shown. Only target positions are projected."""
+    P = rollout.prompt_length
+    out = []
+    for s in range(0, rows.shape[0], micro_batch):
+        r, tgt = rows[s : s + micro_batch], target[s : s + micro_batch]
+        states = _states(rollout, r, visible[s : s + micro_batch])
+        hidden, head = _hidden_and_head(model, states, rollout.attention_mask[r])  # [m, L, H]
+        m_idx, j_idx = tgt.nonzero(as_tuple=True)
+        lp = linear_logprob(hidden[m_idx, P + j_idx], head, rollout.ids[r[m_idx], P + j_idx], impl=impl)
+        out.append(lp.float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _step_grid(rollout, steps_from) -> torch.Tensor:
+    """[N, T] bool: (row, step) pairs to score: steps_from[n] <= t < num_steps[n]."""
+    ns = rollout.num_steps
+    T = max(int(ns.max()), 1)
+    t = torch.arange(T, device=ns.device)[None, :]
+    lo = torch.as_tensor(0 if steps_from is None else steps_from, device=ns.device).reshape(-1, 1)
+    return (t < ns[:, None]) & (t >= lo)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rewards
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_verification_rewards(
+    model,
+    rollout,
+    *,
+    verification: Verification = "leave_one_out",
+    score: Literal["prob", "logprob"] = "prob",
+    steps_from: torch.Tensor | int | None = None,
+    micro_batch: int = 64,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """[N, T] fp32 token-verification reward of each step (module docstring); NaN outside a row's steps
+    (and before ``steps_from``), 0 for a step that committed nothing."""
+    if verification not in ("leave_one_out", "pre_step", "final"):
+        raise ValueError(
+            f"verification must be one of ('leave_one_out', 'pre_step', 'final'), got {verification!r}"
+        )
+    if score not in ("prob", "logprob"):
+        raise ValueError(f"score must be one of ('prob', 'logprob'), got {score!r}")
+    cs = rollout.commit_step  # [N, G]
+    N, G = cs.shape
+    grid = _step_grid(rollout, steps_from)  # [N, T]
+    T = grid.shape[1]
+    col = torch.arange(G, device=cs.device)[None, :]
+    if verification == "leave_one_out":  # one query per committed token
+        ok = (cs >= 0) & (cs < T) & grid.gather(1, cs.clamp(0, T - 1))  # decoded, in a scored step
+        rows, j = ok.nonzero(as_tuple=True)
+        t = cs[rows, j]
+        visible = (cs[rows] <= t[:, None]) & (col != j[:, None])
+        target = col == j[:, None]
+    else:  # one query per step
+        rows, t = grid.nonzero(as_tuple=True)
+        target = cs[rows] == t[:, None]
+        visible = cs[rows] < t[:, None] if verification == "pre_step" else ~target
+    logp = _score(model, rollout, rows, visible, target, micro_batch, impl)
+    q = target.nonzero(as_tuple=True)[0]  # query of each scored token
+    flat = (rows[q] * T + t[q]).to(cs.device)
+    val = logp.exp() if score == "prob" else logp
+    sums = torch.zeros(N * T, device=cs.device).index_add_(0, flat, val.to(cs.device))
+    counts = torch.zeros(N * T, device=cs.device).index_add_(0, flat, torch.ones_like(val).to(cs.device))
+    out = (sums / counts.clamp_min(1)).view(N, T)
+    return torch.where(grid, out, float("nan"))
+
+
+@torch.no_grad()
+def perplexity_rewards(
+    scorer,
+    rollout,
+    *,
+    text: Literal["visible", "prefix"] = "visible",
+    cap: float = 100.0,
+    scale: float = 100.0,
+    steps_from: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """[N, T] fp32 (C − min(PPL, C)) / F of the completion text after each step (module docstring); NaN
+    outside a row's steps. Identical texts are scored once."""
+    if text not in ("visible", "prefix"):
+        raise ValueError(f"text must be one of ('visible', 'prefix'), got {text!r}")
+    cs, cm = rollout.commit_step, rollout.completion_mask
+    comp = rollout.ids[:, rollout.prompt_length :]
+    grid = _step_grid(rollout, steps_from)
+    rows, t = grid.nonzero(as_tuple=True)
+    shown = cs[rows] <= t[:, None]  # [M, G] committed after step t
+    if text == "prefix":
+        shown = torch.cumprod(shown.to(torch.int8), dim=1).bool()
+    shown &= cm[rows]
+    seqs = [row[keep].tolist() for row, keep in zip(comp[rows].cpu(), shown.cpu(), strict=True)]
+    unique = list(dict.fromkeys(map(tuple, seqs)))
+    ppl = scorer.perplexity([list(u) for u in unique]) if unique else torch.zeros(0)
+    lookup = dict(zip(unique, ppl.tolist(), strict=True))
+    ppl_rows = torch.tensor([lookup[tuple(s)] for s in seqs], dtype=torch.float32, device=cs.device)
+    out = torch.full(grid.shape, float("nan"), device=cs.device)
+    out[rows, t] = (cap - ppl_rows.clamp(max=cap)) / scale  # PPL = inf (nothing to score) -> 0
+    return out
+
+
+def combine_step_rewards(tv: torch.Tensor | None, ppl: torch.Tensor | None, cfg: MROConfig) -> torch.Tensor:
+    """[N, T] λ_tv·r_tv + λ_ppl·r_ppl per step (NaN outside a row's steps); with ``shaping="potential"`` the
+    perplexity term is Φ(s_{t+1}) − Φ(s_t), Φ(all masked) = 0."""
+    parts = [x for x in (tv, ppl) if x is not None]
+    if not parts:
+        raise ValueError("at least one of tv and ppl must be given")
+    total = torch.zeros_like(parts[0])
+    if tv is not None:
+        total = total + cfg.tv_weight * tv
+    if ppl is not None:
+        if cfg.shaping == "potential":
+            prev = torch.nan_to_num(torch.cat((torch.zeros_like(ppl[:, :1]), ppl[:, :-1]), dim=1), nan=0.0)
+            ppl = ppl - prev
+        total = total + cfg.ppl_weight * ppl
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# SGRO: windows, returns, advantages, window sampling, loss
+# --------------------------------------------------------------------------------------------------
+
+
+def window_returns(
+    step_rewards: torch.Tensor,
+    num_steps: torch.Tensor,
+    task_rewards: torch.Tensor,
+    *,
+    window: int,
+    task_weight: float = 1.0,
+    returns: str = "reward_to_go",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(returns [N, J], valid [N, J]): window sums of the step rewards, λ_q·task in each row's last window,
+    then reward-to-go or per-window. A row with a non-finite task reward has no valid window."""
+    N, T = step_rewards.shape
+    J = max(1, math.ceil(T / window))
+    r = torch.nan_to_num(step_rewards.float(), nan=0.0)
+    r = torch.cat((r, r.new_zeros(N, J * window - T)), dim=1)
+    R = r.view(N, J, window).sum(dim=2)  # [N, J]
+    n_windows = (num_steps + window - 1) // window  # [N]
+    valid = torch.arange(J, device=R.device)[None, :] < n_windows[:, None]
+    valid &= torch.isfinite(task_rewards)[:, None]
+    last = (n_windows - 1).clamp_min(0)[:, None]
+    R = R.scatter_add(1, last, task_weight * torch.nan_to_num(task_rewards.float(), nan=0.0)[:, None])
+    R = torch.where(valid, R, 0.0)
+    if returns == "reward_to_go":
+        R = R.flip(1).cumsum(1).flip(1)
+    elif returns != "window":
+        raise ValueError(f"returns must be one of ('reward_to_go', 'window'), got {returns!r}")
+    return torch.where(valid, R, 0.0), valid
+
+
+def window_advantages(
+    returns: torch.Tensor,
+    valid: torch.Tensor,
+    group_size: int,
+    *,
+    baseline: str = "group",
+    scale_std: bool = False,
+) -> torch.Tensor:
+    """[N, J] return − mean return of the same window index over the group's rows that reach it (0 where
+    invalid); ``baseline="none"`` keeps the returns."""
+    if baseline == "none":
+        return torch.where(valid, returns, 0.0)
+    if baseline != "group":
+        raise ValueError(f"baseline must be one of ('group', 'none'), got {baseline!r}")
+    cols = [
+        group_advantages(torch.where(valid[:, j], returns[:, j], float("nan")), group_size,
+                         scale="std" if scale_std else "none")
+        for j in range(returns.shape[1])
+    ]  # fmt: skip
+    return torch.stack(cols, dim=1)
+
+
+def sample_windows(
+    advantages: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    importance: str,
+    k: int,
+    seed: int,
+    step: int,
+    row_keys: torch.Tensor,
+) -> torch.Tensor:
+    """[N, J] fp32 window weights c: 1 on every valid window ("none"), or for K draws with replacement from
+    q (uniform or ∝ |A|) the count of draws over K·q — an unbiased estimate of "every window". Draws are
+    Philox (seed; draw, row key, step, stream), so a row draws the same windows in any micro-batch."""
+    if importance == "none":
+        return valid.float()
+    if importance not in ("uniform", "advantage"):
+        raise ValueError(f"importance must be one of ('none', 'uniform', 'advantage'), got {importance!r}")
+    w = valid.float() if importance == "uniform" else advantages.abs() * valid
+    w = torch.where(valid & (w.sum(1, keepdim=True) == 0), 1.0, w)  # all |A| = 0: uniform
+    q = w / w.sum(1, keepdim=True).clamp_min(1e-30)  # [N, J]
+    draw = torch.arange(k, device=q.device)[None, :]
+    u = philox_uniform(
+        seed, draw, row_keys[:, None], torch.full_like(draw, step), torch.full_like(draw, STREAM_WINDOWS)
+    )
+    cdf = q.cumsum(1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1:]).contiguous(), right=True).clamp(max=q.shape[1] - 1)
+    counts = torch.zeros_like(q).scatter_add_(1, idx, torch.ones_like(u))
+    return torch.where(counts > 0, counts / (k * q.clamp_min(1e-30)), 0.0) * valid
+
+
+def sgro_loss(
+    policy,
+    rollout,
+    coef: torch.Tensor,
+    *,
+    window: int,
+    impl: str = "auto",
+) -> LossOutput:
+    """Σ over (row, step t) of coef[row, t // window] · Σ_{i ∈ U_t} −log p_θ(x_i | s_t), the states of the
+    steps with a non-zero coefficient rebuilt from the rollout and run through the policy (with grad).
+
+    coef: [N, J] per-window token weight (A · c / normaliser, see ``loss_step``)."""
+    cs, ns = rollout.commit_step, rollout.num_steps
+    N, G = cs.shape
+    T = max(int(ns.max()), 1)
+    t = torch.arange(T, device=cs.device)[None, :]
+    step_coef = coef.repeat_interleave(window, dim=1)[:, :T]  # [N, T]
+    rows, steps = ((t < ns[:, None]) & (step_coef != 0)).nonzero(as_tuple=True)
+    P = rollout.prompt_length
+    if rows.numel() == 0:  # nothing selected: an exact zero that still reaches the parameters
+        hidden, head = _hidden_and_head(policy, rollout.ids[:1], rollout.attention_mask[:1])
+        return LossOutput(
+            hidden.sum() * 0.0 + head.sum() * 0.0, {"states": torch.tensor(0), "tokens": torch.tensor(0)}
+        )
+    states = _states(rollout, rows, cs[rows] < steps[:, None])  # [M, L]
+    target = cs[rows] == steps[:, None]  # [M, G]
+    hidden, head = _hidden_and_head(policy, states, rollout.attention_mask[rows])
+    m_idx, j_idx = target.nonzero(as_tuple=True)
+    w = step_coef[rows[m_idx], steps[m_idx]].to(hidden.dtype)
+    loss = weighted_linear_ce(
+        hidden[m_idx, P + j_idx], head, rollout.ids[rows[m_idx], P + j_idx], w, impl=impl
+    )
+    return LossOutput(loss, {"states": torch.tensor(rows.numel()), "tokens": torch.tensor(m_idx.numel())})
+
+
+# --------------------------------------------------------------------------------------------------
+# The autoregressive scorer of the perplexity reward
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizerBridge:
+    """dLLM ids -> text (``source``, special tokens skipped) -> ids of the AR model (``target``, no special
+    tokens added). Either side may be the built-in ``CharTokenizer`` or a Hugging Face tokenizer."""
+
+    source: Any
+    target: Any
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        if hasattr(self.source, "batch_encode"):  # the built-in character tokenizer
+            text = self.source.decode(ids, skip_special=True)
+        else:
+            text = self.source.decode(ids, skip_special_tokens=True)
+        if hasattr(self.target, "batch_encode"):
+            return self.target.encode(text)
+        return list(self.target.encode(text, add_special_tokens=False))
+
+
+class ARScorer:
+    """Perplexity of token sequences under a causal LM, through ``linear_logprob`` on its final hidden
+    states (the [M, n, V] logits are never built; the read-out is verified once against the model's own
+    logits by ``dmpo_fast.models.HFAdapter``).
+
+    model: a transformers causal LM. bridge: a ``TokenizerBridge`` (dLLM ids -> AR ids), or None when the AR
+    model reads the dLLM's ids directly; then ``skip_ids`` (e.g. pad / EOS / mask ids) are dropped first.
+    bos_id: prepended so the first token is scored too (default: the model config's bos_token_id).
+    max_length: keep the first max_length AR tokens (default: the config's n_positions or
+    max_position_embeddings).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        bridge=None,
+        bos_id: int | None | str = "config",
+        max_length: int | None = None,
+        batch_size: int = 32,
+        skip_ids=(),
+        impl: str = "auto",
+    ):
+        from dmpo_fast.models import HFAdapter
+
+        config = getattr(model, "config", None)
+        self.model = model.eval().requires_grad_(False)
+        self.lm = HFAdapter(model, mask_id=0)
+        self.bridge, self.skip_ids, self.impl, self.batch_size = bridge, frozenset(skip_ids), impl, batch_size
+        self.bos_id = getattr(config, "bos_token_id", None) if bos_id == "config" else bos_id
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        self.max_length = max_length or limit
+
+    def ar_ids(self, ids: list[int]) -> list[int]:
+        """The AR model's input for dLLM ids: bridged or filtered, BOS first, cut to max_length."""
+        out = self.bridge(ids) if self.bridge is not None else [i for i in ids if i not in self.skip_ids]
+        out = ([self.bos_id] if self.bos_id is not None else []) + list(out)
+        return out[: self.max_length] if self.max_length else out
+
+    @torch.no_grad()
+    def perplexity(self, sequences: list[list[int]]) -> torch.Tensor:
+        """[M] fp32 exp(mean NLL of tokens 2..n given the previous ones); inf with nothing to predict."""
+        seqs = [self.ar_ids(s) for s in sequences]
+        device = self.lm.head_weight.device
+        out = torch.full((len(seqs),), float("inf"))
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
+        order = [i for i in order if len(seqs[i]) >= 2]
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            n = max(len(seqs[i]) for i in idx)
+            ids = torch.zeros(len(idx), n, dtype=torch.long)
+            am = torch.zeros(len(idx), n, dtype=torch.long)
+            for r, i in enumerate(idx):  # right padding: absolute positions stay 0..len-1
+                ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+                am[r, : len(seqs[i])] = 1
+            ids, am = ids.to(device), am.to(device)
+            hidden, head = _hidden_and_head(self.lm, ids, am)  # position i predicts token i + 1
+            keep = am[:, 1:].bool()  # [b, n - 1]
+            r_idx, p_idx = keep.nonzero(as_tuple=True)
+            logp = linear_logprob(hidden[r_idx, p_idx], head, ids[r_idx, p_idx + 1], impl=self.impl).float()
+            nll = torch.zeros(len(idx), device=device).index_add_(0, r_idx, -logp)
+            out[idx] = (nll / keep.sum(1)).exp().cpu()
+        return out
+
+
+def load_ar_scorer(name_or_path, *, bridge_from=None, device=None, dtype=None, **kwargs) -> ARScorer:
+    """An ``ARScorer`` for a causal LM given by hub name or local path (e.g. "gpt2"), or an already built
+    model. ``bridge_from``: the dLLM's tokenizer — its ids are decoded to text and re-encoded with the AR
+    model's tokenizer (loaded from the same name); None feeds the dLLM ids straight in (same vocabulary).
+    ``kwargs`` go to ``ARScorer``."""
+    if isinstance(name_or_path, torch.nn.Module):
+        model, tokenizer = name_or_path, kwargs.pop("tokenizer", None)
+    elif isinstance(name_or_path, str):
+        import transformers  # noqa: PLC0415
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            name_or_path, **({"dtype": dtype} if dtype else {})
+        )
+        tokenizer = kwargs.pop("tokenizer", None) or transformers.AutoTokenizer.from_pretrained(name_or_path)
+    else:
+        raise ValueError(f"name_or_path must be a model name, a path or an nn.Module, got {name_or_path!r}")
+    if device is not None:
+        model = model.to(device)
+    if bridge_from is not None:
+        if tokenizer is None:
+            raise ValueError("bridge_from needs the AR model's tokenizer: pass tokenizer=...")
+        kwargs["bridge"] = TokenizerBridge(bridge_from, tokenizer)
+    return ARScorer(model, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer entry points
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def step_rewards(
+    policy, rollout, cfg: MROConfig, *, scorer=None, steps_from=None, impl: str = "auto"
+) -> dict:
+    """{"tv", "ppl", "total"}: [N, T] per-step rewards of a rollout (a term of weight 0 is None)."""
+    tv = ppl = None
+    if cfg.tv_weight:
+        tv = token_verification_rewards(
+            policy, rollout, verification=cfg.verification, score=cfg.verification_score,
+            steps_from=steps_from, micro_batch=cfg.micro_batch, impl=impl,
+        )  # fmt: skip
+    if cfg.ppl_weight:
+        if scorer is None:
+            raise ValueError(
+                "ppl_weight > 0 needs an ARScorer (load_ar_scorer); set ppl_weight=0 to go without"
+            )
+        ppl = perplexity_rewards(scorer, rollout, text=cfg.ppl_text, cap=cfg.ppl_cap, scale=cfg.ppl_scale,
+                                 steps_from=steps_from)  # fmt: skip
+    if tv is None and ppl is None:
+        T = max(int(rollout.num_steps.max()), 1)
+        return {
+            "tv": None,
+            "ppl": None,
+            "total": torch.zeros(rollout.ids.shape[0], T, device=rollout.ids.device),
+        }
+    return {"tv": tv, "ppl": ppl, "total": combine_step_rewards(tv, ppl, cfg)}
+
+
+def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, seed: int, scorer=None,
+                impl: str = "auto") -> dict:  # fmt: skip
+    """Rewards, returns and advantages of one rollout batch (N = prompts × group_size rows, groups
+    consecutive), and the rollout tensors ``loss_step`` rebuilds the states from. Row-indexed tensors can be
+    sliced by rows (micro-batches); ``rows_total`` and ``seed`` are scalars."""
+    task = task_rewards.float().to(rollout.ids.device)
+    r = step_rewards(policy, rollout, cfg, scorer=scorer, impl=impl)
+    returns, valid = window_returns(r["total"], rollout.num_steps, task, window=cfg.window,
+                                    task_weight=cfg.task_weight, returns=cfg.returns)  # fmt: skip
+    adv = window_advantages(returns, valid, cfg.group_size, baseline=cfg.baseline, scale_std=cfg.scale_std)
+    decoded = rollout.commit_step < rollout.num_steps[:, None]  # the tokens the policy chose
+    rows = torch.arange(len(task), device=task.device)  # Philox keys of the window draws
+    buf = {
+        "ids": rollout.ids, "attention_mask": rollout.attention_mask, "commit_step": rollout.commit_step,
+        "num_steps": rollout.num_steps, "completion_mask": rollout.completion_mask,
+        "advantages": adv, "valid": valid, "returns": returns, "task_rewards": task,
+        "tokens": decoded.sum(1).clamp_min(1).float(), "row_keys": rows,
+        "prompt_length": rollout.prompt_length, "mask_id": rollout.mask_id, "rows_total": len(task),
+        "seed": seed,
+    }  # fmt: skip
+    for name in ("tv", "ppl"):
+        if r[name] is not None:
+            buf[f"{name}_mean"] = torch.nanmean(r[name], dim=1)  # [N] for logging
+    return buf
+
+
+class _RolloutView:
+    """The fields of a buffer (or a row slice of it) that state rebuilding reads."""
+
+    def __init__(self, buf: dict):
+        self.ids, self.attention_mask = buf["ids"], buf["attention_mask"]
+        self.commit_step, self.num_steps = buf["commit_step"], buf["num_steps"]
+        self.prompt_length, self.mask_id = buf["prompt_length"], buf["mask_id"]
+
+
+def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, impl: str = "auto") -> LossOutput:
+    """The SGRO loss of optimizer step ``step`` on a buffer or a row slice of it: windows drawn afresh
+    (``importance``), token weights A · c / (n_row · N) with N the whole buffer's rollouts."""
+    c = sample_windows(buf["advantages"], buf["valid"], importance=cfg.importance, k=cfg.windows_per_rollout,
+                       seed=buf["seed"], step=step, row_keys=buf["row_keys"])  # fmt: skip
+    coef = buf["advantages"] * c / (buf["tokens"][:, None] * buf["rows_total"])
+    out = sgro_loss(policy, _RolloutView(buf), coef, window=cfg.window, impl=impl)
+    out.stats["windows"] = (c > 0).sum()
+    return out
+
+
+def tts_reward_fn(policy, cfg: MROConfig, *, scorer=None, task_reward=None, impl: str = "auto"):
+    """A ``reward_fn`` for ``generate_tts``: the summed step rewards of the last ``cfg.window`` steps of each
+    candidate, plus λ_q·task_reward(rollout) ([M] tensor) on the final call when given."""
+
+    def reward_fn(rollout, *, final: bool) -> torch.Tensor:
+        lo = (rollout.num_steps - cfg.window).clamp_min(0)
+        r = step_rewards(policy, rollout, cfg, scorer=scorer, steps_from=lo, impl=impl)["total"]
+        score = torch.nan_to_num(r, nan=0.0).sum(1)
+        if final and task_reward is not None:
+            score = score + cfg.task_weight * torch.as_tensor(task_reward(rollout), dtype=score.dtype).to(
+                score
+            )
+        return score
+
+    return reward_fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Rejection sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def select_best(rewards: torch.Tensor, group_size: int, *, min_reward: float | None = None) -> torch.Tensor:
+    """Row indices of the best rollout of each group (first on ties; NaN counts as worst), dropping groups
+    whose best reward is below ``min_reward``."""
+    if rewards.dim() != 1 or rewards.shape[0] % group_size:
+        raise ValueError(
+            f"rewards must be [N] with N a multiple of group_size ({group_size}), got {list(rewards.shape)}"
+        )
+    r = torch.nan_to_num(rewards.float(), nan=-float("inf")).view(-1, group_size)
+    best, j = r.max(dim=1)
+    rows = torch.arange(r.shape[0], device=r.device) * group_size + j
+    return rows if min_reward is None else rows[best >= min_reward]
+
+
+def rejection_sft_loss(
+    model,
+    ids: torch.Tensor,
+    maskable: torch.Tensor,
+    *,
+    noise: NoiseConfig | None = None,
+    attention_mask: torch.Tensor | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    impl: str = "auto",
+) -> LossOutput:
+    """Masked-diffusion SFT on selected trajectories: ``dmpo.wdce`` with the same weight for every row (1,
+    or 1/N with ``reduction="mean"``), fresh forward masks (``noise``), no baseline."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be one of ('mean', 'sum'), got {reduction!r}")
+    N = ids.shape[0]
+    w = torch.full((N,), 1.0 / N if reduction == "mean" else 1.0, device=ids.device)
+    return dmpo.wdce(
+        model, ids, maskable, w, group_size=1, noise=noise or NoiseConfig(), attention_mask=attention_mask,
+        baseline="none", seed=seed, generator=generator, impl=impl,
+    )  # fmt: skip
