@@ -5,6 +5,7 @@ runs in fused Triton kernels on CUDA, with an eager PyTorch twin of every op for
 memory-lean chunked path for CPUs. See ``dmpo_fast.ops`` for the op contracts.
 """
 
+from dmpo_fast.losses import DMPOLoss
 from dmpo_fast.ops import (
     DenoiseOutput,
     ImportanceWeights,
@@ -20,6 +21,7 @@ from dmpo_fast.sampling import Rollout, generate
 __version__ = "0.1.0"
 
 __all__ = [
+    "DMPOLoss",
     "DenoiseOutput",
     "ImportanceWeights",
     "Rollout",
