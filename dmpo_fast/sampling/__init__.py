@@ -36,22 +36,38 @@ trajectory exactly; tokens after the first EOS inside its own block stay as samp
 ``completion_mask``.
 
 The models run under ``torch.no_grad()`` and in eval mode for the call (their modes are restored).
+
+Test-time scaling (MRO): ``generate_tts(model, prompt_ids, attention_mask, k=4, window=32,
+reward_fn=..., **sampler_kwargs)`` decodes k candidates per prompt, re-seeds them from the best partial state
+every ``window`` model calls and returns the best final one (``dmpo_fast.sampling.tts``).
 """
 
-from dmpo_fast.sampling.engine import DecodePlan, decode, roar_ranks, transfer_schedule
+from dmpo_fast.sampling.engine import (
+    DecodePlan,
+    DecodeState,
+    decode,
+    roar_ranks,
+    step_hook,
+    transfer_schedule,
+)
 from dmpo_fast.sampling.rollout import Rollout
 from dmpo_fast.sampling.samplers import CACHES, SAMPLERS, fast_dllm, generate, llada, roar
+from dmpo_fast.sampling.tts import TTSOutput, generate_tts
 
 __all__ = [
     "CACHES",
     "SAMPLERS",
     "DecodePlan",
+    "DecodeState",
     "Rollout",
+    "TTSOutput",
     "decode",
     "fast_dllm",
     "generate",
+    "generate_tts",
     "llada",
     "roar",
     "roar_ranks",
+    "step_hook",
     "transfer_schedule",
 ]

@@ -10,11 +10,20 @@
 Rows advance through the blocks in lockstep, but each keeps its own step counter (incremented only by a model
 call in which it had something to decode) and its own Philox row key; the noise is keyed by (row key, index
 within the completion, row step), so a row decodes the same tokens alone as in any batch.
+
+Step hook (test-time search, ``dmpo_fast.sampling.tts``). Inside ``with step_hook(fn):`` every ``decode``
+calls ``fn(DecodeState)`` after each model call; ``fn`` returns None (carry on) or ``src [B]``: row b
+continues from row ``src[b]``'s state (tokens, commit steps, step counter, finished flag, log-probs, ROAR
+order) with its own row key, so copies of one state diverge through their noise. A re-seeded row invalidates
+the block's KV cache, so the next step refreshes it with a full forward. Without a hook nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -45,6 +54,42 @@ class DecodePlan:
     cache: CacheMode = "none"
     temperature: float = 0.0
     logprobs: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """What a step hook sees after a model call (the tensors are the engine's own: read, do not write).
+
+    ids [B, P + G] (uncommitted positions hold mask_id), commit_step [B, G] (-1 where not committed yet),
+    row_steps [B], finished [B] bool; ``calls`` model calls so far (over all blocks), ``block`` the current
+    block index, ``prompt_length`` P.
+    """
+
+    ids: torch.Tensor
+    commit_step: torch.Tensor
+    row_steps: torch.Tensor
+    finished: torch.Tensor
+    attention_mask: torch.Tensor
+    calls: int
+    block: int
+    prompt_length: int
+
+
+StepHook = Callable[[DecodeState], "torch.Tensor | None"]
+_STEP_HOOK: contextvars.ContextVar[StepHook | None] = contextvars.ContextVar("step_hook", default=None)
+
+
+@contextlib.contextmanager
+def step_hook(hook: StepHook) -> Iterator[None]:
+    """Call ``hook(DecodeState)`` after every model call of every ``decode`` run inside the block (see the
+    module docstring); a context variable, so samplers need no extra argument."""
+    if not callable(hook):
+        raise ValueError(f"hook must be callable, got {type(hook).__name__}")
+    token = _STEP_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _STEP_HOOK.reset(token)
 
 
 def transfer_schedule(block_length: int, steps: int) -> list[int]:
@@ -122,6 +167,7 @@ def decode(
     logprobs = torch.zeros(B, G, device=device) if plan.logprobs else None
     ref_logprobs = torch.zeros(B, G, device=device) if plan.logprobs and ref_model is not None else None
     sampling_logprobs = torch.zeros(B, G, device=device) if want_sampling else None
+    hook, calls, refresh = _STEP_HOOK.get(), 0, False
     rule = {}
     if plan.rule == "threshold":
         rule = dict(threshold=plan.threshold)
@@ -144,7 +190,8 @@ def decode(
                 active &= ranks[:, c : c + bl] == i
             if plan.rule in ("threshold", "factor") and not bool(active.any()):
                 break  # every row's block is done (one host sync per step, as Fast-dLLM's loop)
-            hidden, cache = _block_hidden(model, ids, attn, s, e, plan.cache, cache, first=i == 0)
+            hidden, cache = _block_hidden(model, ids, attn, s, e, plan.cache, cache, first=i == 0 or refresh)
+            refresh = False
             if schedule is not None:
                 rule = dict(num_transfer=schedule[i])
             out = denoise_step(
@@ -177,6 +224,22 @@ def decode(
                 out.committed, row_steps[:, None], commit_step[:, c : c + bl]
             )
             row_steps += active.any(dim=1)
+            calls += 1
+            if hook is not None:
+                full_mask = torch.cat((prompt_mask, prompt_mask.new_ones(B, G)), dim=1)
+                src = hook(DecodeState(ids, commit_step, row_steps, finished, full_mask, calls, k, P))
+                if src is not None:  # re-seed rows from other rows' states (their row keys stay)
+                    src = torch.as_tensor(src, dtype=torch.int64, device=device)
+                    if src.shape != (B,) or bool(((src < 0) | (src >= B)).any()):
+                        raise ValueError(f"a step hook must return None or row indices [{B}] in [0, {B})")
+                    ids, commit_step, prompt_mask = ids[src], commit_step[src], prompt_mask[src]
+                    row_steps, finished = row_steps[src], finished[src]
+                    attn = None if attn is None else attn[src]
+                    ranks = None if ranks is None else ranks[src]
+                    logprobs = None if logprobs is None else logprobs[src]
+                    ref_logprobs = None if ref_logprobs is None else ref_logprobs[src]
+                    sampling_logprobs = None if sampling_logprobs is None else sampling_logprobs[src]
+                    refresh = True  # the cache holds the old rows' keys/values
         if eos_id is not None and stop_at_eos:
             newly = (ids[:, P:e] == eos_id).any(dim=1) & ~finished
             # A finished row's undecoded blocks become EOS, "committed" after its last step (masked in every
