@@ -6,11 +6,14 @@ import pytest
 import torch
 from toy_models import ToyDenoiser
 
-from dmpo_fast import grpo
+from dmpo_fast import grpo, kernels
 from dmpo_fast.sampling import llada
 
 V, MASK = 13, 12
 P, L = 4, 10
+
+# The fused Triton kernels run where they can (a GPU, or the interpreter on CPU).
+IMPLS = ["chunked", "eager"] + (["triton"] if kernels.available() else [])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,7 +59,7 @@ def test_prompt_masks():
     assert not grpo.prompt_mask_draw(ids, maskable, am, p_mask_prompt=0.0, seed=1)[:, :P].any()
 
 
-@pytest.mark.parametrize("impl", ["chunked", "eager"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_logprobs_match_full_logits(model, impl):
     ids, am = _batch()
     maskable = (torch.arange(L) >= P).expand(4, L)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from toy_models import ToyDenoiser
 
-from dmpo_fast import dmpo, mro
+from dmpo_fast import dmpo, kernels, mro
 from dmpo_fast.sampling import llada
 from dmpo_fast.tokenizer import CharTokenizer
 
@@ -16,6 +16,9 @@ TOK = CharTokenizer()
 V, MASK, EOS, BOS = TOK.vocab_size, TOK.mask_id, TOK.eos_id, TOK.bos_id
 SPECIAL = (0, 1, 2, 3)
 GROUP = 2
+
+# The fused Triton kernels run where they can (a GPU, or the interpreter on CPU).
+IMPLS = ["chunked", "eager"] + (["triton"] if kernels.available() else [])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,8 +67,9 @@ def _logp_full(model, x, am, pos, token):
 @pytest.mark.parametrize("verification", ["leave_one_out", "pre_step", "final"])
 @pytest.mark.parametrize("score", ["prob", "logprob"])
 def test_token_verification_matches_direct(model, rollout, verification, score):
+    impl = IMPLS[-1] if score == "prob" else "chunked"
     got = mro.token_verification_rewards(
-        model, rollout, verification=verification, score=score, micro_batch=5, impl="chunked"
+        model, rollout, verification=verification, score=score, micro_batch=5, impl=impl
     )
     P, cs, ns = rollout.prompt_length, rollout.commit_step, rollout.num_steps
     N, G = cs.shape
@@ -195,7 +199,9 @@ def test_window_sampling_is_unbiased_and_row_keyed(importance):
     # is never drawn, and contributes nothing to the loss either (A·c = 0).
     can = valid & ((A != 0) | torch.tensor(importance == "uniform"))
     assert torch.allclose(mean[can], torch.ones(()), atol=0.08), mean
-    part = mro.sample_windows(A[1:], valid[1:], importance=importance, k=2, seed=7, step=3, row_keys=keys[1:3])
+    part = mro.sample_windows(
+        A[1:], valid[1:], importance=importance, k=2, seed=7, step=3, row_keys=keys[1:3]
+    )
     torch.testing.assert_close(part, draws[0, 1:])  # a row draws the same windows in any micro-batch
     other = mro.sample_windows(A, valid, importance=importance, k=2, seed=7, step=4, row_keys=keys[:3])
     assert not torch.equal(other.repeat(50, 1), draws[:50].reshape(150, 4))  # a new step draws anew
@@ -216,7 +222,7 @@ def _eager_sgro(model, ro, coef, window):
     return total
 
 
-@pytest.mark.parametrize("impl", ["chunked", "eager"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_loss_step_matches_eager_full_logits(model, rollout, impl):
     cfg = mro.MROConfig(group_size=GROUP, window=3, ppl_weight=0.0, micro_batch=7)
     task = torch.tensor([1.0, 0.0, 0.25, 0.75])
@@ -250,7 +256,9 @@ def test_sgro_loss_with_sampled_windows_matches_eager(model, rollout):
 
 def test_a_few_steps_raise_the_advantage_weighted_logprob(rollout):
     policy = ToyDenoiser(vocab=V, hidden=16, mask_id=MASK, seed=1)
-    cfg = mro.MROConfig(group_size=GROUP, window=2, ppl_weight=0.0, importance="advantage", windows_per_rollout=2)
+    cfg = mro.MROConfig(
+        group_size=GROUP, window=2, ppl_weight=0.0, importance="advantage", windows_per_rollout=2
+    )
     buf = mro.make_buffer(policy, rollout, torch.tensor([1.0, 0.0, 0.0, 1.0]), cfg, seed=0, impl="chunked")
     coef = buf["advantages"] / buf["tokens"][:, None]
 
@@ -281,8 +289,8 @@ def test_select_best_and_rejection_sft_loss(model, rollout):
     maskable = torch.zeros_like(ids, dtype=torch.bool)
     maskable[:, rollout.prompt_length :] = rollout.completion_mask[rows]
     noise = dmpo.NoiseConfig(replicates=2)
-    out = mro.rejection_sft_loss(model, ids, maskable, noise=noise, attention_mask=rollout.attention_mask[rows],
-                                 seed=5, impl="chunked")  # fmt: skip
+    am = rollout.attention_mask[rows]
+    out = mro.rejection_sft_loss(model, ids, maskable, noise=noise, attention_mask=am, seed=5, impl="chunked")
     ref = dmpo.wdce(model, ids, maskable, torch.full((2,), 0.5), group_size=1, noise=noise,
                     attention_mask=rollout.attention_mask[rows], seed=5, impl="eager")  # fmt: skip
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
