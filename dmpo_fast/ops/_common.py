@@ -4,6 +4,10 @@ Every public op takes ``impl="auto"|"triton"|"native"|"chunked"|"eager"``:
 ``eager`` is the plain reference (it may materialise full logits), ``chunked`` is memory-lean torch,
 ``triton`` the fused kernels in ``dmpo_fast.kernels``, ``native`` the optional C++ CPU ops.
 ``auto`` picks triton on CUDA, else native when built, else chunked.
+
+The native ops are never built by ``auto`` unless ``DMPO_FAST_NATIVE=1``: ``auto`` takes them when they are
+loaded or a finished build sits in the cache; ``impl="native"`` builds them at first use, and falls back to
+``chunked`` with one warning when it cannot (see ``dmpo_fast.ops._native``).
 """
 
 from __future__ import annotations
@@ -62,26 +66,28 @@ def check_impl(impl: str) -> None:
 
 
 def native_available() -> bool:
-    """Whether the optional compiled CPU ops are built and loaded."""
-    try:
-        from dmpo_fast import native  # noqa: PLC0415  (optional module, added with csrc/)
-    except ImportError:
-        return False
-    return bool(getattr(native, "available", lambda: False)())
+    """Whether the optional compiled CPU ops are loaded in this process (never builds or loads them)."""
+    from dmpo_fast.ops import _native
+
+    return _native.is_loaded()
 
 
-def resolve_impl(impl: str, device: torch.device, *, has_triton: bool = True, has_native: bool = False) -> str:
+def resolve_impl(
+    impl: str, device: torch.device, *, has_triton: bool = True, has_native: bool = False
+) -> str:
     """Map ``impl`` to a concrete backend for tensors on ``device``; raise if it cannot run there.
 
-    ``has_triton`` / ``has_native`` say whether this op has that backend at all.
+    ``has_triton`` / ``has_native`` say whether this op has that backend at all. ``native`` on CPU returns
+    ``"chunked"`` (after one warning per process) when the native ops cannot be built or loaded.
     """
     check_impl(impl)
     from dmpo_fast import kernels
+    from dmpo_fast.ops import _native
 
     if impl == "auto":
         if has_triton and device.type == "cuda" and kernels.available(device):
             return "triton"
-        if has_native and device.type == "cpu" and native_available():
+        if has_native and device.type == "cpu" and _native.usable_for_auto():
             return "native"
         return "chunked"
     if impl == "triton":
@@ -92,11 +98,12 @@ def resolve_impl(impl: str, device: torch.device, *, has_triton: bool = True, ha
     if impl == "native":
         if not has_native:
             raise ValueError("impl='native' is not provided by this op; use 'chunked' or 'eager'")
-        if device.type != "cpu" or not native_available():
+        if device.type != "cpu":
             raise ValueError(
-                "impl='native' needs the compiled CPU ops and CPU tensors; "
-                f"they are {'not built' if not native_available() else 'built'} and the device is {device}"
+                f"impl='native' runs the compiled CPU ops on CPU tensors only; the device is {device}"
             )
+        if not _native.load(build=True):
+            return "chunked"
     return impl
 
 

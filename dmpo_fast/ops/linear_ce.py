@@ -16,6 +16,9 @@ Backends (``impl=``):
   gradient. ``linear_logprob`` cannot do that (its per-row coefficient arrives in the backward), so
   it saves the per-row log-sum-exp and recomputes each chunk of logits in the backward.
 - ``triton``: the fused kernels in ``dmpo_fast.kernels.linear_ce``.
+- ``native`` (``weighted_linear_ce`` only, CPU): the chunked path with each chunk's row work — log-sum-exp,
+  CE and the in-place gradient of the logits — in one C++ call (``csrc/linear_ce.cpp``) instead of five
+  torch kernels over the chunk; the three GEMMs are torch's.
 
 Gradients, with p_i = softmax(h_i · Wᵀ) and e_y the one-hot of the target:
     d logp_i / d h_i = (e_{y_i} − p_i) · W             d logp_i / d W = (e_{y_i} − p_i)ᵀ h_i
@@ -141,7 +144,7 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
 
 class _ChunkedWeightedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, chunk, need_h, need_w, need_tw):
+    def forward(ctx, hidden, weight, targets, token_weights, chunk, need_h, need_w, need_tw, native=False):
         dt = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
         w = weight.to(dt)
@@ -158,17 +161,24 @@ class _ChunkedWeightedLinearCE(torch.autograd.Function):
             h = hidden.index_select(0, idx).to(dt)  # [c, H]
             y = targets.index_select(0, idx).long()[:, None]
             logits = h @ w.T  # [c, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            ce[idx] = lse - logits.gather(1, y).squeeze(1)
-            if need_h or need_w:
-                # d(w_i · CE_i)/d logits_i = w_i · (p_i − e_y): reuse the logits buffer in place.
-                G = logits.sub_(lse[:, None]).exp_()
-                G.scatter_add_(1, y, torch.full_like(lse, -1.0)[:, None])
-                G.mul_(tw.index_select(0, idx)[:, None])
-                if need_h:
-                    dh.index_copy_(0, idx, G @ w)
-                if need_w:
-                    dw.addmm_(G.T, h)
+            if native:
+                # The same row work in one C++ call (csrc/linear_ce.cpp): CE, and G written over the logits.
+                ce[idx] = torch.ops.dmpo_fast.ce_rows_(
+                    logits, y[:, 0], tw.index_select(0, idx), need_h or need_w
+                )
+                G = logits
+            else:
+                lse = torch.logsumexp(logits, dim=-1)
+                ce[idx] = lse - logits.gather(1, y).squeeze(1)
+                if need_h or need_w:
+                    # d(w_i · CE_i)/d logits_i = w_i · (p_i − e_y): reuse the logits buffer in place.
+                    G = logits.sub_(lse[:, None]).exp_()
+                    G.scatter_add_(1, y, torch.full_like(lse, -1.0)[:, None])
+                    G.mul_(tw.index_select(0, idx)[:, None])
+            if need_h:
+                dh.index_copy_(0, idx, G @ w)
+            if need_w:
+                dw.addmm_(G.T, h)
         ctx.save_for_backward(dh, dw, ce)
         ctx.dtypes = (hidden.dtype, weight.dtype, token_weights.dtype)
         return (tw * ce).sum()
@@ -181,20 +191,26 @@ class _ChunkedWeightedLinearCE(torch.autograd.Function):
         dh = (dh * g).to(h_dt) if ctx.needs_input_grad[0] else None
         dw = (dw * g).to(w_dt) if ctx.needs_input_grad[1] else None
         dtw = (ce * g).to(tw_dt) if ctx.needs_input_grad[3] else None
-        return dh, dw, None, dtw, None, None, None, None
+        return dh, dw, None, dtw, None, None, None, None, None
 
 
 def linear_logprob_chunked(hidden, weight, targets, *, chunk_elements: int | None = None):
     return _ChunkedLinearLogprob.apply(hidden, weight, targets, chunk_rows(weight.shape[0], chunk_elements))
 
 
-def weighted_linear_ce_chunked(hidden, weight, targets, token_weights, *, chunk_elements: int | None = None):
+def weighted_linear_ce_chunked(
+    hidden, weight, targets, token_weights, *, chunk_elements: int | None = None, native: bool = False
+):
+    """The chunked path; with ``native`` the per-row work of each chunk runs in the C++ op ``ce_rows_``
+    (the GEMMs stay torch's). Same chunks, so the same peak memory."""
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and hidden.requires_grad
     need_w = grad_on and weight.requires_grad
     need_tw = grad_on and token_weights.requires_grad
     chunk = chunk_rows(weight.shape[0], chunk_elements)
-    return _ChunkedWeightedLinearCE.apply(hidden, weight, targets, token_weights, chunk, need_h, need_w, need_tw)
+    return _ChunkedWeightedLinearCE.apply(
+        hidden, weight, targets, token_weights, chunk, need_h, need_w, need_tw, native
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,14 +264,17 @@ def weighted_linear_ce(
     """``Σ_i token_weights[i] · (−log softmax(hidden[i] @ weight.T)[targets[i]])`` as a scalar.
 
     Token weights may have any sign; rows with weight 0 cost no matmul work in the chunked and Triton
-    paths (unless ``token_weights`` itself requires grad: dL/dw_i = CE_i needs every row). The gradient is computed during the forward pass (3 GEMM passes), so call it inside the
-    autograd graph you will backpropagate through once.
+    paths (unless ``token_weights`` itself requires grad: dL/dw_i = CE_i needs every row). The gradient
+    is computed during the forward pass (3 GEMM passes), so call it inside the autograd graph you will
+    backpropagate through once.
 
     Args:
         hidden: [N, H] float; weight: [V, H] same dtype; targets: [N] int in [0, V);
         token_weights: [N] float (any dtype; math in fp32).
-        impl: "auto" | "triton" | "chunked" | "eager".
+        impl: "auto" | "triton" | "native" | "chunked" | "eager" ("native": the chunked path with each
+            chunk's row work in C++, CPU only; see ``dmpo_fast.ops._native``).
         deterministic: triton path only, reduce dW in a fixed order (slower, bit-reproducible).
+        chunk_elements: chunked and native paths, the most logits held at once (default 2**24).
         options: triton path only, a ``dmpo_fast.kernels.linear_ce.LinearCEOptions`` (chunk size, dW
             accumulation in fp32 or in the weight dtype, ...). The triton backward scales gradients
             saved by the forward, so it can run once per forward (no ``retain_graph`` reuse).
@@ -263,7 +282,7 @@ def weighted_linear_ce(
         A 0-dim fp32 tensor (fp64 for fp64 inputs).
     """
     _check_linear(hidden, weight, targets, token_weights)
-    impl = resolve_impl(impl, hidden.device)
+    impl = resolve_impl(impl, hidden.device, has_native=True)
     if impl == "eager":
         return weighted_linear_ce_ref(hidden, weight, targets, token_weights)
     if impl == "triton":
@@ -272,4 +291,6 @@ def weighted_linear_ce(
         return weighted_linear_ce_triton(
             hidden, weight, targets, token_weights, deterministic=deterministic, options=options
         )
-    return weighted_linear_ce_chunked(hidden, weight, targets, token_weights, chunk_elements=chunk_elements)
+    return weighted_linear_ce_chunked(
+        hidden, weight, targets, token_weights, chunk_elements=chunk_elements, native=impl == "native"
+    )
