@@ -224,7 +224,7 @@ def diffu_grpo_loss(
             pass the whole batch's count when the batch is split into micro-batches.
     Returns:
         ``LossOutput(loss, stats)`` with stats kl (mean), clip_ratio (share of tokens where the clipped term
-        is the active one), ratio_mean.
+        is the active one), ratio_mean, masked_tokens (tokens in the loss).
     """
     check_tensor("logp", logp, ndim=2)
     N, T = logp.shape
@@ -263,7 +263,7 @@ def diffu_grpo_loss(
         loss = per_seq.sum() / (N if normalizer is None else float(normalizer))
     stats["clip_ratio"] = (((clipped < unclipped).float() * m).sum() / m.sum().clamp_min(1)).detach()
     stats["ratio_mean"] = ((ratio * m).sum() / m.sum().clamp_min(1)).detach()
-    stats["tokens"] = m.sum().detach()
+    stats["masked_tokens"] = m.sum().detach()  # the trainer's throughput counter
     return LossOutput(loss, stats)
 
 

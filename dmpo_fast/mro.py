@@ -5,16 +5,17 @@ shows the tokens committed before t and masks the rest, so every state of a traj
 final ids alone. Steps are counted per row; positions a sampler never decoded (EOS fill) are not actions.
 
 Rewards of step t of a rollout (U_t = the positions committed at step t, s_t the state before step t):
-- token verification (intra-sequence correlation: do the tokens decoded in parallel agree?), mean over
+- token verification (do the tokens decoded in parallel agree with each other and the context?), mean over
   i ∈ U_t of the model's probability (``verification_score="prob"``, in [0, 1]) or log-prob of x_i when it
   is re-masked, from one of three contexts (``verification``):
     "leave_one_out"  s_{t+1} with only i masked: each token checked against the others of its step
                      (default; one forward per token; equals "pre_step" when a step commits one token);
     "pre_step"       s_t, all of U_t masked (the policy's confidence in its own choices; a forward per step);
     "final"          the final sequence with U_t masked (checked against everything decoded later);
-- perplexity (inter-sequence correlation / fluency): the text committed after step t (``ppl_text``:
+- perplexity (fluency of the partial text): the text committed after step t (``ppl_text``:
   "visible" = every committed completion token in position order, "prefix" = the committed run from the
-  completion's start), up to the first EOS, scored by an autoregressive LM (``ARScorer``):
+  completion's start), without the positions after the finished answer's first EOS, scored by an
+  autoregressive LM (``ARScorer``):
   r = (C − min(PPL, C)) / F, C = F = 100 by default, so r ∈ [0, C / F] and an empty text scores 0;
 - the task (quality) reward of the final answer, added to the last window.
 
@@ -40,7 +41,8 @@ Readings of what the paper leaves open (each an option; defaults in ``MROConfig`
   potential Φ and rewards its change Φ(s_{t+1}) − Φ(s_t) (Ng et al. 1999), so a window earns only the
   fluency it adds and the sum over the trajectory telescopes to the final text's reward.
 - the log-prob of a token is read at its own step's state and temperature 1, ignoring which positions the
-  sampler chose to commit (as d1 and the paper treat the denoising policy).
+  sampler chose to commit (the usual treatment of the denoising policy, as in d1).
+- the window length (default 8) and K are choices of this implementation, not numbers from the paper.
 
 Test-time scaling is ``dmpo_fast.sampling.tts.generate_tts`` (``tts_reward_fn`` below scores candidates);
 rejection sampling is SFT with the masked-diffusion loss on the best rollout of each group
@@ -354,17 +356,20 @@ def sgro_loss(
     if rows.numel() == 0:  # nothing selected: an exact zero that still reaches the parameters
         hidden, head = _hidden_and_head(policy, rollout.ids[:1], rollout.attention_mask[:1])
         return LossOutput(
-            hidden.sum() * 0.0 + head.sum() * 0.0, {"states": torch.tensor(0), "tokens": torch.tensor(0)}
+            hidden.sum() * 0.0 + head.sum() * 0.0,
+            {"states": torch.tensor(0), "masked_tokens": torch.tensor(0)},
         )
     states = _states(rollout, rows, cs[rows] < steps[:, None])  # [M, L]
     target = cs[rows] == steps[:, None]  # [M, G]
     hidden, head = _hidden_and_head(policy, states, rollout.attention_mask[rows])
     m_idx, j_idx = target.nonzero(as_tuple=True)
-    w = step_coef[rows[m_idx], steps[m_idx]].to(hidden.dtype)
+    w = step_coef[rows[m_idx], steps[m_idx]].float()
     loss = weighted_linear_ce(
         hidden[m_idx, P + j_idx], head, rollout.ids[rows[m_idx], P + j_idx], w, impl=impl
     )
-    return LossOutput(loss, {"states": torch.tensor(rows.numel()), "tokens": torch.tensor(m_idx.numel())})
+    return LossOutput(
+        loss, {"states": torch.tensor(rows.numel()), "masked_tokens": torch.tensor(m_idx.numel())}
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,12 +564,16 @@ def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, impl: str = "auto
     return out
 
 
-def tts_reward_fn(policy, cfg: MROConfig, *, scorer=None, task_reward=None, impl: str = "auto"):
-    """A ``reward_fn`` for ``generate_tts``: the summed step rewards of the last ``cfg.window`` steps of each
-    candidate, plus λ_q·task_reward(rollout) ([M] tensor) on the final call when given."""
+def tts_reward_fn(
+    policy, cfg: MROConfig, *, scorer=None, task_reward=None, window: int | None = None, impl: str = "auto"
+):
+    """A ``reward_fn`` for ``generate_tts``: the summed step rewards (λ_tv·r_tv + λ_ppl·r_ppl) of the last
+    ``window`` steps of each candidate (default ``cfg.window``; pass generate_tts's window), plus
+    λ_q·task_reward(rollout) ([M] tensor) on the final call when ``task_reward`` is given."""
+    window = cfg.window if window is None else window
 
     def reward_fn(rollout, *, final: bool) -> torch.Tensor:
-        lo = (rollout.num_steps - cfg.window).clamp_min(0)
+        lo = (rollout.num_steps - window).clamp_min(0)
         r = step_rewards(policy, rollout, cfg, scorer=scorer, steps_from=lo, impl=impl)["total"]
         score = torch.nan_to_num(r, nan=0.0).sum(1)
         if final and task_reward is not None:
