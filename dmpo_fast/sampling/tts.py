@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 
+from dmpo_fast.ops.philox import draw_seed
 from dmpo_fast.sampling.engine import DecodeState, step_hook
 from dmpo_fast.sampling.rollout import Rollout, _positive_int, check_prompts, completion_mask_from_eos
 from dmpo_fast.sampling.samplers import generate
@@ -114,9 +115,7 @@ def generate_tts(
         raise ValueError(
             f"reward_fn must be callable(rollout, *, final) -> Tensor, got {type(reward_fn).__name__}"
         )
-    if "seed" not in sampler_kwargs or sampler_kwargs["seed"] is None:
-        from dmpo_fast.ops.philox import draw_seed
-
+    if sampler_kwargs.get("seed") is None:  # one seed for the whole search, drawn like the samplers do
         sampler_kwargs["seed"] = draw_seed(sampler_kwargs.pop("generator", None))
     mask = check_prompts(prompt_ids, attention_mask)
     B = prompt_ids.shape[0]
