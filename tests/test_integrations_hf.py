@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 
@@ -12,6 +15,15 @@ from dmpo_fast.ops.philox import draw_seed
 
 V, MASK, EOS = 55, 2, 1
 G, P, C = 3, 4, 6
+
+
+@functools.cache
+def _built():
+    return build_tiny(V, MASK, EOS, seed=0)
+
+
+def _policy():
+    return copy.deepcopy(_built())  # build_tiny's init takes about a second; copies are instant
 
 
 def _rollouts(groups=2):
@@ -25,7 +37,7 @@ def _rollouts(groups=2):
 
 
 def test_collator_and_loss_compute_dmpo_wdce():
-    policy = build_tiny(V, MASK, EOS, seed=0)
+    policy = _policy()
     ids, maskable, weights = _rollouts(1)
     noise = dmpo.NoiseConfig(replicates=2)
     torch.manual_seed(11)
@@ -42,7 +54,7 @@ def test_collator_and_loss_compute_dmpo_wdce():
 
 def test_trainer_runs_two_optimizer_steps(tmp_path):
     transformers = pytest.importorskip("transformers")
-    policy = build_tiny(V, MASK, EOS, seed=0)
+    policy = _policy()
     before = [p.detach().clone() for p in policy.parameters()]
     ids, maskable, weights = _rollouts(2)
     args = transformers.TrainingArguments(
@@ -66,7 +78,7 @@ def test_trainer_runs_two_optimizer_steps(tmp_path):
 
 
 def test_errors_name_the_problem():
-    policy = build_tiny(V, MASK, EOS, seed=0)
+    policy = _policy()
     with pytest.raises(ValueError, match="remove_unused_columns"):
         DMPOCollator(MASK)([{"ids": torch.zeros(3, dtype=torch.long)}])
     with pytest.raises(ValueError, match="hidden states"):
