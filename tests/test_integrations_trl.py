@@ -22,7 +22,7 @@ def _config(tmp_path, **overrides):
         output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_steps=2,
         max_completion_length=8, block_length=8, sampler="llada", denoising_steps=4, temperature=1.0,
         num_replicates=2, elbo_replicates=2, learning_rate=1e-2, logging_steps=1, save_strategy="no",
-        report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0, impl="chunked",
+        report_to=[], use_cpu=True, gradient_checkpointing=False, seed=0, impl="chunked",  # bf16: TRL default
     )  # fmt: skip
     fields.update(overrides)
     return DMPOConfig(**fields)
@@ -43,6 +43,7 @@ def test_two_dmpo_steps_move_the_parameters_with_a_finite_loss(tmp_path):
         model=lm, reward_funcs=cell_reward, args=_config(tmp_path, alpha=0.04),
         train_dataset=dataset, processing_class=hf_char_tokenizer(TOK),
     )  # fmt: skip
+    assert trainer.args.bf16  # TRL's default mixed precision: the loss runs under accelerate's autocast
     before = [p.detach().clone() for p in lm.parameters()]
     trainer.train()
 

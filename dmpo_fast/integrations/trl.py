@@ -226,6 +226,24 @@ def _eval_mode(module: torch.nn.Module):
         module.train(was_training)
 
 
+class _AutocastHidden:
+    """The policy as ``dmpo.wdce`` sees it under mixed precision: the network runs under autocast, the fused
+    loss (its own dtype handling: fp32 accumulation, chunked custom autograd) outside it, on the network's
+    output dtype — the chunked op mixes autocast-cast and fp32 tensors otherwise and fails."""
+
+    def __init__(self, policy: DiffusionLM, device_type: str, dtype: torch.dtype):
+        self.policy, self.device_type, self.dtype = policy, device_type, dtype
+        self.mask_id, self.logit_scale = policy.mask_id, policy.logit_scale
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.policy.head_weight
+
+    def hidden(self, ids, attention_mask=None):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.policy.hidden(ids, attention_mask)
+
+
 class DMPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with DMPO's rollouts, importance weights and fused loss (see the module docstring).
 
@@ -325,11 +343,17 @@ class DMPOTrainer(GRPOTrainer):
         seed = _seed(self.args.seed, "loss", mode, self._step, self.accelerator.process_index)
 
         def loss_in_forward():
-            out = dmpo.wdce(
-                self.policy, inputs["ids"], inputs["maskable"], inputs["weights"], group_size=1,
-                noise=self.args.noise("loss"), attention_mask=inputs["attention_mask"], seed=seed,
-                impl=self.args.impl,
-            )  # fmt: skip
+            policy, device_type = self.policy, inputs["ids"].device.type
+            outside = contextlib.nullcontext()
+            if torch.is_autocast_enabled(device_type):  # mixed precision: accelerate autocasts the forward
+                policy = _AutocastHidden(policy, device_type, torch.get_autocast_dtype(device_type))
+                outside = torch.autocast(device_type, enabled=False)
+            with outside:
+                out = dmpo.wdce(
+                    policy, inputs["ids"], inputs["maskable"], inputs["weights"], group_size=1,
+                    noise=self.args.noise("loss"), attention_mask=inputs["attention_mask"], seed=seed,
+                    impl=self.args.impl,
+                )  # fmt: skip
             return out.loss, out.stats["masked_tokens"]
 
         loss, masked_tokens = model(dmpo_fast_loss=loss_in_forward)
