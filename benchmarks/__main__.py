@@ -2,7 +2,7 @@
 
 import sys
 
-SCRIPTS = {"loss": "benchmarks.loss"}
+SCRIPTS = {"loss": "benchmarks.loss", "native": "benchmarks.native"}
 
 
 def main(argv=None) -> int:

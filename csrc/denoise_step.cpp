@@ -113,15 +113,8 @@ Sample sample_row(const scalar_t* src, int64_t V, const SampleOptions& o, uint32
 
     const float* sc = z;
     if (!o.greedy) {
-      // Column t0 + 4j + k takes word k of the Philox call with c0 = (t0 / 4) + j.
-      const uint32_t g0 = static_cast<uint32_t>(t0 / 4);
-      for (int64_t j = 0; j < nv / 4; ++j) {
-        const Philox4 r = philox4x32_10(o.seed, g0 + static_cast<uint32_t>(j), c1, c2, c3);
-        score[4 * j + 0] = open_uniform_from_bits(r.w0);
-        score[4 * j + 1] = open_uniform_from_bits(r.w1);
-        score[4 * j + 2] = open_uniform_from_bits(r.w2);
-        score[4 * j + 3] = open_uniform_from_bits(r.w3);
-      }
+      // Column t0 + 4j + k takes word k of the Philox call with c0 = t0 / 4 + j.
+      philox_open_uniforms(o.seed, static_cast<uint32_t>(t0 / 4), c1, c2, c3, nv / 4, score);
       const Vec vinv(o.inv_t);
       for (int64_t i = 0; i < nv; i += Vec::size()) {
         const Vec g = Vec::loadu(score + i).log().neg().log().neg();  // −log(−log u)
