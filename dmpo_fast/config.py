@@ -36,6 +36,7 @@ ImplName = Literal["auto", "triton", "native", "chunked", "eager"]
 class TrainConfig:
     # --- what to train -------------------------------------------------------------------------
     model: str = "tiny"  # "tiny" (built in), a local directory or a hub name
+    trust_remote_code: bool = False  # needed for models whose code lives in the checkpoint (Dream)
     dtype: DType = "float32"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     task: str = "sudoku"  # a registered task name or "package.module:TaskClass"

@@ -123,7 +123,7 @@ def _elbo_from_sums(sums: torch.Tensor, masked: torch.Tensor, maskable: torch.Te
     return (n / m * sums).reshape(replicates, N).mean(dim=0)
 
 
-def _noise(ids, maskable, mask_id, noise: NoiseConfig, seed: int | None, generator):
+def _noise(ids, maskable, mask_id, noise: NoiseConfig, seed: int | None, generator, row_offset: int = 0):
     return forward_mask(
         ids,
         maskable,
@@ -134,6 +134,7 @@ def _noise(ids, maskable, mask_id, noise: NoiseConfig, seed: int | None, generat
         rate_max=noise.rate_max,
         seed=seed,
         generator=generator,
+        row_offset=row_offset,
     )
 
 
@@ -159,6 +160,7 @@ def elbo(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     micro_batch: int | None = None,
+    row_offset: int = 0,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Per-sequence ELBO estimate of log p(x) [N] (see the module docstring).
@@ -168,11 +170,13 @@ def elbo(
         positions, see ``completion_mask``); attention_mask: [N, L] (0 = padding) or None.
         seed: Philox seed of the masks; score two models with the same seed to share masks.
         micro_batch: rows per model call (of the R·N noisy rows); None = all at once.
+        row_offset: the global index of row 0 (``forward_mask``): a slice of a batch scored with its
+            offset gets the masks it has inside the whole batch.
     Returns:
         [N] in fp32, differentiable through the model when grad is enabled.
     """
     _check_batch(ids, maskable, attention_mask)
-    noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator)  # [R*N, L] each
+    noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator, row_offset)  # [R*N, L] each
     targets = ids.repeat(noise.replicates, 1)
     am = attention_mask.repeat(noise.replicates, 1) if attention_mask is not None else None
     step = micro_batch or noisy.shape[0]
@@ -212,6 +216,7 @@ def wdce(
     centering_strength: float = 1.0,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    row_offset: int = 0,
     impl: str = "auto",
 ) -> LossOutput:
     """Weighted denoising cross-entropy for whole prompt groups, fresh masks each call.
@@ -235,7 +240,7 @@ def wdce(
     if baseline == "model" and log_p_old is None:
         raise ValueError("baseline='model' needs log_p_old (the rollout-time ELBO of the policy)")
     R = noise.replicates
-    noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator)  # [R*N, L]
+    noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator, row_offset)  # [R*N, L]
     targets = ids.repeat(R, 1)
     am = attention_mask.repeat(R, 1) if attention_mask is not None else None
     hidden, head = _hidden_and_head(model, noisy, am)  # [R*N, L, H]
@@ -271,6 +276,7 @@ def wddo(
     independent_sets: bool = True,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    row_offset: int = 0,
     impl: str = "auto",
 ) -> LossOutput:
     """Weighted direct discriminative optimisation (DMPO §3.4):
@@ -291,7 +297,7 @@ def wddo(
     R = noise.replicates
     if independent_sets and R % 2:
         raise ValueError(f"independent_sets=True splits the replicates in halves: replicates must be even, got {R}")
-    noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator)
+    noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator, row_offset)
     targets = ids.repeat(R, 1)
     am = attention_mask.repeat(R, 1) if attention_mask is not None else None
     hidden, head = _hidden_and_head(model, noisy, am)

@@ -38,8 +38,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class RunDir:
-    def __init__(self, path: str | os.PathLike, *, resume: bool):
+    """The run directory. ``main=False`` (the other processes of a multi-process run, or a reader)
+    checks nothing and creates nothing: only the main process writes."""
+
+    def __init__(self, path: str | os.PathLike, *, resume: bool, main: bool = True):
         self.path = Path(path)
+        self.main = main
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.evals_path = self.path / "evals.jsonl"
+        if not main:
+            return
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"output_dir {str(self.path)!r} exists and is not a directory")
         if not resume and self.path.is_dir() and any(self.path.iterdir()):
@@ -48,16 +57,50 @@ class RunDir:
                 "or choose another output_dir; an existing run is never overwritten"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        self.checkpoints = self.path / "checkpoints"
-        self.metrics_path = self.path / "metrics.jsonl"
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        if self.main:
+            import yaml
+
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def tensorboard(self):
+        """A TensorBoard ``SummaryWriter`` on ``tb/`` (None, with one warning, when tensorboard is missing)."""
+        if not self.main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            import warnings
+
+            warnings.warn(f"tensorboard=true but TensorBoard is not installed ({e}); pip install tensorboard, "
+                          "or set tensorboard=false to silence this", stacklevel=2)  # fmt: skip
+            return None
+        return SummaryWriter(log_dir=str(self.path / "tb"))
 
     # --- metrics -----------------------------------------------------------------------------------
     def truncate_metrics(self, last_step: int) -> None:
-        """Drop metric lines after ``last_step`` (a resumed run rewrites the steps it repeats)."""
-        if not self.metrics_path.exists():
-            return
-        keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
-        atomic_write_text(self.metrics_path, "".join(ln + "\n" for ln in keep))
+        """Drop metric and eval lines after ``last_step`` (a resumed run rewrites the steps it repeats)."""
+        for path in (self.metrics_path, self.evals_path):
+            if not path.exists():
+                continue
+            keep = []
+            for ln in path.read_text().splitlines():
+                try:
+                    if json.loads(ln)["step"] <= last_step:
+                        keep.append(ln)
+                except (json.JSONDecodeError, KeyError):  # a line cut short by a kill
+                    continue
+            atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+    def log_eval(self, step: int, evaluation: dict[str, Any]) -> None:
+        with self.evals_path.open("a") as f:
+            f.write(json.dumps({"step": step, **evaluation}) + "\n")
+
+    def read_evals(self) -> list[dict]:
+        if not self.evals_path.exists():
+            return []
+        return [json.loads(ln) for ln in self.evals_path.read_text().splitlines() if ln]
 
     def log(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:

@@ -10,13 +10,22 @@ One iteration (``num_iterations`` = F optimizer steps per rollout buffer):
 
 Departures from the paper / reference implementation are listed in ``dmpo_fast.dmpo``. All randomness
 of a step derives from (seed, step), so a resumed run repeats an uninterrupted one exactly.
+
+Processes. Under ``accelerate launch`` (or ``torchrun``) each process takes ``prompts_per_step / world``
+whole prompt groups (a group never straddles processes, so the per-group softmax is local), generates
+their rollouts with the rows' global Philox keys, and backpropagates the sum of its groups' losses;
+gradients are then summed over processes, which is exactly the one-process gradient of the whole batch.
+Only the main process writes the run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +34,12 @@ from dmpo_fast import dmpo
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.ops import importance_weights
 from dmpo_fast.run_io import RunDir
+
+# Fields a resumed run may change; any other difference from the saved config is refused.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "max_steps", "progress", "eval_every", "save_every", "keep_checkpoints", "plot", "tensorboard",
+     "eval_size", "device", "impl"}  # fmt: skip
+)
 
 
 @dataclass
@@ -44,6 +59,70 @@ def _derive_seed(*parts) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------------------------------
+
+
+class Processes:
+    """Rank, world size and the three collectives the loop needs; trivial in a single process."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.rank, self.world = 0, 1
+        if _launched_distributed():
+            from accelerate import PartialState
+
+            state = PartialState(cpu=cfg.device == "cpu")
+            self.rank, self.world = state.process_index, state.num_processes
+            self.device = state.device
+        else:
+            self.device = _device(cfg)
+        if cfg.prompts_per_step % self.world:
+            raise ValueError(
+                f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of processes "
+                f"({self.world}): each process takes whole prompt groups"
+            )
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum_gradients(self, params) -> None:
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate the processes' equal-length tensors along dim 0 (rank order)."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+
+def _launched_distributed() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+# --------------------------------------------------------------------------------------------------
 # Setup
 # --------------------------------------------------------------------------------------------------
 
@@ -56,8 +135,8 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _load_policy(cfg: TrainConfig, device: torch.device):
-    """(policy DiffusionLM, tokenizer) for cfg.model."""
+def load_policy(cfg: TrainConfig, device: torch.device):
+    """(policy DiffusionLM, tokenizer) for cfg.model: "tiny" (built in), a local directory or a hub name."""
     from dmpo_fast import models
 
     dtype = getattr(torch, cfg.dtype)
@@ -66,14 +145,27 @@ def _load_policy(cfg: TrainConfig, device: torch.device):
 
         lm, tokenizer = load_tiny(dtype=dtype, device=device)
     else:
-        lm = models.load(cfg.model, dtype=dtype, device=device)
+        lm = models.load(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
         tokenizer.padding_side = "left"
+    lm.train()
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
+    if cfg.lora:
+        lm = _add_lora(lm, cfg)
     return lm, tokenizer
+
+
+def _add_lora(lm, cfg: TrainConfig):
+    try:
+        from dmpo_fast.models.peft_support import add_lora
+    except ImportError as e:  # peft missing
+        raise ValueError(f"lora=true needs the peft package: pip install 'dmpo_fast[lora]' ({e})") from e
+    return add_lora(
+        lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target_modules)
+    )
 
 
 def _encode(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,19 +189,20 @@ def _decode(tokenizer, ids: torch.Tensor) -> list[str]:
     return out
 
 
-def _sample_kwargs(cfg: TrainConfig, *, temperature: float) -> dict:
+def sample_kwargs(cfg: TrainConfig, *, temperature: float, gen_length: int | None = None) -> dict:
     """The chosen sampler's keyword arguments (each sampler takes only its own options)."""
-    kw = dict(
-        sampler=cfg.sampler, gen_length=cfg.gen_length, block_length=cfg.block_length, temperature=temperature,
-        impl=cfg.impl,
-    )  # fmt: skip
+    gen_length = gen_length or cfg.gen_length
+    block = min(cfg.block_length, gen_length)
+    kw = dict(sampler=cfg.sampler, gen_length=gen_length, block_length=block, temperature=temperature, impl=cfg.impl)
+    steps = max(gen_length // block, round(cfg.steps * gen_length / cfg.gen_length))
+    steps -= steps % (gen_length // block)
     if cfg.sampler == "llada":
-        kw.update(steps=cfg.steps, remasking=cfg.remasking)
+        kw.update(steps=steps, remasking=cfg.remasking)
     elif cfg.sampler == "fast_dllm":
         kw.update(cache=cfg.cache, remasking=cfg.remasking)
-        kw.update(threshold=cfg.threshold) if cfg.threshold is not None else kw.update(steps=cfg.steps)
+        kw.update(threshold=cfg.threshold) if cfg.threshold is not None else kw.update(steps=steps)
     else:  # roar: one token per step
-        kw.update(steps=cfg.gen_length)
+        kw.update(steps=gen_length)
     return kw
 
 
@@ -120,9 +213,11 @@ def _sample_kwargs(cfg: TrainConfig, *, temperature: float) -> dict:
 
 @torch.no_grad()
 def rollout(policy, tokenizer, task, rows, *, repeat: int, cfg: TrainConfig, temperature: float, seed: int,
-            reward_fns: list):
+            reward_fns: list, first_row: int = 0, gen_length: int | None = None):  # fmt: skip
     """Generate ``repeat`` completions per row (group-consecutive) and score them.
 
+    ``first_row`` is the global index of this batch's first rollout: its Philox row key, so a process
+    holding rows i.. of a batch draws the same tokens as one process holding them all.
     Returns (rollout, completions, rewards [N] fp32 with NaN for failed rewards, n_failed, solved [N]).
     """
     from dmpo_fast.sampling import generate
@@ -131,10 +226,9 @@ def rollout(policy, tokenizer, task, rows, *, repeat: int, cfg: TrainConfig, tem
     rows = [r for r in rows for _ in range(repeat)]
     prompts = [r["prompt"] for r in rows]
     ids, am = _encode(tokenizer, prompts, policy.head_weight.device)
-    was_training = policy.training
-    policy.eval()
-    out = generate(policy, ids, am, seed=seed, **_sample_kwargs(cfg, temperature=temperature))
-    policy.train(was_training)
+    keys = torch.arange(first_row, first_row + len(rows), device=ids.device)
+    out = generate(policy, ids, am, seed=seed, row_keys=keys,
+                   **sample_kwargs(cfg, temperature=temperature, gen_length=gen_length))  # fmt: skip
     completions = _decode(tokenizer, out.ids[:, out.prompt_length :])
     columns = columns_of(rows)
     rewards, n_failed = safe_rewards(reward_fns, prompts, completions, columns)
@@ -142,19 +236,30 @@ def rollout(policy, tokenizer, task, rows, *, repeat: int, cfg: TrainConfig, tem
     return out, completions, rewards, n_failed, solved
 
 
-def evaluate(policy, tokenizer, task, rows, cfg: TrainConfig, reward_fns: list, *, batch_size: int = 64) -> dict:
-    """Held-out solve rate and mean reward with the run's sampler at ``eval_temperature``."""
+def evaluate(policy, tokenizer, task, rows, cfg: TrainConfig, reward_fns: list, *, procs: Processes | None = None,
+             batch_size: int = 64, gen_length: int | None = None, progress: bool = False) -> dict:  # fmt: skip
+    """Held-out solve rate and mean reward with the run's sampler at ``eval_temperature``.
+
+    The same rows, seed and decoding before and after training, so the two numbers compare.
+    With several processes each takes every world-th batch and the sums are combined.
+    """
+    rank, world = (procs.rank, procs.world) if procs is not None else (0, 1)
     acc, rew, n = 0.0, 0.0, 0
-    for s in range(0, len(rows), batch_size):
+    starts = list(range(0, len(rows), batch_size))[rank::world]
+    from tqdm.auto import tqdm
+
+    for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
         chunk = rows[s : s + batch_size]
         _, _, rewards, _, solved = rollout(
             policy, tokenizer, task, chunk, repeat=1, cfg=cfg, temperature=cfg.eval_temperature,
-            seed=_derive_seed(cfg.seed, "eval", s), reward_fns=reward_fns,
+            seed=_derive_seed(cfg.seed, "eval"), reward_fns=reward_fns, first_row=s, gen_length=gen_length,
         )  # fmt: skip
         acc += solved.sum().item()
         rew += torch.nan_to_num(rewards, nan=0.0).sum().item()
         n += len(chunk)
-    return {"accuracy": acc / max(n, 1), "reward_mean": rew / max(n, 1), "n": n}
+    if procs is not None:
+        acc, rew, n = procs.sum([acc, rew, float(n)])
+    return {"accuracy": acc / max(n, 1), "reward_mean": rew / max(n, 1), "n": int(n)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,30 +267,29 @@ def evaluate(policy, tokenizer, task, rows, cfg: TrainConfig, reward_fns: list, 
 # --------------------------------------------------------------------------------------------------
 
 
-def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns, rows, buffer_index: int) -> dict:
+def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns, rows, buffer_index: int,
+                *, first_row: int = 0) -> dict:  # fmt: skip
+    """Rollouts of ``rows`` (G each), their rewards, ELBO log-ratios and importance weights."""
     seed = _derive_seed(cfg.seed, "rollout", buffer_index)
     out, _, rewards, n_failed, solved = rollout(
         policy, tokenizer, task, rows, repeat=cfg.num_generations, cfg=cfg, temperature=cfg.temperature, seed=seed,
-        reward_fns=reward_fns,
-    )
+        reward_fns=reward_fns, first_row=first_row,
+    )  # fmt: skip
     P = out.prompt_length
     maskable = torch.zeros_like(out.ids, dtype=torch.bool)
-    eos_id = policy.eos_id
-    maskable[:, P:] = dmpo.completion_mask(
-        out.ids[:, P:], eos_id, include_eos_padding=cfg.include_eos_padding
-    )  # [N, L]: completion positions only
+    maskable[:, P:] = dmpo.completion_mask(out.ids[:, P:], policy.eos_id, include_eos_padding=cfg.include_eos_padding)
     noise = dmpo.NoiseConfig(cfg.elbo_replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
     elbo_seed = _derive_seed(cfg.seed, "elbo", buffer_index)
+    # The masks are keyed by (seed, global row): a process's rows get the masks of a one-process run.
     with torch.no_grad():
-        log_p_old = dmpo.elbo(
-            policy, out.ids, maskable, noise=noise, attention_mask=out.attention_mask, seed=elbo_seed, impl=cfg.impl
-        )
+        elbo = lambda m: dmpo.elbo(  # noqa: E731
+            m, out.ids, maskable, noise=noise, attention_mask=out.attention_mask, seed=elbo_seed,
+            row_offset=first_row, impl=cfg.impl,
+        )  # fmt: skip
+        log_p_old = elbo(policy)
         if cfg.alpha > 0:
             with reference() as ref:
-                log_p_ref = dmpo.elbo(
-                    ref, out.ids, maskable, noise=noise, attention_mask=out.attention_mask, seed=elbo_seed,
-                    impl=cfg.impl,
-                )  # fmt: skip
+                log_p_ref = elbo(ref)
         else:
             log_p_ref = log_p_old
     iw = importance_weights(
@@ -197,34 +301,75 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
         "ids": out.ids.cpu(),
         "attention_mask": out.attention_mask.cpu(),
         "maskable": maskable.cpu(),
-        "weights": iw.weights.cpu(),
-        "raw": iw.raw.cpu(),
-        "log_p_old": log_p_old.cpu(),
-        "rewards": rewards.cpu(),
+        "weights": iw.weights.float().cpu(),
+        "raw": iw.raw.float().cpu(),
+        "log_p_old": log_p_old.float().cpu(),
+        "log_ratio": (log_p_ref - log_p_old).float().cpu(),
+        "rewards": rewards.float().cpu(),
         "solved": solved.cpu(),
-        "ess": iw.ess.cpu(),
+        "ess": iw.ess.float().cpu(),
         "dropped": int(iw.dropped),
         "n_failed": int(n_failed),
+        "first_row": first_row,
     }
 
 
-def loss_step(policy, buf: dict, cfg: TrainConfig, step: int, device) -> dmpo.LossOutput:
-    """The DMPO loss of one optimizer step on the buffer, with fresh masks."""
+def loss_step(policy, buf: dict, cfg: TrainConfig, step: int, device, total_rows: int | None = None) -> dmpo.LossOutput:
+    """The DMPO loss of one optimizer step on (a slice of) the buffer, with fresh masks.
+
+    WDCE is a sum over rollouts, so slices add up; WDDO is a mean, so a slice's loss is rescaled
+    by its share of the ``total_rows`` rollouts of the step.
+    """
     ids, am, maskable = buf["ids"].to(device), buf["attention_mask"].to(device), buf["maskable"].to(device)
     noise = dmpo.NoiseConfig(cfg.num_replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
-    seed = _derive_seed(cfg.seed, "loss", step)
+    seed, offset = _derive_seed(cfg.seed, "loss", step), buf["first_row"]
     if cfg.loss == "wddo":
-        return dmpo.wddo(
+        out = dmpo.wddo(
             policy, ids, maskable, buf["raw"].to(device), buf["log_p_old"].to(device),
             group_size=cfg.num_generations, noise=noise, attention_mask=am, beta=cfg.ddo_beta, a=cfg.ddo_a,
-            independent_sets=cfg.ddo_independent_sets, seed=seed, impl=cfg.impl,
+            independent_sets=cfg.ddo_independent_sets, seed=seed, row_offset=offset, impl=cfg.impl,
         )  # fmt: skip
+        share = ids.shape[0] / (total_rows or ids.shape[0])
+        return dmpo.LossOutput(out.loss * share, out.stats)
     weights = buf["raw"] if cfg.baseline == "model" else buf["weights"]
     return dmpo.wdce(
         policy, ids, maskable, weights.to(device), group_size=cfg.num_generations, noise=noise,
         attention_mask=am, baseline=cfg.baseline, log_p_old=buf["log_p_old"].to(device),
-        centering_strength=cfg.centering_strength, seed=seed, impl=cfg.impl,
+        centering_strength=cfg.centering_strength, seed=seed, row_offset=offset, impl=cfg.impl,
     )  # fmt: skip
+
+
+def _slice_buffer(buf: dict, start: int, stop: int) -> dict:
+    """Rows start..stop-1 of a buffer (whole prompt groups), keeping their global row index."""
+    n = buf["ids"].shape[0]
+    part = {k: (v[start:stop] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v) for k, v in buf.items()}
+    part["first_row"] = buf["first_row"] + start
+    return part
+
+
+def update(policy, optimizer, params, buf: dict, cfg: TrainConfig, step: int, device, procs: Processes) -> dict:
+    """One optimizer step on this process's buffer: micro-batches of whole groups, summed gradients,
+    clipping, and a skipped step when the loss or gradient is not finite. Returns its statistics."""
+    G = cfg.num_generations
+    groups = buf["ids"].shape[0] // G
+    micro = max(1, math.ceil(groups / cfg.gradient_accumulation_steps))
+    optimizer.zero_grad(set_to_none=True)
+    loss_total, masked_tokens = 0.0, 0
+    for g0 in range(0, groups, micro):
+        part = _slice_buffer(buf, g0 * G, min(groups, g0 + micro) * G)
+        out = loss_step(policy, part, cfg, step, device, total_rows=cfg.rollouts_per_step)
+        out.loss.backward()
+        loss_total += out.loss.item()
+        masked_tokens += int(out.stats["masked_tokens"])
+    procs.sum_gradients(params)
+    loss_total, masked_tokens = procs.sum([loss_total, float(masked_tokens)])
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    finite = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_total, "masked_tokens": int(masked_tokens), "grad_norm": float(grad_norm), "finite": finite}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,21 +381,19 @@ class _Reference:
     """Context manager factory giving the reference model: a frozen copy, or the adapter-off policy."""
 
     def __init__(self, cfg: TrainConfig, policy):
-        self.kind = cfg.reference
+        self.kind = cfg.reference if cfg.alpha > 0 else "none"
         self.policy = policy
         self.copy = None
-        if self.kind == "frozen_copy" and cfg.alpha > 0:
-            import copy
-
+        if self.kind == "frozen_copy":
             self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
 
     def __call__(self):
-        import contextlib
-
         if self.kind == "frozen_copy":
             return contextlib.nullcontext(self.copy)
         if self.kind == "adapter_disabled":
-            return self.policy.disable_adapter()
+            from dmpo_fast.models.peft_support import adapter_disabled
+
+            return adapter_disabled(self.policy)
         raise ValueError("reference='none' has no reference model (use alpha=0)")
 
 
@@ -269,26 +412,79 @@ def _scheduler(cfg: TrainConfig, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _progress(cfg: TrainConfig, total: int, initial: int):
-    from tqdm.auto import tqdm
+def _check_resume_config(run: RunDir, cfg: TrainConfig) -> None:
+    import yaml
 
-    return tqdm(total=total, initial=initial, disable=not cfg.progress, desc="dmpo", unit="step", dynamic_ncols=True)
+    saved_file = run.path / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    now = cfg.to_dict()
+    changed = sorted(k for k in now if k in saved and saved[k] != now[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(
+            f"resume=true but the config differs from the saved run in {str(saved_file)!r} ({diffs}); only "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume. Start a new output_dir instead."
+        )
+
+
+def _log_row(step, stats, buf_all, lr, seconds) -> dict:
+    rewards = buf_all["rewards"]
+    finite_r = rewards[torch.isfinite(rewards)]
+    return {
+        "step": step,
+        "loss": stats["loss"],
+        "reward_mean": float(finite_r.mean()) if finite_r.numel() else float("nan"),
+        "reward_std": float(finite_r.std()) if finite_r.numel() > 1 else 0.0,
+        "accuracy": float(buf_all["solved"].mean()),
+        "ess_mean": float(buf_all["ess"].mean()),
+        "weights_min": float(buf_all["weights"].min()),
+        "weights_max": float(buf_all["weights"].max()),
+        "weights_std": float(buf_all["weights"].std()),
+        "log_ratio_mean": float(buf_all["log_ratio"].nan_to_num().mean()),
+        "dropped": buf_all["dropped"],
+        "reward_failures": buf_all["n_failed"],
+        "grad_norm": stats["grad_norm"],
+        "lr": lr,
+        "skipped": not stats["finite"],
+        "masked_tokens": stats["masked_tokens"],
+        "tokens_per_s": stats["masked_tokens"] / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+
+
+def _gather_buffer(buf: dict, procs: Processes) -> dict:
+    """The whole step's buffer on every process (for logging and for the main process's checkpoint)."""
+    if procs.world == 1:
+        return buf
+    out = {}
+    for k, v in buf.items():
+        if torch.is_tensor(v) and v.dim() > 0:
+            out[k] = procs.gather(v.to(procs.device)).cpu()
+        elif k in ("dropped", "n_failed"):
+            out[k] = int(procs.sum([float(v)])[0])
+        else:
+            out[k] = v
+    out["first_row"] = 0
+    return out
 
 
 def train(cfg: TrainConfig | None = None) -> TrainResult:
-    """Run DMPO as configured; returns the evaluations and where everything was written."""
+    """Run the configured algorithm; returns the evaluations and where everything was written."""
     cfg = cfg or TrainConfig()
     if cfg.algorithm != "dmpo":
-        raise ValueError(f"algorithm={cfg.algorithm!r} is not available yet; the trainer runs algorithm='dmpo'")
-    if cfg.lora:
-        raise ValueError("lora=true is not available yet in the trainer; use full fine-tuning (lora=false)")
+        raise ValueError(f"algorithm={cfg.algorithm!r} is not available in the trainer yet; use algorithm='dmpo'")
     from dmpo_fast.tasks import get_task, resolve_reward
 
     t0 = time.time()
-    run = RunDir(cfg.output_dir, resume=cfg.resume)
-    device = _device(cfg)
+    procs = Processes(cfg)
+    run = RunDir(cfg.output_dir, resume=cfg.resume, main=procs.main)
+    if cfg.resume:
+        _check_resume_config(run, cfg)
+    device = procs.device
     torch.manual_seed(cfg.seed)
-    policy, tokenizer = _load_policy(cfg, device)
+    policy, tokenizer = load_policy(cfg, device)
     task = get_task(cfg.task, **cfg.task_kwargs)
     reward_fns = [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]
     reference = _Reference(cfg, policy)
@@ -299,8 +495,10 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     scheduler = _scheduler(cfg, optimizer)
     train_rows = task.train(seed=cfg.seed)
     eval_rows = task.test(cfg.eval_size, seed=cfg.seed)
+    G, P = cfg.num_generations, cfg.prompts_per_step
+    P_local = P // procs.world
 
-    start, buf, eval_before, skipped_in_a_row = 0, None, None, 0
+    start, buf_all, eval_before = 0, None, None
     latest = run.latest_checkpoint() if cfg.resume else None
     if latest is not None:
         state = RunDir.load_checkpoint(latest)
@@ -308,94 +506,146 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        start, buf, eval_before = state["step"], state["buffer"], state["eval_before"]
-        run.truncate_metrics(start)
+        start, buf_all, eval_before = state["step"], state["buffer"], state["eval_before"]
+        if procs.main:
+            run.truncate_metrics(start)
+            print(f"resumed from {latest.name} (step {start})")
     else:
-        import yaml
+        if cfg.resume and procs.main:
+            warnings.warn(f"resume=true but {str(run.path)!r} has no checkpoint: starting from step 0", stacklevel=2)
+        run.write_config(cfg.to_dict())
+        eval_before = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress)
+        if procs.main:
+            print(f"eval before: solve rate {eval_before['accuracy']:.3f}, reward {eval_before['reward_mean']:.3f}")
+    buf = _slice_buffer(buf_all, procs.rank * P_local * G, (procs.rank + 1) * P_local * G) if buf_all else None
 
-        (run.path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        eval_before = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns)
-        print(f"eval before: solve rate {eval_before['accuracy']:.3f}, reward {eval_before['reward_mean']:.3f}")
+    tb = run.tensorboard() if cfg.tensorboard else None
+    from tqdm.auto import tqdm
 
-    G, P = cfg.num_generations, cfg.prompts_per_step
-    micro = max(1, P // cfg.gradient_accumulation_steps)  # prompt groups per micro-batch
-    bar = _progress(cfg, cfg.max_steps, start)
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and procs.main), desc=cfg.algorithm,
+               unit="step", dynamic_ncols=True)  # fmt: skip
+    skipped_in_a_row = 0
     for step in range(start, cfg.max_steps):
         t_step = time.time()
         if step % cfg.num_iterations == 0 or buf is None:
             b = step // cfg.num_iterations
             rng = torch.Generator().manual_seed(_derive_seed(cfg.seed, "prompts", b))
-            rows = [train_rows[i] for i in torch.randint(len(train_rows), (P,), generator=rng).tolist()]
-            buf = make_buffer(policy, reference, tokenizer, task, cfg, reward_fns, rows, b)
+            picks = torch.randint(len(train_rows), (P,), generator=rng).tolist()
+            mine = picks[procs.rank * P_local : (procs.rank + 1) * P_local]
+            buf = make_buffer(policy, reference, tokenizer, task, cfg, reward_fns, [train_rows[i] for i in mine], b,
+                              first_row=procs.rank * P_local * G)  # fmt: skip
+            buf_all = _gather_buffer(buf, procs)
 
-        optimizer.zero_grad(set_to_none=True)
-        loss_total, masked_tokens = 0.0, 0
-        for g0 in range(0, P, micro):
-            sl = slice(g0 * G, min(P, g0 + micro) * G)
-            part = {k: (v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == P * G else v) for k, v in buf.items()}
-            out = loss_step(policy, part, cfg, step, device)
-            out.loss.backward()
-            loss_total += out.loss.item()
-            masked_tokens += int(out.stats["masked_tokens"])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        finite = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
+        stats = update(policy, optimizer, params, buf, cfg, step, device, procs)
+        scheduler.step()
+        if stats["finite"]:
             skipped_in_a_row = 0
         else:
             skipped_in_a_row += 1
-            import warnings
-
-            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped", stacklevel=1)
+            if procs.main:
+                warnings.warn(f"step {step + 1}: non-finite loss or gradient, the update was skipped", stacklevel=1)
             if skipped_in_a_row >= 3:
+                bar.close()
                 raise RuntimeError(
-                    f"three non-finite steps in a row (last at step {step}); the run stopped and the last good "
-                    f"checkpoint in {run.checkpoints} is intact"
+                    f"three non-finite steps in a row (the last at step {step + 1}): the run stopped. The last good "
+                    f"checkpoint in {str(run.checkpoints)!r} is intact; lower learning_rate or check the rewards, "
+                    "then resume from it."
                 )
-        scheduler.step()
 
-        seconds = time.time() - t_step
-        rewards = buf["rewards"]
-        row = {
-            "step": step + 1,
-            "loss": loss_total,
-            "reward_mean": float(torch.nanmean(rewards)),
-            "reward_std": float(rewards[torch.isfinite(rewards)].std()) if torch.isfinite(rewards).sum() > 1 else 0.0,
-            "accuracy": float(buf["solved"].mean()),
-            "ess_mean": float(buf["ess"].mean()),
-            "weights_min": float(buf["weights"].min()),
-            "weights_max": float(buf["weights"].max()),
-            "dropped": buf["dropped"],
-            "reward_failures": buf["n_failed"],
-            "grad_norm": float(grad_norm),
-            "lr": scheduler.get_last_lr()[0],
-            "skipped": not finite,
-            "tokens_per_s": masked_tokens / max(seconds, 1e-9),
-            "seconds": seconds,
-        }
-        run.log(row)
+        row = _log_row(step + 1, stats, buf_all, scheduler.get_last_lr()[0], time.time() - t_step)
+        if procs.main:
+            run.log(row)
+            if tb is not None:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        tb.add_scalar(f"train/{k}", float(v), step + 1)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_total:.3f}", reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}")
+        bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}")
+
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
+            ev = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs)
+            if procs.main:
+                run.log_eval(step + 1, ev)
+                if tb is not None:
+                    tb.add_scalar("eval/accuracy", ev["accuracy"], step + 1)
+                    tb.add_scalar("eval/reward_mean", ev["reward_mean"], step + 1)
         done = step + 1 == cfg.max_steps
-        if finite and ((step + 1) % cfg.save_every == 0 or done):
+        if stats["finite"] and ((step + 1) % cfg.save_every == 0 or done) and procs.main:
             run.save_checkpoint(
                 step + 1,
                 {
                     "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1,
-                    "buffer": buf, "eval_before": eval_before, "config": cfg.to_dict(),
+                    "buffer": buf_all, "eval_before": eval_before, "config": cfg.to_dict(),
                 },
                 keep=cfg.keep_checkpoints,
             )  # fmt: skip
     bar.close()
 
-    eval_after = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns)
-    print(f"eval after:  solve rate {eval_after['accuracy']:.3f}, reward {eval_after['reward_mean']:.3f}")
+    eval_after = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress)
     wall = time.time() - t0
-    run.write_summary(
-        {"eval_before": eval_before, "eval_after": eval_after, "steps": cfg.max_steps, "wall_seconds": wall,
-         "config": cfg.to_dict()}  # fmt: skip
-    )
-    if cfg.plot:
-        run.plot(eval_before, eval_after)
+    if procs.main:
+        print(f"eval after:  solve rate {eval_after['accuracy']:.3f}, reward {eval_after['reward_mean']:.3f}")
+        run.write_summary(
+            {"eval_before": eval_before, "eval_after": eval_after, "steps": cfg.max_steps, "wall_seconds": wall,
+             "processes": procs.world, "config": cfg.to_dict()}  # fmt: skip
+        )
+        if tb is not None:
+            tb.add_scalar("eval/accuracy", eval_before["accuracy"], 0)
+            tb.add_scalar("eval/accuracy", eval_after["accuracy"], cfg.max_steps)
+            tb.close()
+        if cfg.plot:
+            run.plot(eval_before, eval_after)
     return TrainResult(str(run.path), cfg.max_steps, eval_before, eval_after, wall, run.read_metrics())
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation of a model or checkpoint (``dmpo-fast eval``)
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str):
+    """A checkpoint directory from a run directory (its newest checkpoint) or a checkpoint directory."""
+    from pathlib import Path
+
+    p = Path(path)
+    if (p / "state.pt").is_file():
+        return p
+    if (p / "checkpoints").is_dir():
+        latest = RunDir(p, resume=True, main=False).latest_checkpoint()
+        if latest is not None:
+            return latest
+    raise ValueError(f"checkpoint {path!r} is neither a run directory with checkpoints nor a checkpoint directory")
+
+
+def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengths: list[int] | None = None,
+                   n: int | None = None) -> list[dict]:  # fmt: skip
+    """Solve rate and mean reward of cfg.model (or a trainer checkpoint) on cfg.task's held-out rows,
+    one row per generation length, with cfg's sampler and ``eval_temperature``."""
+    from dmpo_fast.tasks import get_task, resolve_reward
+
+    if checkpoint is not None:
+        ckpt_dir = resolve_checkpoint(checkpoint)
+        state = RunDir.load_checkpoint(ckpt_dir)
+        saved = TrainConfig.from_dict(state["config"])
+        # The model comes from the checkpoint's run; decoding and task options come from cfg.
+        cfg = cfg.replace(model=saved.model, dtype=saved.dtype, lora=saved.lora, lora_r=saved.lora_r,
+                          lora_alpha=saved.lora_alpha, lora_target_modules=saved.lora_target_modules)  # fmt: skip
+    procs = Processes(cfg)
+    policy, tokenizer = load_policy(cfg, procs.device)
+    if checkpoint is not None:
+        policy.load_state_dict(state["model"])
+    policy.eval()
+    task = get_task(cfg.task, **cfg.task_kwargs)
+    reward_fns = [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]
+    rows = task.test(n or cfg.eval_size, seed=cfg.seed)
+    results = []
+    for g in gen_lengths or [cfg.gen_length]:
+        if g % min(cfg.block_length, g):
+            raise ValueError(f"gen_lengths: {g} is not a multiple of block_length ({cfg.block_length})")
+        t = time.time()
+        ev = evaluate(policy, tokenizer, task, rows, cfg, reward_fns, procs=procs, gen_length=g, progress=cfg.progress)
+        ev.update(gen_length=g, sampler=cfg.sampler, seconds=round(time.time() - t, 2), task=cfg.task,
+                  model=cfg.model if checkpoint is None else str(checkpoint))  # fmt: skip
+        results.append(ev)
+    return results

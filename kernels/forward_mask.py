@@ -28,6 +28,7 @@ def _forward_mask_kernel(
     noisy_ptr,
     masked_ptr,
     seed,
+    row_offset,
     mask_id,
     B,
     L,
@@ -49,7 +50,7 @@ def _forward_mask_kernel(
     rate = tl.load(rate_ptr + r * B + b)
 
     zero = tl.zeros_like(offs).to(tl.uint32)
-    bits, _, _, _ = tl.philox(seed, offs.to(tl.uint32), zero + b.to(tl.uint32), zero + r.to(tl.uint32), zero + STREAM)
+    bits, _, _, _ = tl.philox(seed, offs.to(tl.uint32), zero + (b + row_offset).to(tl.uint32), zero + r.to(tl.uint32), zero + STREAM)
     u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
     masked = maskable & (u < rate)
 
@@ -73,12 +74,13 @@ def forward_mask_triton(
     rate_min: float,
     rate_max: float,
     seed: int,
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, L = ids.shape
     base = replicates // 2 if antithetic else replicates
     ids = ids.contiguous() if ids.stride(1) != 1 else ids
     maskable = maskable.contiguous() if maskable.stride(1) != 1 else maskable
-    rate = mask_rates(B, base, rate_min, rate_max, seed, ids.device).contiguous()  # [Rb, B] fp32
+    rate = mask_rates(B, base, rate_min, rate_max, seed, ids.device, row_offset).contiguous()  # [Rb, B] fp32
     noisy = torch.empty(replicates * B, L, dtype=ids.dtype, device=ids.device)
     masked = torch.empty(replicates * B, L, dtype=torch.bool, device=ids.device)
     BLOCK = min(1024, triton.next_power_of_2(L))
@@ -90,6 +92,7 @@ def forward_mask_triton(
         noisy,
         masked.view(torch.int8),
         seed,
+        row_offset,
         mask_id,
         B,
         L,

@@ -43,14 +43,16 @@ def _check(ids, maskable, mask_id, replicates, antithetic, rate_min, rate_max):
         )
 
 
-def mask_rates(B: int, base_replicates: int, rate_min: float, rate_max: float, seed: int, device) -> torch.Tensor:
-    """[Rb, B] fp32 rates λ = rate_min + (rate_max − rate_min) · U(seed; 0, b, r, STREAM_RATE).
+def mask_rates(
+    B: int, base_replicates: int, rate_min: float, rate_max: float, seed: int, device, row_offset: int = 0
+) -> torch.Tensor:
+    """[Rb, B] fp32 rates λ = rate_min + (rate_max − rate_min) · U(seed; 0, row_offset + b, r, STREAM_RATE).
 
     Computed by this one torch expression for every backend, so the per-position comparison
     ``u < λ`` is bit-identical across backends.
     """
     r = torch.arange(base_replicates, device=device)[:, None]
-    b = torch.arange(B, device=device)[None, :]
+    b = row_offset + torch.arange(B, device=device)[None, :]
     u = philox_uniform(seed, torch.zeros_like(b), b, r, torch.full_like(r, STREAM_RATE))
     return rate_min + (rate_max - rate_min) * u
 
@@ -65,14 +67,15 @@ def forward_mask_ref(
     rate_min: float,
     rate_max: float,
     seed: int,
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager reference: Philox uniforms for every (replicate, sequence, position), then compare to λ."""
     B, L = ids.shape
     base = replicates // 2 if antithetic else replicates
     dev = ids.device
-    rate = mask_rates(B, base, rate_min, rate_max, seed, dev)[:, :, None]  # [Rb, B, 1]
+    rate = mask_rates(B, base, rate_min, rate_max, seed, dev, row_offset)[:, :, None]  # [Rb, B, 1]
     r = torch.arange(base, device=dev)[:, None, None]  # [Rb, 1, 1]
-    b = torch.arange(B, device=dev)[None, :, None]  # [1, B, 1]
+    b = row_offset + torch.arange(B, device=dev)[None, :, None]  # [1, B, 1]
     pos = torch.arange(L, device=dev)[None, None, :]  # [1, 1, L]
     u = philox_uniform(seed, pos, b, r, torch.full_like(r, STREAM_POSITION))  # [Rb, B, L]
     masked = (u < rate) & maskable[None]  # [Rb, B, L]
@@ -94,6 +97,7 @@ def forward_mask(
     rate_max: float = 1.0,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    row_offset: int = 0,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask ``ids`` for the denoising loss / ELBO.
@@ -109,6 +113,8 @@ def forward_mask(
         generator: torch generator the 62-bit Philox seed is drawn from (a CPU generator avoids a
             device sync); ignored when ``seed`` is given.
         seed: explicit Philox seed (reproducible across backends and batch layouts).
+        row_offset: the Philox sequence counter of row 0 (row b uses ``row_offset + b``): a slice of
+            a batch starting at row k, given ``row_offset=k``, gets exactly that slice of the batch's masks.
         impl: "auto" | "triton" | "chunked" | "eager" ("chunked" is the eager code: it holds no
             vocabulary-sized tensor).
     Returns:
@@ -120,6 +126,8 @@ def forward_mask(
         seed = draw_seed(generator)
     elif not isinstance(seed, int) or seed < 0 or seed >= 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if not isinstance(row_offset, int) or isinstance(row_offset, bool) or not 0 <= row_offset < 2**32 - ids.shape[0]:
+        raise ValueError(f"row_offset must be an int in [0, 2**32 - B), got {row_offset!r}")
     impl = resolve_impl(impl, ids.device)
     kwargs = dict(
         mask_id=mask_id,
@@ -128,6 +136,7 @@ def forward_mask(
         rate_min=float(rate_min),
         rate_max=float(rate_max),
         seed=seed,
+        row_offset=row_offset,
     )
     if impl == "triton":
         from dmpo_fast.kernels.forward_mask import forward_mask_triton
