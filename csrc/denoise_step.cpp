@@ -196,7 +196,7 @@ int64_t commit_count(const std::vector<std::pair<float, int64_t>>& sorted, Rule 
   if (rule == Rule::kTopK) {
     k = num_transfer;
   } else if (rule == Rule::kThreshold) {
-    while (k < n && sorted[k].first >= threshold) ++k;
+    for (const auto& cand : sorted) k += cand.first >= threshold;  // a count, as torch's sum (NaN: never)
     k = std::max<int64_t>(k, 1);
   } else {
     // rank i (0-based) passes when (i + 2)·(1 − c_i) <= factor, in fp32 as torch computes it; the passing

@@ -140,6 +140,29 @@ def test_denoise_step_ties_go_to_the_lowest_index(ops):
     assert torch.equal(ref.x, nat.x) and torch.equal(ref.committed, nat.committed)
 
 
+@pytest.mark.parametrize(
+    "rule",
+    [dict(threshold=0.9), dict(factor=1.0), dict(factor=3.0), dict(num_transfer=torch.tensor([3, 0, 16, 5]))],
+)
+def test_commit_rules_on_confident_rows_with_ties_match_eager(ops, rule):
+    # Two-token vocabulary with logits (log c/(1-c), 0): the confidence of position l is c[l] exactly, so the
+    # rules see many confident positions and exact ties (columns 8..11 repeat column 0).
+    B, L = 4, 16
+    g = torch.Generator().manual_seed(4)
+    c = (1 - torch.rand(B, L, generator=g) ** 3 * 0.8).clamp_max(1 - 1e-6)
+    c[:, 8:12] = c[:, :1]
+    logits = torch.zeros(B, L, 2)
+    logits[..., 0] = torch.log(c / (1 - c))
+    x = torch.full((B, L), 7)
+    active = torch.rand(B, L, generator=g) < 0.8
+    active[:, 8:12] = active[:, :1]
+    a = denoise_step(logits, x, active, temperature=0.0, seed=0, impl="eager", **rule)
+    b = denoise_step(logits, x, active, temperature=0.0, seed=0, impl="native", **rule)
+    assert torch.equal(a.committed, b.committed) and torch.equal(a.x, b.x)
+    assert torch.equal(a.confidence, b.confidence)
+    assert 0 < int(b.committed.sum()) < int(active.sum())  # the rule chose, it did not take all or nothing
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_denoise_step_from_hidden_matches_chunked(ops, dtype):
     B, L, V, H = 3, 6, 700, 24
