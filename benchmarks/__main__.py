@@ -2,7 +2,13 @@
 
 import sys
 
-SCRIPTS = {"loss": "benchmarks.loss", "native": "benchmarks.native"}
+SCRIPTS = {
+    "loss": "benchmarks.loss",
+    "denoise": "benchmarks.denoise",
+    "rollout": "benchmarks.rollout",
+    "iteration": "benchmarks.iteration",
+    "native": "benchmarks.native",
+}
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,17 @@
-"""Shared benchmark plumbing: timing, the environment of a row, the matmul roofline, output."""
+"""Shared benchmark plumbing: timing, the environment of a row, the matmul and memory rooflines, the
+benchmark models (LLaDA-8B-shaped with random weights, the built-in tiny one), the command line, output.
+
+Two timers: ``bench`` for kernels (CUDA events through ``triton.testing.do_bench``, which also flushes the L2
+cache between calls) and ``bench_wall`` for end-to-end work that synchronises with the host on its own
+(rollouts, training iterations): wall clock around the call, a device synchronise on each side.
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -14,6 +22,13 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# LLaDA-8B's architecture (the LLaDAConfig defaults, spelled out so a row states what it ran).
+LLADA_8B = dict(
+    d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288, max_sequence_length=4096,
+    rope_theta=500000.0, vocab_size=126464, embedding_size=126464, mask_token_id=126336, eos_token_id=126081,
+    pad_token_id=126081,
+)  # fmt: skip
+
 
 def bench(fn, device: torch.device, *, quick: bool = False) -> dict:
     """Median and p20 / p80 milliseconds of ``fn()`` after warm-up (CUDA events via do_bench on GPU)."""
@@ -22,13 +37,15 @@ def bench(fn, device: torch.device, *, quick: bool = False) -> dict:
 
         med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
         return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
-    fn()  # warm-up
+    t = time.perf_counter()
+    fn()  # warm-up; its time sets the number of repeats: 3 to 10, about 2 s in all
+    warm_ms = (time.perf_counter() - t) * 1e3
     times = []
-    for _ in range(3 if quick else 10):
+    for _ in range(3 if quick else min(10, max(3, int(2000 / max(warm_ms, 1e-3))))):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1e3)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    q = statistics.quantiles(times, n=5, method="inclusive")
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
 
 
@@ -41,19 +58,84 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, *, quick: bool = Fal
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+def memory_gbps(device: torch.device, *, quick: bool = False) -> float:
+    """Device-memory bandwidth (GB/s) measured now: a large copy, read + write bytes over its median time."""
+    n_bytes = 1 << (24 if quick else (30 if device.type == "cuda" else 28))
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device, quick=quick)["median_ms"]
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_wall(fn, device: torch.device, *, repeats: int, warmup: int = 1) -> dict:
+    """Median and p20 / p80 wall-clock milliseconds of ``fn()`` over ``repeats`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "repeats": repeats}
+
+
+def bench_interleaved(calls: dict, device: torch.device, *, repeats: int, warmup: int = 1) -> dict:
+    """``bench_wall`` for several calls at once, timed round-robin (A B C A B C ...): a change in the host's
+    load during the run then slows every provider alike, so their ratios stay fair. {name: stats}."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            synchronize(device)
+            t = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else [ts[0]] * 4
+        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3], "repeats": repeats}
+    return out
+
+
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
+        here = Path(__file__).resolve().parent
+        cmd = ["git", "rev-parse", "--short", "HEAD"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=here)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def environment(device: torch.device) -> dict:
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_type": device.type,
         "cpu_threads": torch.get_num_threads(),
+        # Load average over the last minute: other processes on a shared host slow CPU rows down.
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "commit": git_commit(),
         "date": datetime.date.today().isoformat(),
@@ -64,6 +146,9 @@ def environment(device: torch.device) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    from dmpo_fast.ops._common import native_available
+
+    env["native_ops_loaded"] = native_available()  # whether impl="auto" on CPU could pick them
     return env
 
 
@@ -75,9 +160,9 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def write_rows(rows: list[dict], name: str, args) -> Path:
@@ -89,3 +174,112 @@ def write_rows(rows: list[dict], name: str, args) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=2) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Models: random weights, built in place (no download)
+# --------------------------------------------------------------------------------------------------
+
+
+def build_lm(
+    arch: str, device: torch.device, dtype: torch.dtype, *, layers: int | None = None, seed: int = 0
+):
+    """``(DiffusionLM in eval mode, description dict)`` with random weights.
+
+    arch "llada8b": LLaDA-8B's architecture (``LLADA_8B``; ``layers`` overrides the 32 blocks), built directly
+    on ``device`` in ``dtype`` (an 8B model in fp32 on the host first would need 32 GB).
+    arch "tiny": ``build_tiny`` over the character tokenizer's vocabulary (the shipped default model's shape).
+    """
+    from dmpo_fast.models import LLaDADiffusionLM, LLaDAModelLM, build_tiny, tiny_config
+
+    if arch == "llada8b":
+        fields = dict(LLADA_8B)
+        if layers is not None:
+            fields["n_layers"] = layers
+        config = tiny_config(fields.pop("vocab_size"), **fields)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                with torch.device(device):
+                    lm = LLaDADiffusionLM(LLaDAModelLM(config))
+        finally:
+            torch.set_default_dtype(previous)
+    elif arch == "tiny":
+        from dmpo_fast.tokenizer import CharTokenizer
+
+        tok = CharTokenizer()
+        overrides = {} if layers is None else {"n_layers": layers}
+        lm = build_tiny(tok.vocab_size, tok.mask_id, tok.eos_id, seed=seed, **overrides).to(device, dtype)
+    else:
+        raise ValueError(f"arch must be 'llada8b' or 'tiny', got {arch!r}")
+    cfg = lm.config
+    desc = {
+        "model": f"{arch} (random weights)",
+        "layers": cfg.n_layers,
+        "d_model": cfg.d_model,
+        "vocab": cfg.vocab_size,
+        "params": sum(p.numel() for p in lm.parameters()),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    return lm.eval(), desc
+
+
+def native_ready(*, build: bool) -> bool:
+    """Whether the native CPU ops can run now. ``impl="native"`` silently falls back to chunked when they
+    cannot be built, so a script asks this first rather than time chunked under the name "native".
+    ``build=False`` never compiles (the quick runs: a first build takes about a minute)."""
+    from dmpo_fast.ops import _native
+
+    return _native.load(build=True) if build else _native.usable_for_auto()
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by ``tensors`` (distinct storages counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The flags every script shares: --device, --quick, --out."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks {name}", description=doc.split("\n")[0])
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny shape: checks the script runs, measures nothing"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"JSON file to write (default: benchmarks/results/{name}-<device>-<date>.json)",
+    )
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    return args
+
+
+def finish(rows: list[dict], name: str, args, columns: list[str]) -> int:
+    """Print the table, write the JSON rows (marked ``quick`` when they measure nothing), say where."""
+    for row in rows:
+        row["quick"] = bool(getattr(args, "quick", False))
+    print_table(rows, columns)
+    path = write_rows(rows, name, args)
+    print(f"wrote {path}")
+    return 0
