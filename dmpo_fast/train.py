@@ -73,7 +73,7 @@ class Processes:
 
             state = PartialState(cpu=cfg.device == "cpu")
             self.rank, self.world = state.process_index, state.num_processes
-            self.device = state.device
+            self.device = torch.device("cpu") if state.device.type == "cpu" else state.device
         else:
             self.device = _device(cfg)
         if cfg.prompts_per_step % self.world:
@@ -102,9 +102,12 @@ class Processes:
             return t
         import torch.distributed as dist
 
+        flag = t.dtype == torch.bool  # gloo has no bool collectives
+        t = t.to(torch.uint8) if flag else t
         parts = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        out = torch.cat(parts)
+        return out.bool() if flag else out
 
     def sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -544,13 +547,6 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             skipped_in_a_row += 1
             if procs.main:
                 warnings.warn(f"step {step + 1}: non-finite loss or gradient, the update was skipped", stacklevel=1)
-            if skipped_in_a_row >= 3:
-                bar.close()
-                raise RuntimeError(
-                    f"three non-finite steps in a row (the last at step {step + 1}): the run stopped. The last good "
-                    f"checkpoint in {str(run.checkpoints)!r} is intact; lower learning_rate or check the rewards, "
-                    "then resume from it."
-                )
 
         row = _log_row(step + 1, stats, buf_all, scheduler.get_last_lr()[0], time.time() - t_step)
         if procs.main:
@@ -561,6 +557,13 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                         tb.add_scalar(f"train/{k}", float(v), step + 1)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}")
+        if skipped_in_a_row >= 3:
+            bar.close()
+            raise RuntimeError(
+                f"three non-finite steps in a row (the last at step {step + 1}): the run stopped. The last good "
+                f"checkpoint in {str(run.checkpoints)!r} is intact; lower learning_rate or check the rewards, "
+                "then resume from it."
+            )
 
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
             ev = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs)

@@ -97,3 +97,42 @@ def adapted_head_weight(model: nn.Module, weight: torch.Tensor) -> torch.Tensor:
         # get_delta_weight = scale · B @ A (transposed for fan_in_fan_out), differentiable in A and B.
         weight = weight + head.get_delta_weight(adapter).to(weight.dtype)
     return weight
+
+
+def add_lora(lm, *, r: int, alpha: int, dropout: float, target_modules: list[str]):
+    """Inject a LoRA adapter (PEFT) into ``lm.model`` in place and freeze everything else; returns ``lm``.
+
+    ``target_modules`` are module names of the network (LLaDA: ``q_proj k_proj v_proj attn_out ff_proj
+    up_proj ff_out``; the output layer is ``ff_out`` under ``model.transformer`` and is found by exact name).
+    """
+    try:
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    except ImportError as e:
+        raise ValueError(f"lora=true needs the peft package: pip install 'dmpo-fast[lora]' ({e})") from e
+    if not target_modules:
+        raise ValueError("lora_target_modules must name at least one module, got []")
+    names = {n.rsplit(".", 1)[-1] for n, _ in lm.model.named_modules()}
+    missing = sorted(set(target_modules) - names)
+    if missing:
+        raise ValueError(
+            f"lora_target_modules {missing} are not modules of this model; allowed names include "
+            f"{sorted(n for n in names if n and not n.isdigit())[:20]}"
+        )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
+    lm.model = get_peft_model(lm.model, config)
+    return lm
+
+
+def adapter_disabled(lm):
+    """Context manager giving ``lm`` with its LoRA adapter switched off: the base model, the DMPO reference."""
+    disable = getattr(lm.model, "disable_adapter", None)
+    if disable is None:
+        raise ValueError("reference='adapter_disabled' needs a PEFT adapter on the policy (lora=true)")
+    import contextlib  # noqa: PLC0415
+
+    @contextlib.contextmanager
+    def ctx():
+        with disable():
+            yield lm
+
+    return ctx()

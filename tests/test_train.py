@@ -1,0 +1,230 @@
+"""The trainer end to end on the built-in tiny model: outputs, resume after SIGKILL, non-finite steps,
+bad configs, the CLI, and two processes computing what one computes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmpo_fast import train as train_mod
+from dmpo_fast.config import TrainConfig
+from dmpo_fast.run_io import RunDir
+
+SMALL = dict(
+    prompts_per_step=2, num_generations=4, max_steps=4, num_iterations=2, eval_size=8, progress=False,
+    save_every=2, num_replicates=2, elbo_replicates=2, impl="chunked",
+)  # fmt: skip
+SMALL_ARGS = [f"{k}={v}" for k, v in SMALL.items()]
+VOLATILE = {"seconds", "tokens_per_s"}  # wall-clock fields of a metrics row
+
+
+def _cfg(tmp_path, name="run", **kw):
+    return TrainConfig(output_dir=str(tmp_path / name), **{**SMALL, **kw})
+
+
+def _stable(rows):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def _cli(args, env=None, **kw):
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from dmpo_fast.cli import main; sys.exit(main(sys.argv[1:]))", *args],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw,
+    )  # fmt: skip
+
+
+def test_short_run_writes_every_output(tmp_path):
+    result = train_mod.train(_cfg(tmp_path))
+    run = Path(result.output_dir)
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in ("loss", "reward_mean", "reward_std", "accuracy", "ess_mean", "weights_min", "weights_max",
+                "tokens_per_s", "seconds", "grad_norm", "lr"):  # fmt: skip
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    summary = json.loads((run / "summary.json").read_text())
+    for which in ("eval_before", "eval_after"):
+        assert set(summary[which]) >= {"accuracy", "reward_mean"} and summary[which]["n"] == 8
+    assert summary["steps"] == 4 and summary["wall_seconds"] > 0 and summary["config"]["max_steps"] == 4
+    assert list((run / "tb").glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert (run / "reward.png").stat().st_size > 1000
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-000002", "step-000004"]
+    assert (run / "config.yaml").is_file()
+
+
+def test_training_moves_the_policy_and_eval_is_reproducible(tmp_path):
+    cfg = _cfg(tmp_path)
+    policy, tok = train_mod.load_policy(cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    result = train_mod.train(cfg)
+    after = RunDir.load_checkpoint(Path(result.output_dir) / "checkpoints" / "step-000004")["model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    from dmpo_fast.tasks import get_task
+
+    task = get_task("sudoku")
+    rows = task.test(8, seed=0)
+    again = train_mod.evaluate(policy, tok, task, rows, cfg, [task.reward])
+    assert again == result.eval_before  # same rows, seed and decoding: the same number
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="output_dir .* is not empty"):
+        train_mod.train(_cfg(tmp_path))
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    train_mod.train(_cfg(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="alpha"):
+        train_mod.train(_cfg(tmp_path, max_steps=4, resume=True, alpha=0.5))
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
+    args = [*SMALL_ARGS, "max_steps=6", "save_every=1", "tensorboard=false", "plot=false"]
+    whole = _cli(["train", "--output-dir", str(tmp_path / "whole"), *args], timeout=300)
+    assert whole.returncode == 0, whole.stderr
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from dmpo_fast.cli import main; sys.exit(main(sys.argv[1:]))",
+         "train", "--output-dir", str(killed_dir), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed_dir / "checkpoints" / "step-000003").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = RunDir(killed_dir, resume=True).latest_checkpoint()
+    assert done is not None and int(done.name.split("-")[1]) < 6, "the kill came too late to test anything"
+    assert not list((killed_dir / "checkpoints").glob("step-000006"))
+
+    resumed = _cli(["train", "--output-dir", str(killed_dir), "--resume", *args], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a = [json.loads(ln) for ln in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(ln) for ln in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert _stable(a) == _stable(b)
+    sa = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    sb = json.loads((killed_dir / "summary.json").read_text())
+    assert sa["eval_before"] == sb["eval_before"] and sa["eval_after"] == sb["eval_after"]
+    wa = RunDir.load_checkpoint(tmp_path / "whole" / "checkpoints" / "step-000006")["model"]
+    wb = RunDir.load_checkpoint(killed_dir / "checkpoints" / "step-000006")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    real = train_mod.loss_step
+    calls = {"n": 0}
+
+    def poisoned(policy, buf, cfg, step, device, total_rows=None):
+        out = real(policy, buf, cfg, step, device, total_rows)
+        if step >= 2:  # steps 3, 4, 5 (1-based) are non-finite
+            calls["n"] += 1
+            return type(out)(out.loss * float("nan"), out.stats)
+        return out
+
+    monkeypatch.setattr(train_mod, "loss_step", poisoned)
+    cfg = _cfg(tmp_path, max_steps=8)
+    with pytest.warns(UserWarning, match="non-finite"):
+        with pytest.raises(RuntimeError, match="three non-finite steps in a row .* intact"):
+            train_mod.train(cfg)
+    run = Path(cfg.output_dir)
+    last = RunDir(run, resume=True).latest_checkpoint()
+    assert last.name == "step-000002"
+    state = RunDir.load_checkpoint(last)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, False, True, True, True]
+
+
+def test_one_skipped_step_leaves_the_parameters_alone(tmp_path, monkeypatch):
+    real = train_mod.loss_step
+    snapshots = []
+
+    def poisoned(policy, buf, cfg, step, device, total_rows=None):
+        out = real(policy, buf, cfg, step, device, total_rows)
+        if step == 1:
+            snapshots.append({k: v.clone() for k, v in policy.state_dict().items()})
+            return type(out)(out.loss * float("inf"), out.stats)
+        if step == 2:
+            snapshots.append({k: v.clone() for k, v in policy.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(train_mod, "loss_step", poisoned)
+    with pytest.warns(UserWarning, match="step 2: non-finite"):
+        train_mod.train(_cfg(tmp_path, max_steps=3))
+    assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [("baseline=median", "baseline"), ("sampler=greedy", "sampler"), ("alpha=-1", "alpha"), ("num_generatoins=4", "num_generations")],
+)
+def test_cli_rejects_bad_config_with_the_field_name(tmp_path, override, field):
+    out = _cli(["train", "--output-dir", str(tmp_path / "x"), override], timeout=120)
+    assert out.returncode == 2
+    assert field in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_eval_on_a_checkpoint(tmp_path):
+    result = train_mod.train(_cfg(tmp_path, max_steps=2))
+    js = tmp_path / "eval.json"
+    out = _cli(["eval", "--checkpoint", result.output_dir, "--gen-lengths", "24", "48", "-n", "6", "--json", str(js),
+                "progress=false", "impl=chunked"], timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(js.read_text())
+    assert [r["gen_length"] for r in rows] == [24, 48] and all(r["n"] == 6 for r in rows)
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+def test_lora_run_with_adapter_disabled_reference(tmp_path):
+    pytest.importorskip("peft")
+    cfg = _cfg(tmp_path, max_steps=2, lora=True, reference="adapter_disabled", lora_target_modules=["q_proj", "ff_out"])
+    result = train_mod.train(cfg)
+    state = RunDir.load_checkpoint(Path(result.output_dir) / "checkpoints" / "step-000002")["model"]
+    lora_keys = [k for k in state if "lora_" in k]
+    assert lora_keys, "no adapter weights in the checkpoint"
+    assert any(state[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k), "the adapter never moved"
+
+
+def test_two_processes_match_one(tmp_path):
+    """2 CPU processes (gloo) take one prompt group each; weights, losses and the updated model equal
+    the one-process run on the same rollouts (up to float summation order)."""
+    args = [*SMALL_ARGS, "max_steps=2", "save_every=2", "tensorboard=false", "plot=false", "device=cpu"]
+    one = _cli(["train", "--output-dir", str(tmp_path / "one"), *args], timeout=300)
+    assert one.returncode == 0, one.stderr
+    port = 29500 + os.getpid() % 1000
+    procs = []
+    for rank in range(2):
+        env = {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", "import sys; from dmpo_fast.cli import main; sys.exit(main(sys.argv[1:]))",
+             "train", "--output-dir", str(tmp_path / "two"), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        ))  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    a = [json.loads(ln) for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("reward_mean", "accuracy", "weights_min", "weights_max", "ess_mean", "masked_tokens"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-5)
+    wa = RunDir.load_checkpoint(tmp_path / "one" / "checkpoints" / "step-000002")["model"]
+    wb = RunDir.load_checkpoint(tmp_path / "two" / "checkpoints" / "step-000002")["model"]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
