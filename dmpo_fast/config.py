@@ -41,6 +41,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     task: str = "sudoku"  # a registered task name or "package.module:TaskClass"
     task_kwargs: dict = field(default_factory=dict)
+    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one (instruct models)
     reward_funcs: list = field(default_factory=list)  # extra TRL-style rewards by import path
     algorithm: Algorithm = "dmpo"
     loss: LossName = "wdce"
@@ -180,7 +181,7 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ValueError(f"a config must be a mapping of field names to values, got {type(d).__name__}")
         _check_names(d)
-        return cls(**d)
+        return cls(**{k: _coerce_number(k, v) for k, v in d.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -202,8 +203,35 @@ class TrainConfig:
             if "=" not in item:
                 raise ValueError(f"override {item!r} must look like key=value")
             key, raw = item.split("=", 1)
-            changes[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            changes[key.strip()] = _parse_value(raw)
         return self.replace(**changes)
+
+
+def _parse_value(raw: str):
+    """A YAML scalar, except that numbers YAML 1.1 leaves as strings ("1e-5", "3E-6") become floats."""
+    import yaml
+
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") and value.strip().lower() not in ("inf", "nan") else value
+        except ValueError:
+            return value
+    return value
+
+
+def _coerce_number(name: str, value):
+    """YAML 1.1 reads ``3e-6`` (no dot) as a string: turn such strings into floats for number fields."""
+    if isinstance(value, str) and float in typing.get_args(typing.get_type_hints(TrainConfig)[name]) + (
+        typing.get_type_hints(TrainConfig)[name],
+    ):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def field_names() -> list[str]:

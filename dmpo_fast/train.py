@@ -171,10 +171,16 @@ def _add_lora(lm, cfg: TrainConfig):
     )
 
 
-def _encode(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(tokenizer, prompts: list[str], device, chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask; instruct tokenizers get their chat template."""
     if hasattr(tokenizer, "batch_encode"):  # the built-in character tokenizer
         ids, am = tokenizer.batch_encode(prompts, pad_left=True)
     else:
+        if chat and getattr(tokenizer, "chat_template", None):
+            prompts = [
+                tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                for p in prompts
+            ]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         ids, am = enc["input_ids"], enc["attention_mask"]
     return ids.to(device), am.to(device)
@@ -228,7 +234,7 @@ def rollout(policy, tokenizer, task, rows, *, repeat: int, cfg: TrainConfig, tem
 
     rows = [r for r in rows for _ in range(repeat)]
     prompts = [r["prompt"] for r in rows]
-    ids, am = _encode(tokenizer, prompts, policy.head_weight.device)
+    ids, am = _encode(tokenizer, prompts, policy.head_weight.device, chat=cfg.chat_template)
     keys = torch.arange(first_row, first_row + len(rows), device=ids.device)
     out = generate(policy, ids, am, seed=seed, row_keys=keys,
                    **sample_kwargs(cfg, temperature=temperature, gen_length=gen_length))  # fmt: skip
