@@ -21,6 +21,7 @@ cache holds no build (not timed).
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -126,18 +127,24 @@ def wdce_rows(quick: bool) -> list[dict]:
 def run(args) -> list[dict]:
     if not _native.load(build=True):
         raise SystemExit(f"the native ops could not be built or loaded: {_native._failure}")
+    load_before = os.getloadavg()[0]
     rows = denoise_rows(args.quick) + wdce_rows(args.quick)
     env = environment(torch.device("cpu"))
     env["native_flags"] = " ".join(_native.compile_flags())
-    return [{**r, **env} for r in rows]
+    # 1-minute load average before and after: timings on a shared machine mean little without it.
+    env["load_avg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    return [{**r, **env, "benchmark": "native", "quick": bool(args.quick)} for r in rows]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks native", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes: the script runs, nothing is measured")
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/cpu_native.json)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all)")
     args = p.parse_args(argv)
     args.device = "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.out is None and not args.quick:
         args.out = str(RESULTS / "cpu_native.json")
     rows = run(args)

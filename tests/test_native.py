@@ -361,3 +361,20 @@ def test_import_builds_and_loads_nothing(tmp_path):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "DMPO_FAST_NATIVE": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     assert not any(tmp_path.iterdir())
+
+
+def test_cache_location_and_one_directory_per_source_version(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert _native.cache_root() == tmp_path / "ext" / "dmpo_fast"
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _native.cache_root() == tmp_path / "xdg" / "dmpo_fast"
+    src = _native.source_dir()
+    assert src is not None, "the C++ sources must be found next to the package"
+    here = _native.build_dir(src)
+    assert here == _native.build_dir(src) and here.parent == tmp_path / "xdg" / "dmpo_fast"
+    edited = tmp_path / "csrc"
+    shutil.copytree(src, edited)
+    with open(edited / "linear_ce.cpp", "a") as f:
+        f.write("\n// edited\n")
+    assert _native.build_dir(edited) != here  # an edited source never loads a stale build
