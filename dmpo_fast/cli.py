@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-n", "--num-examples", type=int, help="held-out examples (default: eval_size)")
     ev.add_argument("--json", dest="json_out", help="also write the result rows to this JSON file")
 
-    sub.add_parser("config", help="print every config field with its default value, as YAML")
+    conf = sub.add_parser("config", help="print every config field with its default value, as YAML")
+    conf.add_argument("--markdown", action="store_true", help="a markdown table of the fields instead (docs/config.md)")
     sub.add_parser("info", help="print versions and which kernel backends can run here")
     return parser
 
@@ -100,11 +101,14 @@ def _eval(args) -> int:
     return 0
 
 
-def _print_config() -> int:
+def _print_config(markdown: bool = False) -> int:
     import yaml
 
-    from dmpo_fast.config import TrainConfig
+    from dmpo_fast.config import TrainConfig, markdown_table
 
+    if markdown:
+        print(markdown_table(), end="")
+        return 0
     print(yaml.safe_dump(TrainConfig().to_dict(), sort_keys=False), end="")
     return 0
 
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "config":
-            return _print_config()
+            return _print_config(args.markdown)
         if args.command == "info":
             return _info()
     except ValueError as e:  # a bad config field or argument: one clear line, no traceback

@@ -283,3 +283,88 @@ def _matches(value, hint) -> tuple[bool, str]:
     if hint is list or origin is list:
         return isinstance(value, list), "a list"
     return True, str(hint)
+
+
+# One line per field: what it does (the CLI's ``dmpo-fast config --markdown`` and docs/config.md use it).
+FIELD_DOCS: dict[str, str] = {
+    "model": '"tiny" (the built-in Sudoku model), a local checkpoint directory, or a hub name (LLaDA, Dream, other HF dLLMs)',
+    "trust_remote_code": "allow model code shipped with the checkpoint (Dream needs it; LLaDA never does)",
+    "dtype": "parameter dtype: float32, bfloat16 or float16",
+    "device": '"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; under accelerate each process takes its own',
+    "task": 'a registered task (sudoku, countdown, gsm8k, math500) or "package.module:TaskClass"',
+    "task_kwargs": "keyword arguments of the task's constructor (e.g. {prompt_style: instruct})",
+    "chat_template": "wrap prompts in the tokenizer's chat template when it has one (instruct models)",
+    "reward_funcs": 'extra TRL-style rewards fn(prompts, completions, **columns) by import path "module:function", summed with the task reward',
+    "algorithm": "dmpo (mro and diffu_grpo are being wired into the trainer)",
+    "loss": "wdce (weighted denoising cross-entropy) or wddo (weighted direct discriminative optimisation)",
+    "prompts_per_step": "prompts per rollout buffer, all processes together (a multiple of the process count)",
+    "num_generations": "G: rollouts per prompt, the group of the per-prompt softmax",
+    "sampler": "llada (fixed steps), fast_dllm (confidence-parallel, KV cache) or roar (one token per step, exact log-probs)",
+    "cache": "fast_dllm KV cache: none, prefix or dual",
+    "gen_length": "completion tokens generated per rollout",
+    "block_length": "semi-autoregressive block size (gen_length must be a multiple)",
+    "steps": "denoising steps for the whole completion (a multiple of the number of blocks)",
+    "temperature": "rollout sampling temperature (Gumbel-max)",
+    "remasking": "which tokens a step commits: low_confidence or random",
+    "threshold": "fast_dllm confidence threshold (null: the fixed schedule of `steps`)",
+    "num_iterations": "F: optimizer steps per rollout buffer (off-policy reuse, fresh masks each step)",
+    "num_replicates": "noisy copies of each rollout in the loss",
+    "elbo_replicates": "noisy copies of each rollout for the ELBO of log p_ref and log p_old",
+    "antithetic": "pair each mask with its complement (even replicate counts)",
+    "mask_rate_min": "lower end of the per-row mask rate U[min, max)",
+    "mask_rate_max": "upper end of the per-row mask rate U[min, max)",
+    "alpha": "α of the target p* ∝ p_ref·exp(r/α); 0 = no reference, weights softmax(coeff·r)",
+    "coeff": "inverse temperature of the importance weights",
+    "ess_target": "solve coeff per group so the normalised ESS hits this value (null: use coeff)",
+    "baseline": "weight baseline: none, group (mean), individual (oppositely tilted target) or model (current ELBO)",
+    "centering_strength": "s in [0, 1]: how much of the baseline is subtracted",
+    "include_eos_padding": "EOS padding after the answer counts as completion (maskable) tokens",
+    "ddo_beta": "β of WDDO's log-sigmoid",
+    "ddo_a": "weight of WDDO's fake-sample term",
+    "ddo_independent_sets": "WDDO: estimate the real and fake gaps from disjoint replicate halves",
+    "reference": "frozen_copy, adapter_disabled (LoRA policy with the adapter off) or none (alpha = 0)",
+    "learning_rate": "AdamW learning rate",
+    "lr_scheduler": "constant, constant_with_warmup, cosine or linear",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "adam_beta1": "AdamW β1",
+    "adam_beta2": "AdamW β2",
+    "gradient_accumulation_steps": "micro-batches (of whole prompt groups) per optimizer step",
+    "max_grad_norm": "gradient clipping norm",
+    "max_steps": "optimizer steps of the run",
+    "lora": "train a LoRA adapter (PEFT, pip install 'dmpo-fast[lora]') instead of every weight",
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA scaling numerator",
+    "lora_dropout": "LoRA dropout (not allowed on the output head: the fused loss reads the head as one matrix)",
+    "lora_target_modules": "module names that get adapters",
+    "gradient_checkpointing": "recompute each block in backward (less memory, ~30% more compute)",
+    "impl": "kernel backend: auto (triton on CUDA, else native if built, else chunked), triton, native, chunked, eager",
+    "seed": "seed of every random stream (prompts, rollouts, masks): a resumed run repeats an uninterrupted one",
+    "eval_size": "held-out examples evaluated before and after training",
+    "eval_every": "steps between extra evaluations (0: only before and after)",
+    "eval_temperature": "sampling temperature of the evaluations (0 = greedy)",
+    "output_dir": "the run directory (never overwritten: a non-empty one needs resume)",
+    "save_every": "steps between checkpoints (and at the end)",
+    "keep_checkpoints": "newest checkpoints kept",
+    "resume": "continue the run in output_dir from its newest checkpoint",
+    "tensorboard": "write TensorBoard events under output_dir/tb",
+    "plot": "write output_dir/reward.png at the end",
+    "progress": "show progress bars",
+}
+
+
+def markdown_table() -> str:
+    """Every field with its type, default and description, as the markdown table of docs/config.md."""
+    hints = typing.get_type_hints(TrainConfig)
+    lines = ["| field | type | default | what it does |", "|---|---|---|---|"]
+    defaults = TrainConfig().to_dict()
+    for name in field_names():
+        hint = hints[name]
+        if typing.get_origin(hint) is Literal:
+            kind = " \\| ".join(str(a) for a in typing.get_args(hint))
+        else:
+            kind = getattr(hint, "__name__", str(hint)).replace("|", "\\|")
+        default = defaults[name]
+        json_default = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        lines.append(f"| `{name}` | {kind} | `{json_default}` | {FIELD_DOCS[name]} |")
+    return "\n".join(lines) + "\n"

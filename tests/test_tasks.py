@@ -469,3 +469,20 @@ def test_safe_rewards_isolates_failures():
         safe_rewards(length_reward, prompts, completions, {"k": [1]})
     with pytest.raises(ValueError, match="weights"):
         safe_rewards(length_reward, prompts, completions, weights=[1.0, 2.0])
+
+
+def test_sudoku_reward_cells_all_counts_changed_clues():
+    from dmpo_fast.tasks import get_task
+
+    row = get_task("sudoku").test(1, seed=3)[0]
+    puzzle, solution = row["puzzle"], row["solution"]
+    clue = next(i for i, c in enumerate(puzzle) if c != "0")
+    wrong = list(solution)
+    wrong[clue] = "1" if solution[clue] != "1" else "2"  # blanks all right, one clue changed
+    answer = "/".join("".join(wrong[r * 4 : r * 4 + 4]) for r in range(4))
+    cols = {"puzzle": [puzzle], "solution": [solution]}
+    assert get_task("sudoku").reward([row["prompt"]], [answer], **cols) == [1.0]
+    assert get_task("sudoku", reward_cells="all").reward([row["prompt"]], [answer], **cols) == [15 / 16]
+    assert get_task("sudoku").is_correct([row["prompt"]], [answer], **cols) == [0.0]
+    with pytest.raises(ValueError, match="reward_cells"):
+        get_task("sudoku", reward_cells="clues")

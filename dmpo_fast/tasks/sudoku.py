@@ -147,9 +147,10 @@ def parse_grid(text: str) -> str:
     return "".join(c for c in answer if "0" <= c <= "9")[:CELLS]
 
 
-def cell_accuracy(puzzle: str, solution: str, answer_digits: str) -> float:
-    """Fraction of the puzzle's blank cells whose digit in ``answer_digits`` matches ``solution``."""
-    blanks = [i for i, c in enumerate(puzzle) if c == "0"]
+def cell_accuracy(puzzle: str, solution: str, answer_digits: str, cells: str = "blanks") -> float:
+    """Fraction of the puzzle's blank cells (``cells="all"``: of all 16 cells) whose digit in
+    ``answer_digits`` matches ``solution``."""
+    blanks = [i for i, c in enumerate(puzzle) if c == "0" or cells == "all"]
     if not blanks:
         return 1.0
     right = sum(1 for i in blanks if i < len(answer_digits) and answer_digits[i] == solution[i])
@@ -184,6 +185,10 @@ class SudokuTask(Task):
     test_fraction: float = 0.2
     split_seed: int = 0
     prompt_style: Literal["compact", "instruct"] = "compact"
+    # "blanks": the papers' reward, the blank cells filled correctly; "all": every cell of the answer grid
+    # must match, so a completion that changes a given clue loses reward too (a small model that has not
+    # learned to copy the clues is otherwise free to drift on them).
+    reward_cells: Literal["blanks", "all"] = "blanks"
     train_size: int = 2000  # rows returned by train() when n is None
     test_size: int = 200
 
@@ -196,6 +201,8 @@ class SudokuTask(Task):
             raise ValueError(f"min_blanks ({self.min_blanks}) must be <= max_blanks ({self.max_blanks})")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        if self.reward_cells not in ("blanks", "all"):
+            raise ValueError(f"reward_cells must be one of ('blanks', 'all'), got {self.reward_cells!r}")
         if self.prompt_style not in ("compact", "instruct"):
             raise ValueError(
                 f"prompt_style must be one of ('compact', 'instruct'), got {self.prompt_style!r}"
@@ -248,7 +255,7 @@ class SudokuTask(Task):
         ]
 
     def reward(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float | None]:
-        return [cell_accuracy(p, s, a) for p, s, a in self._scored(completions, columns)]
+        return [cell_accuracy(p, s, a, self.reward_cells) for p, s, a in self._scored(completions, columns)]
 
     def is_correct(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float]:
         return [float(a == s) for _, s, a in self._scored(completions, columns)]
