@@ -112,22 +112,24 @@ Sample sample_row(const scalar_t* src, int64_t V, const SampleOptions& o, uint32
     }
 
     const float* sc = z;
+    float tile_best = tile_max;  // greedy: the score is z itself
     if (!o.greedy) {
       // Column t0 + 4j + k takes word k of the Philox call with c0 = t0 / 4 + j.
       philox_open_uniforms(o.seed, static_cast<uint32_t>(t0 / 4), c1, c2, c3, nv / 4, score);
       const Vec vinv(o.inv_t);
+      Vec vbest(kNegInf);
       for (int64_t i = 0; i < nv; i += Vec::size()) {
         const Vec g = Vec::loadu(score + i).log().neg().log().neg();  // −log(−log u)
-        (Vec::loadu(z + i) * vinv + g).store(score + i);
+        const Vec noisy = Vec::loadu(z + i) * vinv + g;
+        noisy.store(score + i);
+        vbest = at::vec::maximum(vbest, noisy);
       }
+      tile_best = horizontal_max(vbest);
       sc = score;
     }
-    Vec vbest(kNegInf);
-    for (int64_t i = 0; i < nv; i += Vec::size()) vbest = at::vec::maximum(vbest, Vec::loadu(sc + i));
-    const float tile_best = horizontal_max(vbest);
     if (tile_best > best) {  // strict: on a tie the earlier (lower) column keeps it, as torch.argmax
       int64_t i = 0;
-      while (sc[i] != tile_best) ++i;
+      while (i + 1 < nv && sc[i] != tile_best) ++i;
       best = tile_best;
       best_col = t0 + i;
       z_best = z[i];
