@@ -2,8 +2,9 @@
 benchmark models (LLaDA-8B-shaped with random weights, the built-in tiny one), the command line, output.
 
 Two timers: ``bench`` for kernels (CUDA events through ``triton.testing.do_bench``, which also flushes the L2
-cache between calls) and ``bench_wall`` for end-to-end work that synchronises with the host on its own
-(rollouts, training iterations): wall clock around the call, a device synchronise on each side.
+cache between calls) and ``bench_interleaved`` for end-to-end work that synchronises with the host on its own
+(rollouts, training iterations): wall clock around the call, a device synchronise on each side, providers
+timed round-robin. On CPU both also report ``cpu_ms``, the process CPU time, steadier on a shared host.
 """
 
 from __future__ import annotations
@@ -30,23 +31,37 @@ LLADA_8B = dict(
 )  # fmt: skip
 
 
+def _stats(wall: list[float], cpu: list[float] | None) -> dict:
+    q = statistics.quantiles(wall, n=5, method="inclusive") if len(wall) > 1 else [wall[0]] * 4
+    out = {"median_ms": statistics.median(wall), "p20_ms": q[0], "p80_ms": q[3], "repeats": len(wall)}
+    if cpu is not None:
+        out["cpu_ms"] = statistics.median(cpu)
+    return out
+
+
+def _timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of one call. The CPU time (all threads of this process) hardly moves when
+    other processes share the cores, so on a busy host it is the steadier of the two for comparing providers;
+    the wall time is what a user waits."""
+    synchronize(device)
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - t) * 1e3, (time.process_time() - c) * 1e3
+
+
 def bench(fn, device: torch.device, *, quick: bool = False) -> dict:
-    """Median and p20 / p80 milliseconds of ``fn()`` after warm-up (CUDA events via do_bench on GPU)."""
+    """Median and p20 / p80 milliseconds of ``fn()`` after warm-up (CUDA events via do_bench on GPU; on CPU
+    also ``cpu_ms``, the median process CPU time)."""
     if device.type == "cuda":
         import triton.testing
 
         med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
         return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
-    t = time.perf_counter()
-    fn()  # warm-up; its time sets the number of repeats: 3 to 10, about 2 s in all
-    warm_ms = (time.perf_counter() - t) * 1e3
-    times = []
-    for _ in range(3 if quick else min(10, max(3, int(2000 / max(warm_ms, 1e-3))))):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    q = statistics.quantiles(times, n=5, method="inclusive")
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3]}
+    warm_ms, _ = _timed(fn, device)  # warm-up; its time sets the number of repeats: 3 to 10, about 2 s in all
+    n = 3 if quick else min(10, max(3, int(2000 / max(warm_ms, 1e-3))))
+    wall, cpu = zip(*(_timed(fn, device) for _ in range(n)), strict=True)
+    return _stats(list(wall), list(cpu))
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, *, quick: bool = False) -> float | None:
@@ -72,40 +87,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_wall(fn, device: torch.device, *, repeats: int, warmup: int = 1) -> dict:
-    """Median and p20 / p80 wall-clock milliseconds of ``fn()`` over ``repeats`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        t = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - t) * 1e3)
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "repeats": repeats}
-
-
 def bench_interleaved(calls: dict, device: torch.device, *, repeats: int, warmup: int = 1) -> dict:
-    """``bench_wall`` for several calls at once, timed round-robin (A B C A B C ...): a change in the host's
+    """Wall-clock stats (and ``cpu_ms`` on CPU) of several calls that synchronise on their own (rollouts,
+    training iterations), timed round-robin (A B C A B C ...) after ``warmup`` rounds: a change in the host's
     load during the run then slows every provider alike, so their ratios stay fair. {name: stats}."""
     for _ in range(warmup):
         for fn in calls.values():
             fn()
-    times = {name: [] for name in calls}
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
-            synchronize(device)
-            t = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append((time.perf_counter() - t) * 1e3)
-    out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else [ts[0]] * 4
-        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3], "repeats": repeats}
-    return out
+            w, c = _timed(fn, device)
+            wall[name].append(w)
+            cpu[name].append(c)
+    return {name: _stats(wall[name], cpu[name] if device.type == "cpu" else None) for name in calls}
 
 
 def git_commit() -> str | None:
@@ -182,13 +178,20 @@ def write_rows(rows: list[dict], name: str, args) -> Path:
 
 
 def build_lm(
-    arch: str, device: torch.device, dtype: torch.dtype, *, layers: int | None = None, seed: int = 0
+    arch: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    layers: int | None = None,
+    vocab: int | None = None,
+    seed: int = 0,
 ):
     """``(DiffusionLM in eval mode, description dict)`` with random weights.
 
     arch "llada8b": LLaDA-8B's architecture (``LLADA_8B``; ``layers`` overrides the 32 blocks), built directly
     on ``device`` in ``dtype`` (an 8B model in fp32 on the host first would need 32 GB).
-    arch "tiny": ``build_tiny`` over the character tokenizer's vocabulary (the shipped default model's shape).
+    arch "tiny": ``build_tiny`` over the character tokenizer's vocabulary (the shipped default model's shape),
+    or over ``vocab`` ids (mask ``vocab - 1``, EOS ``vocab - 2``) to give the head an LLM's weight.
     """
     from dmpo_fast.models import LLaDADiffusionLM, LLaDAModelLM, build_tiny, tiny_config
 
@@ -210,8 +213,11 @@ def build_lm(
         from dmpo_fast.tokenizer import CharTokenizer
 
         tok = CharTokenizer()
+        V, mask, eos = (
+            (tok.vocab_size, tok.mask_id, tok.eos_id) if vocab is None else (vocab, vocab - 1, vocab - 2)
+        )
         overrides = {} if layers is None else {"n_layers": layers}
-        lm = build_tiny(tok.vocab_size, tok.mask_id, tok.eos_id, seed=seed, **overrides).to(device, dtype)
+        lm = build_tiny(V, mask, eos, seed=seed, **overrides).to(device, dtype)
     else:
         raise ValueError(f"arch must be 'llada8b' or 'tiny', got {arch!r}")
     cfg = lm.config
@@ -278,6 +284,7 @@ def parse(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
 def finish(rows: list[dict], name: str, args, columns: list[str]) -> int:
     """Print the table, write the JSON rows (marked ``quick`` when they measure nothing), say where."""
     for row in rows:
+        row["benchmark"] = name
         row["quick"] = bool(getattr(args, "quick", False))
     print_table(rows, columns)
     path = write_rows(rows, name, args)

@@ -43,6 +43,7 @@ from benchmarks.common import (
     build_lm,
     environment,
     finish,
+    native_ready,
     parse,
     parser,
     synchronize,
@@ -151,9 +152,11 @@ def run(args) -> list[dict]:
         arch, layers, dtype, repeats = "llada8b", args.layers or 4, torch.bfloat16, 3
         s = Setup(prompts=2, group=8, prompt_length=128, gen_length=256, block_length=32, steps=64)
     else:
-        arch, layers, dtype, repeats = "tiny", args.layers, torch.float32, 3
+        arch, layers, dtype, repeats = "tiny", args.layers, torch.float32, 5
         s = Setup(prompts=2, group=8, prompt_length=32, gen_length=24, block_length=24, steps=12)
-    policy, model = build_lm(arch, device, dtype, layers=layers)
+    if device.type == "cpu" and not args.quick:
+        native_ready(build=True)  # impl="auto" picks the native CPU ops only once they are built
+    policy, model = build_lm(arch, device, dtype, layers=layers, vocab=args.vocab)
     ref = copy.deepcopy(policy).requires_grad_(False)
     opt = torch.optim.AdamW(policy.parameters(), lr=s.lr, betas=(0.9, 0.99), weight_decay=0.0)
     prompts = random_prompts(policy, arch, s.prompts, s.prompt_length, torch.Generator().manual_seed(0)).to(
@@ -206,7 +209,12 @@ def main(argv=None):
     p = parser("iteration", __doc__)
     blocks = "transformer blocks (default: 4 of LLaDA-8B's 32 on cuda, the tiny model's 4 on cpu)"
     p.add_argument("--layers", type=int, default=None, help=blocks)
+    p.add_argument(
+        "--vocab", type=int, default=None, help="the tiny model's vocabulary (cpu; default: 55 chars)"
+    )
     args = parse(p, argv)
+    if args.vocab is not None and (args.device == "cuda" or args.vocab < 8):
+        p.error("--vocab sizes the tiny (cpu) model: an int >= 8, and not with --device cuda")
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers must be >= 1, got {args.layers}")
     rows = run(args)

@@ -36,8 +36,11 @@ TABLES = {
         ("peak_bytes", "peak memory"), ("peak_vs_reference", "memory vs reference"),
     ]),
 }  # fmt: skip
-GENERIC = [("provider", "provider"), ("median", "ms: median (p20–p80)")]
-CONDITION_KEYS = ("model", "layers", "dtype", "params")
+# Rows of other scripts (no "benchmark" field, or an op not above): the columns among these that they have.
+GENERIC = [("provider", "provider"), ("median", "ms: median (p20–p80)"), ("speedup", "speed-up"),
+           ("speedup_vs_reference", "vs reference"), ("peak_extra_bytes", "extra peak memory")]  # fmt: skip
+CONDITION_KEYS = ("model", "layers", "vocab", "dtype", "params")
+OWN = ("loss", "denoise", "rollout", "iteration")  # the scripts whose rows TABLES describes
 
 
 def _bytes(n) -> str:
@@ -71,7 +74,8 @@ def cell(row: dict, key: str) -> str:
 
 
 def load(paths: list[Path]) -> dict:
-    """{(op, device): (rows, file name)} keeping the newest file per key; quick rows dropped."""
+    """{(benchmark, op, device): (rows, file name)} keeping the newest file per key; quick rows dropped.
+    ``benchmark`` is the script that wrote the rows (the file name's stem for rows that do not say)."""
     newest = {}
     for path in paths:
         try:
@@ -80,13 +84,14 @@ def load(paths: list[Path]) -> dict:
             print(f"<!-- skipped {path.name}: {err} -->")
             continue
         rows = [r for r in rows if isinstance(r, dict) and not r.get("quick") and "median_ms" in r]
-        for op in dict.fromkeys(r.get("op", path.stem) for r in rows):
-            mine = [r for r in rows if r.get("op", path.stem) == op]
-            key = (op, mine[0].get("device", "?"))
+        for bench, op in dict.fromkeys((r.get("benchmark", path.stem), r.get("op", path.stem)) for r in rows):
+            mine = [r for r in rows if (r.get("benchmark", path.stem), r.get("op", path.stem)) == (bench, op)]
+            variant = tuple(mine[0].get(k) for k in ("model", "layers", "vocab"))  # e.g. two CPU vocabularies
+            key = (bench, op, mine[0].get("device", "?"), variant)
             rank = (mine[0].get("date") or "", path.name)
             if key not in newest or rank > newest[key][0]:
                 newest[key] = (rank, mine, path.name)
-    return {k: (rows, name) for k, (_, rows, name) in sorted(newest.items())}
+    return {k: (rows, name) for k, (_, rows, name) in sorted(newest.items(), key=lambda kv: str(kv[0]))}
 
 
 def conditions(rows: list[dict], file_name: str) -> str:
@@ -116,7 +121,14 @@ def conditions(rows: list[dict], file_name: str) -> str:
 
 
 def table(op: str, rows: list[dict], file_name: str) -> str:
-    title, columns = TABLES.get(op, (op, GENERIC))
+    if rows[0].get("benchmark") in OWN and op in TABLES:
+        title, columns = TABLES[op]
+        if all(r.get("cpu_ms") is not None for r in rows):  # CPU rows: the steadier process CPU time too
+            at = [k for k, _ in columns].index("median") + 1
+            columns = [*columns[:at], ("cpu_ms", "CPU-time ms"), *columns[at:]]
+    else:
+        title = f"`{op}` ({file_name})"
+        columns = [(k, h) for k, h in GENERIC if k == "median" or any(k in r for r in rows)]
     lines = [f"#### {title}", "", conditions(rows, file_name), ""]
     lines.append("| " + " | ".join(h for _, h in columns) + " |")
     lines.append("|" + "---|" * len(columns))
@@ -133,7 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the markdown here as well as to stdout")
     args = p.parse_args(argv)
     paths = args.files or sorted(RESULTS.glob("*.json"))
-    tables = [table(op, rows, name) for (op, _), (rows, name) in load(paths).items()]
+    tables = [table(op, rows, name) for (_, op, *_), (rows, name) in load(paths).items()]
     text = "\n".join(tables) if tables else "No benchmark results yet.\n"
     print(text, end="")
     if args.out:

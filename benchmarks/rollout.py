@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import bench_interleaved, build_lm, environment, finish, parse, parser
+from benchmarks.common import bench_interleaved, build_lm, environment, finish, native_ready, parse, parser
 from dmpo_fast.ops import denoise_step_reference_fastdllm
 from dmpo_fast.profiling import peak_memory
 from dmpo_fast.sampling import generate, transfer_schedule
@@ -77,9 +77,9 @@ def reference_rollout(
 
 
 def random_prompts(lm, arch: str, B: int, P: int, generator: torch.Generator) -> torch.Tensor:
-    """[B, P] ordinary token ids: the tiny vocabulary's 4 special tokens come first, LLaDA's sit at the top
-    (EOS 126081, mask 126336)."""
-    low, high = (4, lm.vocab_size) if arch == "tiny" else (0, lm.eos_id)
+    """[B, P] ordinary token ids: the character vocabulary's 4 special tokens come first (with ``--vocab`` the
+    last two are EOS and mask: both excluded), LLaDA's sit at the top (EOS 126081, mask 126336)."""
+    low, high = (4, lm.vocab_size - 2) if arch == "tiny" else (0, lm.eos_id)
     return torch.randint(low, high, (B, P), generator=generator)
 
 
@@ -116,8 +116,10 @@ def run(args) -> list[dict]:
         B, P, G, block, steps, repeats = 8, 256, 256, 32, 64, 3
     else:
         arch, layers, dtype = "tiny", args.layers, torch.float32
-        B, P, G, block, steps, repeats = 8, 64, 64, 16, 32, 3
-    lm, model = build_lm(arch, device, dtype, layers=layers)
+        B, P, G, block, steps, repeats = 8, 64, 64, 16, 32, 5
+    if device.type == "cpu" and not args.quick:
+        native_ready(build=True)  # impl="auto" picks the native CPU ops only once they are built
+    lm, model = build_lm(arch, device, dtype, layers=layers, vocab=args.vocab)
     g = torch.Generator(device="cpu").manual_seed(0)
     prompt = random_prompts(lm, arch, B, P, g).to(device)
     common = dict(gen_length=G, block_length=block, steps=steps, temperature=TEMPERATURE)
@@ -155,7 +157,12 @@ def main(argv=None):
     p = parser("rollout", __doc__)
     blocks = "transformer blocks (default: the architecture's own: 32 for LLaDA-8B, 4 for tiny)"
     p.add_argument("--layers", type=int, default=None, help=blocks)
+    p.add_argument(
+        "--vocab", type=int, default=None, help="the tiny model's vocabulary (cpu; default: 55 chars)"
+    )
     args = parse(p, argv)
+    if args.vocab is not None and (args.device == "cuda" or args.vocab < 8):
+        p.error("--vocab sizes the tiny (cpu) model: an int >= 8, and not with --device cuda")
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers must be >= 1, got {args.layers}")
     rows = run(args)
