@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(train)
     train.add_argument("--output-dir", help="run directory (default: the config's output_dir)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint"
+    )
 
     ev = sub.add_parser("eval", help="evaluate a model or a training checkpoint on a task")
     _add_config_args(ev)
@@ -50,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", dest="json_out", help="also write the result rows to this JSON file")
 
     conf = sub.add_parser("config", help="print every config field with its default value, as YAML")
-    conf.add_argument("--markdown", action="store_true", help="a markdown table of the fields instead (docs/config.md)")
+    conf.add_argument(
+        "--markdown", action="store_true", help="a markdown table of the fields instead (docs/config.md)"
+    )
     sub.add_parser("info", help="print versions and which kernel backends can run here")
     return parser
 
@@ -74,7 +78,9 @@ def _train(args) -> int:
     from dmpo_fast.train import train
 
     cfg = _config(args, output_dir=args.output_dir, resume=True if args.resume else None)
-    print(f"dmpo-fast train: {cfg.algorithm} on {cfg.task} with model {cfg.model!r}; output in {cfg.output_dir}")
+    print(
+        f"dmpo-fast train: {cfg.algorithm} on {cfg.task} with model {cfg.model!r}; output in {cfg.output_dir}"
+    )
     result = train(cfg)
     before, after = result.eval_before, result.eval_after
     print(
@@ -94,7 +100,9 @@ def _eval(args) -> int:
     rows = evaluate_model(cfg, checkpoint=args.checkpoint, gen_lengths=args.gen_lengths, n=args.num_examples)
     print(f"{'gen_length':>10} {'solve rate':>10} {'reward':>8} {'n':>5} {'seconds':>8}")
     for r in rows:
-        print(f"{r['gen_length']:>10} {r['accuracy']:>10.3f} {r['reward_mean']:>8.3f} {r['n']:>5} {r['seconds']:>8.1f}")
+        print(
+            f"{r['gen_length']:>10} {r['accuracy']:>10.3f} {r['reward_mean']:>8.3f} {r['n']:>5} {r['seconds']:>8.1f}"
+        )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=2)

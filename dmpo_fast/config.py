@@ -41,7 +41,9 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     task: str = "sudoku"  # a registered task name or "package.module:TaskClass"
     task_kwargs: dict = field(default_factory=dict)
-    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one (instruct models)
+    chat_template: bool = (
+        True  # wrap prompts in the tokenizer's chat template when it has one (instruct models)
+    )
     reward_funcs: list = field(default_factory=list)  # extra TRL-style rewards by import path
     algorithm: Algorithm = "dmpo"
     loss: LossName = "wdce"
@@ -146,9 +148,13 @@ class TrainConfig:
         if not 0.0 <= self.centering_strength <= 1.0:
             raise ValueError(f"centering_strength must be in [0, 1], got {self.centering_strength}")
         if self.alpha > 0 and self.reference == "none":
-            raise ValueError("reference must be 'adapter_disabled' or 'frozen_copy' when alpha > 0 (got 'none')")
+            raise ValueError(
+                "reference must be 'adapter_disabled' or 'frozen_copy' when alpha > 0 (got 'none')"
+            )
         if self.reference == "adapter_disabled" and not self.lora:
-            raise ValueError("reference='adapter_disabled' needs lora=true (the base model is the adapter-off policy)")
+            raise ValueError(
+                "reference='adapter_disabled' needs lora=true (the base model is the adapter-off policy)"
+            )
         if self.temperature < 0 or self.eval_temperature < 0:
             raise ValueError("temperature and eval_temperature must be >= 0")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
@@ -158,7 +164,9 @@ class TrainConfig:
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ValueError(f"adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+            raise ValueError(
+                f"adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}"
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -196,7 +204,6 @@ class TrainConfig:
 
     def with_overrides(self, overrides: list[str]) -> TrainConfig:
         """Apply ``key=value`` strings; values are parsed as YAML (``3``, ``0.1``, ``true``, ``null``, ``[a, b]``)."""
-        import yaml
 
         changes = {}
         for item in overrides:
@@ -216,7 +223,11 @@ def _parse_value(raw: str):
     value = yaml.safe_load(raw)
     if isinstance(value, str):
         try:
-            return float(value) if any(c in value for c in ".eE") and value.strip().lower() not in ("inf", "nan") else value
+            return (
+                float(value)
+                if any(c in value for c in ".eE") and value.strip().lower() not in ("inf", "nan")
+                else value
+            )
         except ValueError:
             return value
     return value
@@ -365,6 +376,8 @@ def markdown_table() -> str:
         else:
             kind = getattr(hint, "__name__", str(hint)).replace("|", "\\|")
         default = defaults[name]
-        json_default = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        json_default = (
+            "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        )
         lines.append(f"| `{name}` | {kind} | `{json_default}` | {FIELD_DOCS[name]} |")
     return "\n".join(lines) + "\n"

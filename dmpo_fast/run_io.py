@@ -116,7 +116,9 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         if not self.checkpoints.is_dir():
             return None
-        done = sorted(p for p in self.checkpoints.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and p.is_dir())
+        done = sorted(
+            p for p in self.checkpoints.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and p.is_dir()
+        )
         return done[-1] if done else None
 
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -129,7 +131,9 @@ class RunDir:
         if final.exists():  # the same step written again after a resume: replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(p for p in self.checkpoints.iterdir() if p.name.startswith(CHECKPOINT_PREFIX))[:-keep]:
+        for old in sorted(p for p in self.checkpoints.iterdir() if p.name.startswith(CHECKPOINT_PREFIX))[
+            :-keep
+        ]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 

@@ -37,8 +37,19 @@ from dmpo_fast.run_io import RunDir
 
 # Fields a resumed run may change; any other difference from the saved config is refused.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "max_steps", "progress", "eval_every", "save_every", "keep_checkpoints", "plot", "tensorboard",
-     "eval_size", "device", "impl"}  # fmt: skip
+    {
+        "resume",
+        "max_steps",
+        "progress",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "plot",
+        "tensorboard",
+        "eval_size",
+        "device",
+        "impl",
+    }  # fmt: skip
 )
 
 
@@ -167,7 +178,11 @@ def _add_lora(lm, cfg: TrainConfig):
     except ImportError as e:  # peft missing
         raise ValueError(f"lora=true needs the peft package: pip install 'dmpo_fast[lora]' ({e})") from e
     return add_lora(
-        lm, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target_modules)
+        lm,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
     )
 
 
@@ -178,7 +193,9 @@ def _encode(tokenizer, prompts: list[str], device, chat: bool = True) -> tuple[t
     else:
         if chat and getattr(tokenizer, "chat_template", None):
             prompts = [
-                tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                )
                 for p in prompts
             ]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -202,7 +219,9 @@ def sample_kwargs(cfg: TrainConfig, *, temperature: float, gen_length: int | Non
     """The chosen sampler's keyword arguments (each sampler takes only its own options)."""
     gen_length = gen_length or cfg.gen_length
     block = min(cfg.block_length, gen_length)
-    kw = dict(sampler=cfg.sampler, gen_length=gen_length, block_length=block, temperature=temperature, impl=cfg.impl)
+    kw = dict(
+        sampler=cfg.sampler, gen_length=gen_length, block_length=block, temperature=temperature, impl=cfg.impl
+    )
     steps = max(gen_length // block, round(cfg.steps * gen_length / cfg.gen_length))
     steps -= steps % (gen_length // block)
     if cfg.sampler == "llada":
@@ -286,7 +305,9 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
     )  # fmt: skip
     P = out.prompt_length
     maskable = torch.zeros_like(out.ids, dtype=torch.bool)
-    maskable[:, P:] = dmpo.completion_mask(out.ids[:, P:], policy.eos_id, include_eos_padding=cfg.include_eos_padding)
+    maskable[:, P:] = dmpo.completion_mask(
+        out.ids[:, P:], policy.eos_id, include_eos_padding=cfg.include_eos_padding
+    )
     noise = dmpo.NoiseConfig(cfg.elbo_replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
     elbo_seed = _derive_seed(cfg.seed, "elbo", buffer_index)
     # The masks are keyed by (seed, global row): a process's rows get the masks of a one-process run.
@@ -323,7 +344,9 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
     }
 
 
-def loss_step(policy, buf: dict, cfg: TrainConfig, step: int, device, total_rows: int | None = None) -> dmpo.LossOutput:
+def loss_step(
+    policy, buf: dict, cfg: TrainConfig, step: int, device, total_rows: int | None = None
+) -> dmpo.LossOutput:
     """The DMPO loss of one optimizer step on (a slice of) the buffer, with fresh masks.
 
     WDCE is a sum over rollouts, so slices add up; WDDO is a mean, so a slice's loss is rescaled
@@ -351,12 +374,17 @@ def loss_step(policy, buf: dict, cfg: TrainConfig, step: int, device, total_rows
 def _slice_buffer(buf: dict, start: int, stop: int) -> dict:
     """Rows start..stop-1 of a buffer (whole prompt groups), keeping their global row index."""
     n = buf["ids"].shape[0]
-    part = {k: (v[start:stop] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v) for k, v in buf.items()}
+    part = {
+        k: (v[start:stop] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
+        for k, v in buf.items()
+    }
     part["first_row"] = buf["first_row"] + start
     return part
 
 
-def update(policy, optimizer, params, buf: dict, cfg: TrainConfig, step: int, device, procs: Processes) -> dict:
+def update(
+    policy, optimizer, params, buf: dict, cfg: TrainConfig, step: int, device, procs: Processes
+) -> dict:
     """One optimizer step on this process's buffer: micro-batches of whole groups, summed gradients,
     clipping, and a skipped step when the loss or gradient is not finite. Returns its statistics."""
     G = cfg.num_generations
@@ -378,7 +406,12 @@ def update(policy, optimizer, params, buf: dict, cfg: TrainConfig, step: int, de
         optimizer.step()
     else:
         optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_total, "masked_tokens": int(masked_tokens), "grad_norm": float(grad_norm), "finite": finite}
+    return {
+        "loss": loss_total,
+        "masked_tokens": int(masked_tokens),
+        "grad_norm": float(grad_norm),
+        "finite": finite,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,7 +516,9 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     """Run the configured algorithm; returns the evaluations and where everything was written."""
     cfg = cfg or TrainConfig()
     if cfg.algorithm != "dmpo":
-        raise ValueError(f"algorithm={cfg.algorithm!r} is not available in the trainer yet; use algorithm='dmpo'")
+        raise ValueError(
+            f"algorithm={cfg.algorithm!r} is not available in the trainer yet; use algorithm='dmpo'"
+        )
     from dmpo_fast.tasks import get_task, resolve_reward
 
     t0 = time.time()
@@ -521,12 +556,20 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             print(f"resumed from {latest.name} (step {start})")
     else:
         if cfg.resume and procs.main:
-            warnings.warn(f"resume=true but {str(run.path)!r} has no checkpoint: starting from step 0", stacklevel=2)
+            warnings.warn(
+                f"resume=true but {str(run.path)!r} has no checkpoint: starting from step 0", stacklevel=2
+            )
         run.write_config(cfg.to_dict())
-        eval_before = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress)
+        eval_before = evaluate(
+            policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress
+        )
         if procs.main:
-            print(f"eval before: solve rate {eval_before['accuracy']:.3f}, reward {eval_before['reward_mean']:.3f}")
-    buf = _slice_buffer(buf_all, procs.rank * P_local * G, (procs.rank + 1) * P_local * G) if buf_all else None
+            print(
+                f"eval before: solve rate {eval_before['accuracy']:.3f}, reward {eval_before['reward_mean']:.3f}"
+            )
+    buf = (
+        _slice_buffer(buf_all, procs.rank * P_local * G, (procs.rank + 1) * P_local * G) if buf_all else None
+    )
 
     tb = run.tensorboard() if cfg.tensorboard else None
     from tqdm.auto import tqdm
@@ -552,7 +595,9 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
         else:
             skipped_in_a_row += 1
             if procs.main:
-                warnings.warn(f"step {step + 1}: non-finite loss or gradient, the update was skipped", stacklevel=1)
+                warnings.warn(
+                    f"step {step + 1}: non-finite loss or gradient, the update was skipped", stacklevel=1
+                )
 
         row = _log_row(step + 1, stats, buf_all, scheduler.get_last_lr()[0], time.time() - t_step)
         if procs.main:
@@ -562,7 +607,9 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                     if k != "step" and isinstance(v, (int, float)):
                         tb.add_scalar(f"train/{k}", float(v), step + 1)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}")
+        bar.set_postfix(
+            loss=f"{row['loss']:.3f}", reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}"
+        )
         if skipped_in_a_row >= 3:
             bar.close()
             raise RuntimeError(
@@ -591,13 +638,21 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             )  # fmt: skip
     bar.close()
 
-    eval_after = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress)
+    eval_after = evaluate(
+        policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress
+    )
     wall = time.time() - t0
     if procs.main:
         print(f"eval after:  solve rate {eval_after['accuracy']:.3f}, reward {eval_after['reward_mean']:.3f}")
         run.write_summary(
-            {"eval_before": eval_before, "eval_after": eval_after, "steps": cfg.max_steps, "wall_seconds": wall,
-             "processes": procs.world, "config": cfg.to_dict()}  # fmt: skip
+            {
+                "eval_before": eval_before,
+                "eval_after": eval_after,
+                "steps": cfg.max_steps,
+                "wall_seconds": wall,
+                "processes": procs.world,
+                "config": cfg.to_dict(),
+            }  # fmt: skip
         )
         if tb is not None:
             tb.add_scalar("eval/accuracy", eval_before["accuracy"], 0)
@@ -624,7 +679,9 @@ def resolve_checkpoint(path: str):
         latest = RunDir(p, resume=True, main=False).latest_checkpoint()
         if latest is not None:
             return latest
-    raise ValueError(f"checkpoint {path!r} is neither a run directory with checkpoints nor a checkpoint directory")
+    raise ValueError(
+        f"checkpoint {path!r} is neither a run directory with checkpoints nor a checkpoint directory"
+    )
 
 
 def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengths: list[int] | None = None,
@@ -653,7 +710,9 @@ def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengt
         if g % min(cfg.block_length, g):
             raise ValueError(f"gen_lengths: {g} is not a multiple of block_length ({cfg.block_length})")
         t = time.time()
-        ev = evaluate(policy, tokenizer, task, rows, cfg, reward_fns, procs=procs, gen_length=g, progress=cfg.progress)
+        ev = evaluate(
+            policy, tokenizer, task, rows, cfg, reward_fns, procs=procs, gen_length=g, progress=cfg.progress
+        )
         ev.update(gen_length=g, sampler=cfg.sampler, seconds=round(time.time() - t, 2), task=cfg.task,
                   model=cfg.model if checkpoint is None else str(checkpoint))  # fmt: skip
         results.append(ev)

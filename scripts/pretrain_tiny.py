@@ -36,14 +36,18 @@ from dmpo_fast.tokenizer import CharTokenizer
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "dmpo_fast" / "assets" / "tiny_sudoku"
 
 
-def encode_pairs(tok: CharTokenizer, rows: list[dict], gen_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def encode_pairs(
+    tok: CharTokenizer, rows: list[dict], gen_length: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(ids [N, P + gen_length], attention mask, P): prompts left-padded, completions EOS-padded."""
     prompt_ids, prompt_am = tok.batch_encode([r["prompt"] for r in rows], pad_left=True)
     comp = torch.full((len(rows), gen_length), tok.eos_id, dtype=torch.long)
     for i, r in enumerate(rows):
         c = tok.encode(r["reference"])
         if len(c) > gen_length:
-            raise ValueError(f"--gen-length {gen_length} is shorter than a reference completion ({len(c)} tokens)")
+            raise ValueError(
+                f"--gen-length {gen_length} is shorter than a reference completion ({len(c)} tokens)"
+            )
         comp[i, : len(c)] = torch.tensor(c)
     ids = torch.cat([prompt_ids, comp], dim=1)
     am = torch.cat([prompt_am, torch.ones_like(comp)], dim=1)
@@ -69,7 +73,9 @@ def solve_rate(lm, tok, task, rows, *, gen_length: int, steps: int) -> tuple[flo
     out = generate(lm, ids, am, sampler="fast_dllm", gen_length=gen_length, block_length=gen_length, steps=steps,
                    temperature=0.0, cache="prefix", seed=0)  # fmt: skip
     lm.train()
-    completions = tok.batch_decode(out.ids[:, out.prompt_length :].tolist(), skip_special=True, stop_at_eos=True)
+    completions = tok.batch_decode(
+        out.ids[:, out.prompt_length :].tolist(), skip_special=True, stop_at_eos=True
+    )
     columns = {k: [r[k] for r in rows] for k in ("puzzle", "solution")}
     prompts = [r["prompt"] for r in rows]
     solved = task.is_correct(prompts, completions, **columns)
@@ -106,7 +112,8 @@ def main(argv=None) -> int:
 
     opt = torch.optim.AdamW(lm.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))
+        opt,
+        lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))),
     )
     gen = torch.Generator().manual_seed(args.seed)
     log, t0 = [], time.time()
@@ -119,7 +126,9 @@ def main(argv=None) -> int:
         opt.step()
         sched.step()
         if step % args.eval_every == 0 or step == args.steps:
-            acc, reward = solve_rate(lm, tok, task, test_rows, gen_length=args.gen_length, steps=args.eval_steps)
+            acc, reward = solve_rate(
+                lm, tok, task, test_rows, gen_length=args.gen_length, steps=args.eval_steps
+            )
             log.append({"step": step, "loss": round(loss.item(), 4), "solve_rate": acc, "reward": round(reward, 4),
                         "seconds": round(time.time() - t0, 1)})  # fmt: skip
             print(json.dumps(log[-1]), flush=True)

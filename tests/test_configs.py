@@ -29,7 +29,15 @@ def test_recipe_validates_with_the_paper_values(path):
 
 
 def _path_signature(cfg: TrainConfig) -> tuple:
-    return (cfg.lora, cfg.reference, cfg.sampler, cfg.cache, cfg.baseline, cfg.loss, cfg.gradient_accumulation_steps > 1)
+    return (
+        cfg.lora,
+        cfg.reference,
+        cfg.sampler,
+        cfg.cache,
+        cfg.baseline,
+        cfg.loss,
+        cfg.gradient_accumulation_steps > 1,
+    )
 
 
 def _distinct_paths():

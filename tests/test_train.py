@@ -168,7 +168,12 @@ def test_one_skipped_step_leaves_the_parameters_alone(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "override, field",
-    [("baseline=median", "baseline"), ("sampler=greedy", "sampler"), ("alpha=-1", "alpha"), ("num_generatoins=4", "num_generations")],
+    [
+        ("baseline=median", "baseline"),
+        ("sampler=greedy", "sampler"),
+        ("alpha=-1", "alpha"),
+        ("num_generatoins=4", "num_generations"),
+    ],
 )
 def test_cli_rejects_bad_config_with_the_field_name(tmp_path, override, field):
     out = _cli(["train", "--output-dir", str(tmp_path / "x"), override], timeout=120)
@@ -190,7 +195,13 @@ def test_cli_eval_on_a_checkpoint(tmp_path):
 
 def test_lora_run_with_adapter_disabled_reference(tmp_path):
     pytest.importorskip("peft")
-    cfg = _cfg(tmp_path, max_steps=2, lora=True, reference="adapter_disabled", lora_target_modules=["q_proj", "ff_out"])
+    cfg = _cfg(
+        tmp_path,
+        max_steps=2,
+        lora=True,
+        reference="adapter_disabled",
+        lora_target_modules=["q_proj", "ff_out"],
+    )
     result = train_mod.train(cfg)
     state = RunDir.load_checkpoint(Path(result.output_dir) / "checkpoints" / "step-000002")["model"]
     lora_keys = [k for k in state if "lora_" in k]
@@ -228,3 +239,24 @@ def test_two_processes_match_one(tmp_path):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_custom_reward_is_counted_not_fatal(tmp_path, monkeypatch):
+    (tmp_path / "flaky_reward.py").write_text(
+        "def reward(prompts, completions, **columns):\n"
+        "    out = []\n"
+        "    for i, c in enumerate(completions):\n"
+        "        if i % 4 == 0:\n"
+        "            out.append(None)\n"
+        "        elif i % 4 == 1:\n"
+        "            raise_here = 1 / 0 if i == 1 else None\n"
+        "            out.append(0.5)\n"
+        "        else:\n"
+        "            out.append(1.0)\n"
+        "    return out\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = train_mod.train(_cfg(tmp_path, max_steps=2, reward_funcs=["flaky_reward:reward"]))
+    rows = result.metrics
+    assert all(r["reward_failures"] > 0 for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)

@@ -118,7 +118,9 @@ def add_lora(lm, *, r: int, alpha: int, dropout: float, target_modules: list[str
             f"lora_target_modules {missing} are not modules of this model; allowed names include "
             f"{sorted(n for n in names if n and not n.isdigit())[:20]}"
         )
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none"
+    )
     lm.model = get_peft_model(lm.model, config)
     return lm
 
