@@ -52,3 +52,24 @@ def test_override_syntax_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
     assert "alpha" in field_names()
+
+
+def test_every_field_is_documented_and_docs_config_md_is_current():
+    from pathlib import Path
+
+    from dmpo_fast import config
+
+    assert set(config.FIELD_DOCS) == set(config.field_names())
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert config.markdown_table() in doc, "docs/config.md is stale: regenerate it with `dmpo-fast config --markdown`"
+
+
+def test_numbers_in_exponent_form_parse_as_floats(tmp_path):
+    from dmpo_fast.config import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 3e-6\nthreshold: 9e-1\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.learning_rate == 3e-6 and cfg.threshold == 0.9
+    assert TrainConfig().with_overrides(["learning_rate=1e-5"]).learning_rate == 1e-5
+    assert TrainConfig().with_overrides(["output_dir=runs/v1.e"]).output_dir == "runs/v1.e"
