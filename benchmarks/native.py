@@ -11,26 +11,52 @@
    Both providers run wdce_loss's own non-eager path (token weights, gather of the masked rows,
    ``weighted_linear_ce``), called directly because ``wdce_loss`` does not route ``impl="native"`` yet.
 
-Each row: median / p20 / p80 ms, the speed-up against the baseline of its op, peak memory allocated during
-the call (dmpo_fast.profiling.peak_memory), whether the tokens equal the eager reference's (denoise), the
-shapes, device, versions and git commit. ``--quick`` uses tiny shapes (a smoke test of the script, not a
-measurement). The full run writes benchmarks/results/cpu_native.json. The native ops are built first if the
-cache holds no build (not timed).
+Providers are timed in interleaved rounds (7; 2 with --quick) after a warm-up, so load drifting on a shared
+machine hits them alike. Each row: median / p20 / p80 ms, the speed-up against the baseline of its op, peak
+memory allocated during the call (dmpo_fast.profiling.peak_memory), whether the tokens equal the eager
+reference's (denoise), the shapes, device, versions, git commit and the load average. ``--quick`` uses tiny
+shapes (a smoke test of the script, not a measurement). The full run writes
+benchmarks/results/cpu_native.json. The native ops are built first if the cache holds no build (not timed).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import statistics
+import time
 
 import torch
 
-from benchmarks.common import RESULTS, bench, environment, print_table, write_rows
+from benchmarks.common import RESULTS, environment, print_table, write_rows
 from dmpo_fast.ops import _native
 from dmpo_fast.ops.denoise_step import denoise_step
 from dmpo_fast.ops.linear_ce import chunk_rows, weighted_linear_ce
 from dmpo_fast.ops.wdce import token_weights_from_rows
 from dmpo_fast.profiling import peak_memory
+
+PROVIDERS_DENOISE = ("eager", "chunked", "native")
+
+
+def bench_round_robin(fns: dict, *, quick: bool) -> dict:
+    """Median / p20 / p80 ms of each provider, timed in rounds that call every provider once in turn.
+
+    On a shared machine the load drifts over minutes; interleaving makes every provider see the same drift,
+    so the ratios mean more than those of back-to-back runs (``common.bench``)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    for _ in range(2 if quick else 7):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=5, method="inclusive")
+        out[name] = {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3]}
+    return out
 
 
 def denoise_rows(quick: bool) -> list[dict]:
@@ -43,15 +69,15 @@ def denoise_rows(quick: bool) -> list[dict]:
     for temperature in (0.7, 0.0):
         kw = dict(temperature=temperature, num_transfer=4, seed=1234)
         reference = denoise_step(logits, x, active, impl="eager", **kw)
-        for provider in ("eager", "chunked", "native"):
-            out = denoise_step(logits, x, active, impl=provider, **kw)
-            def call(p=provider, kw=kw):
-                return denoise_step(logits, x, active, impl=p, **kw)
-
-            ms = bench(call, torch.device("cpu"), quick=quick)
+        calls = {
+            p: functools.partial(denoise_step, logits, x, active, impl=p, **kw) for p in PROVIDERS_DENOISE
+        }
+        timings = bench_round_robin(calls, quick=quick)
+        for provider, call in calls.items():
+            out = call()
             _, mem = peak_memory(call)
             rows.append({
-                "op": "denoise_step", "provider": provider, "temperature": temperature, **ms,
+                "op": "denoise_step", "provider": provider, "temperature": temperature, **timings[provider],
                 "peak_extra_bytes": mem,
                 "same_tokens_as_eager": bool(torch.equal(out.x, reference.x)),
                 "same_commits_as_eager": bool(torch.equal(out.committed, reference.committed)),
@@ -103,14 +129,16 @@ def wdce_rows(quick: bool) -> list[dict]:
 
     rows = []
     losses = {}
-    for provider in ("chunked", "native", "gemm_floor"):
-        fn = gemms if provider == "gemm_floor" else (lambda p=provider: step(p))
-        ms = bench(fn, torch.device("cpu"), quick=quick)
+    calls = {"chunked": functools.partial(step, "chunked"), "native": functools.partial(step, "native"),
+             "gemm_floor": gemms}  # fmt: skip
+    timings = bench_round_robin(calls, quick=quick)
+    for provider, fn in calls.items():
         loss, mem = peak_memory(fn)
         if provider != "gemm_floor":
             losses[provider] = float(loss)
         rows.append({
-            "op": "wdce_loss", "mode": "fwd+bwd", "provider": provider, **ms, "peak_extra_bytes": mem,
+            "op": "wdce_loss", "mode": "fwd+bwd", "provider": provider, **timings[provider],
+            "peak_extra_bytes": mem,
             "shape": {"R": R, "L": L, "n_masked": n_masked, "H": H, "V": V, "dtype": "float32",
                       "chunk_rows": chunk},
         })  # fmt: skip
