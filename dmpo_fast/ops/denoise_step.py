@@ -30,7 +30,8 @@ logits never reach memory. The commit rules run on [B, L] confidences with a sta
 with no host sync; the syncs are the count of active positions (to size the gather) and, when counters come
 as tensors, one range check. The native CPU op (``csrc/denoise_step.cpp``, ``impl="native"``) does the same
 tile-by-tile pass per active row with at::parallel_for over rows, and from logits also the commit rule, in one
-call (40-60x the eager path at B=8, 32 active positions, V=32000, T=0.7 on two cores; benchmarks/native.py).
+call (B=8, 32 active positions, V=32000, T=0.7: 17x the eager path on one core, about 40x on two;
+benchmarks/native.py).
 
 Random numbers are counter-based (Philox4x32-10, ``dmpo_fast.ops.philox``; key = the 64-bit ``seed``), so a
 row's result depends only on its own counters, never on the batch layout or the backend:
