@@ -73,7 +73,7 @@ def wdce_loss(
         targets: [R, L] int, the clean tokens.
         loss_mask: [R, L] bool, the positions in the loss (the masked completion tokens).
         row_weights: [R] float, per-row weights (importance weight / replicate count); any sign.
-        impl: "auto" | "triton" | "chunked" | "eager".
+        impl: "auto" | "triton" | "native" | "chunked" | "eager".
         deterministic: triton only, see ``weighted_linear_ce``.
     Returns:
         A 0-dim fp32 tensor (fp64 for fp64 inputs).
@@ -81,7 +81,7 @@ def wdce_loss(
     _check(hidden, head_weight, targets, loss_mask, row_weights)
     if head_weight.dtype != hidden.dtype:
         raise ValueError(f"head_weight dtype {head_weight.dtype} must equal hidden dtype {hidden.dtype}")
-    impl = resolve_impl(impl, hidden.device)
+    impl = resolve_impl(impl, hidden.device, has_native=True)
     if impl == "eager":
         return wdce_loss_ref(hidden, head_weight, targets, loss_mask, row_weights)
     R, L, H = hidden.shape
