@@ -1,7 +1,7 @@
 """Pretrain the built-in tiny model: masked-diffusion training on procedural 4x4 Sudoku, on a CPU.
 
     python scripts/pretrain_tiny.py                      # writes dmpo_fast/assets/tiny_sudoku/
-    python scripts/pretrain_tiny.py --steps 600 --out /tmp/tiny --eval-every 100
+    python scripts/pretrain_tiny.py --steps 300 --out my_tiny --eval-every 50
 
 The model is ``dmpo_fast.models.build_tiny`` over the character tokenizer (55 ids). Each training
 sequence is a puzzle prompt followed by its solved grid and EOS padding up to ``--gen-length`` tokens,
@@ -83,15 +83,27 @@ def solve_rate(lm, tok, task, rows, *, gen_length: int, steps: int) -> tuple[flo
     return sum(solved) / len(rows), sum(reward) / len(rows)
 
 
+def _without_out(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=700, help="optimizer steps (the committed model's value)")
+    p.add_argument("--steps", type=int, default=160, help="optimizer steps (the committed model's value)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--gen-length", type=int, default=24)
     p.add_argument("--eval-steps", type=int, default=12, help="denoising steps of the evaluation decode")
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2)
@@ -137,7 +149,8 @@ def main(argv=None) -> int:
     save_llada(lm.model, str(args.out))
     tok.save(str(args.out))
     record = {
-        "command": "python scripts/pretrain_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        # The command without --out, so the record names no machine path.
+        "command": "python scripts/pretrain_tiny.py " + " ".join(_without_out(sys.argv[1:] if argv is None else argv)),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__,
         "log": log,
