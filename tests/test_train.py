@@ -67,7 +67,7 @@ def test_training_moves_the_policy_and_eval_is_reproducible(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     from dmpo_fast.tasks import get_task
 
-    task = get_task("sudoku")
+    task = get_task(cfg.task, **cfg.task_kwargs)
     rows = task.test(8, seed=0)
     again = train_mod.evaluate(policy, tok, task, rows, cfg, [task.reward])
     assert again == result.eval_before  # same rows, seed and decoding: the same number
