@@ -91,7 +91,21 @@ def load(paths: list[Path]) -> dict:
             rank = (mine[0].get("date") or "", path.name)
             if key not in newest or rank > newest[key][0]:
                 newest[key] = (rank, mine, path.name)
-    return {k: (rows, name) for k, (_, rows, name) in sorted(newest.items(), key=lambda kv: str(kv[0]))}
+
+    def order(item):  # the scripts in reading order (loss, denoise, rollout, iteration), then the others
+        bench, op, device, variant = item[0]
+        model, layers, vocab = variant
+        return (
+            OWN.index(bench) if bench in OWN else len(OWN),
+            bench,
+            op,
+            device,
+            str(model),
+            layers or 0,
+            vocab or 0,
+        )
+
+    return {k: (rows, name) for k, (_, rows, name) in sorted(newest.items(), key=order)}
 
 
 def conditions(rows: list[dict], file_name: str) -> str:

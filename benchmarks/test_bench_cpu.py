@@ -81,8 +81,9 @@ def test_denoise_step(benchmark, provider):
         first = (hidden, head) if form == "hidden" else hidden @ head.T
         kwargs = dict(temperature=0.7, num_transfer=2, seed=1, mask_id=V - 1, impl=impl)
         out = benchmark(denoise_step, first, x, active, **kwargs)
-    assert out.committed.sum(dim=1).tolist() == [2] * B
-    assert (out.committed <= active).all() and (out.x[out.committed] != V - 1).all()
+    assert out.committed.sum(dim=1).tolist() == [2] * B and (out.committed <= active).all()
+    if provider != "reference":  # the research step may sample the mask id itself; denoise_step never does
+        assert (out.x[out.committed] != V - 1).all()
 
 
 def test_forward_mask(benchmark):
