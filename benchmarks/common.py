@@ -286,12 +286,20 @@ def parse(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
     return args
 
 
-def finish(rows: list[dict], name: str, args, columns: list[str]) -> int:
-    """Print the table, write the JSON rows (marked ``quick`` when they measure nothing), say where."""
+def check_target(what: str, measured: str, met: bool) -> None:
+    """Print one line saying whether a target set for the benchmark is met by this run."""
+    print(f"target {what}: {measured} -> {'met' if met else 'MISSED'}")
+
+
+def finish(rows: list[dict], name: str, args, columns: list[str], targets=None) -> int:
+    """Print the table, write the JSON rows (marked ``quick`` when they measure nothing), say where.
+    ``targets(rows)`` prints the target checks after the table (``check_target``)."""
     for row in rows:
         row["benchmark"] = name
         row["quick"] = bool(getattr(args, "quick", False))
     print_table(rows, columns)
+    if targets is not None and rows:
+        targets(rows)
     path = write_rows(rows, name, args)
     print(f"wrote {path}")
     return 0

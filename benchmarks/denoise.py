@@ -28,6 +28,7 @@ import torch
 
 from benchmarks.common import (
     bench,
+    check_target,
     environment,
     finish,
     matmul_tflops,
@@ -151,4 +152,17 @@ def main(argv=None):
     rows = run(args)
     columns = ["case", "provider", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "pct_of_floor",
                "speedup_vs_reference", "peak_extra_bytes"]  # fmt: skip
-    return finish(rows, "denoise", args, columns)
+    return finish(rows, "denoise", args, columns, targets)
+
+
+def targets(rows: list[dict]) -> None:
+    """>= 15x the reference and within 1.5x of the floor, from hidden states (set for CUDA)."""
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case and r["provider"].startswith("hidden")]
+        best = min(mine, key=lambda r: r["median_ms"])
+        ratio = best["median_ms"] / best["floor_ms"]
+        measured = (
+            f"{best['provider']} {best['speedup_vs_reference']:.1f}x the reference, {ratio:.2f}x the floor"
+        )
+        check_target(f"{case} (>= 15x reference, <= 1.5x floor)", measured,
+                     best["speedup_vs_reference"] >= 15 and ratio <= 1.5)  # fmt: skip

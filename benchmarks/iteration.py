@@ -41,6 +41,7 @@ import torch
 from benchmarks.common import (
     bench_interleaved,
     build_lm,
+    check_target,
     environment,
     finish,
     native_ready,
@@ -220,4 +221,12 @@ def main(argv=None):
     rows = run(args)
     columns = ["model", "layers", "provider", "median_ms", "p20_ms", "p80_ms", "rollout_ms", "elbo_ms",
                "loss_steps_ms", "speedup_vs_reference", "peak_bytes", "peak_vs_reference"]  # fmt: skip
-    return finish(rows, "iteration", args, columns)
+    return finish(rows, "iteration", args, columns, targets)
+
+
+def targets(rows: list[dict]) -> None:
+    """>= 2x the reference's throughput at <= half its peak memory (set for CUDA)."""
+    fast = next(r for r in rows if r["provider"] == "dmpo_fast")
+    measured = f"{fast['speedup_vs_reference']:.2f}x at {fast['peak_vs_reference']:.2f}x the peak memory"
+    check_target(">= 2x throughput at <= 0.5x peak memory", measured,
+                 fast["speedup_vs_reference"] >= 2 and fast["peak_vs_reference"] <= 0.5)  # fmt: skip

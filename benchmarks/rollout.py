@@ -24,7 +24,16 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import bench_interleaved, build_lm, environment, finish, native_ready, parse, parser
+from benchmarks.common import (
+    bench_interleaved,
+    build_lm,
+    check_target,
+    environment,
+    finish,
+    native_ready,
+    parse,
+    parser,
+)
 from dmpo_fast.ops import denoise_step_reference_fastdllm
 from dmpo_fast.profiling import peak_memory
 from dmpo_fast.sampling import generate, transfer_schedule
@@ -168,4 +177,9 @@ def main(argv=None):
     rows = run(args)
     columns = ["model", "layers", "provider", "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "ms_per_step",
                "model_tflops", "speedup_vs_llada", "peak_extra_bytes"]  # fmt: skip
-    return finish(rows, "rollout", args, columns)
+    return finish(rows, "rollout", args, columns, targets)
+
+
+def targets(rows: list[dict]) -> None:
+    prefix = next(r for r in rows if r["provider"] == "fast_dllm-prefix")["speedup_vs_llada"]
+    check_target("prefix cache >= 2x llada", f"{prefix:.2f}x", prefix >= 2)
