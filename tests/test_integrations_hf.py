@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import copy
-import functools
-
 import pytest
 import torch
+from toy_models import tiny_policy
 
 from dmpo_fast import dmpo, importance_weights
 from dmpo_fast.integrations.hf import DMPOCollator, DMPOComputeLoss, rollout_rows
-from dmpo_fast.models import build_tiny
 from dmpo_fast.ops.philox import draw_seed
 
 V, MASK, EOS = 55, 2, 1
 G, P, C = 3, 4, 6
 
 
-@functools.cache
-def _built():
-    return build_tiny(V, MASK, EOS, seed=0)
-
-
 def _policy():
-    return copy.deepcopy(_built())  # build_tiny's init takes about a second; copies are instant
+    return tiny_policy(V, MASK, EOS)
 
 
 def _rollouts(groups=2):

@@ -6,15 +6,13 @@ logits); the fused loss's gradients must reach the adapter's A and B exactly as 
 
 from __future__ import annotations
 
-import copy
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
+from toy_models import tiny_policy
 
 from dmpo_fast import wdce_loss
-from dmpo_fast.models import build_tiny, wrap
+from dmpo_fast.models import wrap
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -23,14 +21,8 @@ V, MASK, EOS = 55, 2, 1
 HEAD = r"model\.transformer\.ff_out"  # the LLaDA output layer only (blocks.N.ff_out is the MLP)
 
 
-@functools.cache
-def _built(weight_tying: bool = False):
-    return build_tiny(V, MASK, EOS, seed=0, weight_tying=weight_tying)
-
-
 def _tiny(weight_tying: bool = False):
-    # build_tiny's truncated-normal init takes about a second; copies are instant.
-    return copy.deepcopy(_built(weight_tying))
+    return tiny_policy(V, MASK, EOS, weight_tying=weight_tying)
 
 
 def _adapt(lm, targets, **kwargs):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from toy_models import tiny_policy
 
 import dmpo_fast
 from dmpo_fast import DMPOLoss, forward_mask, importance_weights
@@ -18,13 +18,8 @@ V, MASK, EOS = 55, 2, 1
 G, P, C = 3, 5, 7  # group size, prompt length, completion length
 
 
-@functools.cache
-def _built():
-    return build_tiny(V, MASK, EOS, seed=0)
-
-
 def _policy():
-    return copy.deepcopy(_built())  # build_tiny's init takes about a second; copies are instant
+    return tiny_policy(V, MASK, EOS)
 
 
 def _rollouts(groups=2):

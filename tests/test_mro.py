@@ -21,13 +21,7 @@ GROUP = 2
 IMPLS = ["chunked", "eager"] + (["triton"] if kernels.available() else [])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny shapes: on a shared 2-core machine, intra-op threads cost more than the math (x100 here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

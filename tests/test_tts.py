@@ -13,13 +13,7 @@ V, MASK, EOS = 37, 36, 35
 GEN, BLOCK = 8, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny shapes: on a shared 2-core machine, intra-op threads cost more than the math.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
 """A tiny deterministic denoiser for testing the DMPO functions without a transformer."""
 
+import copy
+import functools
+
 import torch
 from torch import nn
 
@@ -30,3 +33,15 @@ class ToyDenoiser(nn.Module):
 
     def logits(self, ids, attention_mask=None):
         return self.hidden(ids, attention_mask) @ self.head.T
+
+
+@functools.cache
+def _built_tiny(vocab_size: int, mask_id: int, eos_id: int, seed: int, weight_tying: bool) -> nn.Module:
+    from dmpo_fast.models import build_tiny
+
+    return build_tiny(vocab_size, mask_id, eos_id, seed=seed, weight_tying=weight_tying)
+
+
+def tiny_policy(vocab_size: int, mask_id: int, eos_id: int, *, seed: int = 0, weight_tying: bool = False):
+    """A fresh copy of ``build_tiny(...)`` (its init takes about a second; copying the cached one is instant)."""
+    return copy.deepcopy(_built_tiny(vocab_size, mask_id, eos_id, seed, weight_tying))
