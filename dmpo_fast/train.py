@@ -391,15 +391,15 @@ def update(
     groups = buf["ids"].shape[0] // G
     micro = max(1, math.ceil(groups / cfg.gradient_accumulation_steps))
     optimizer.zero_grad(set_to_none=True)
-    loss_total, masked_tokens = 0.0, 0
+    # Sums stay on the device through the micro-batches: one host sync per step, not two per micro-batch.
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss, masked tokens)
     for g0 in range(0, groups, micro):
         part = _slice_buffer(buf, g0 * G, min(groups, g0 + micro) * G)
         out = loss_step(policy, part, cfg, step, device, total_rows=cfg.rollouts_per_step)
         out.loss.backward()
-        loss_total += out.loss.item()
-        masked_tokens += int(out.stats["masked_tokens"])
+        totals += torch.stack([out.loss.detach().double(), out.stats["masked_tokens"].double()])
     procs.sum_gradients(params)
-    loss_total, masked_tokens = procs.sum([loss_total, float(masked_tokens)])
+    loss_total, masked_tokens = procs.sum(totals.tolist())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     finite = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
     if finite:
