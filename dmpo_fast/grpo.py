@@ -297,6 +297,9 @@ def make_buffer(
     *,
     seed: int,
     reference=None,
+    row_offset: int = 0,
+    rows_total: int | None = None,
+    tokens_total: float | None = None,
     impl: str = "auto",
 ) -> dict:
     """Everything the μ inner updates on one rollout batch need.
@@ -306,6 +309,10 @@ def make_buffer(
         rewards: [N] (NaN = failed reward: advantage 0). seed: derives the per-iteration mask seeds.
         reference: the reference model (needed when beta > 0): a model, or a zero-arg callable returning a
             context manager that yields it (the trainer's adapter-disabled / frozen-copy switch).
+        row_offset, rows_total, tokens_total: when this batch is one process's share of a larger one, the
+            index of its first row in the whole batch (the rows' mask keys) and the whole batch's rollouts
+            and completion tokens (the loss denominators), so the shares' losses add up to the whole
+            batch's. Defaults: this batch alone.
     Returns:
         a dict of row-indexed tensors (sliceable by rows for micro-batches) — ids, attention_mask, maskable,
         completion_mask, row_keys, advantages, rewards, old_logp [N, μ, L] (μ > 1), ref_logp [N, μ, L]
@@ -317,7 +324,7 @@ def make_buffer(
     maskable[:, P:] = True  # the whole completion is masked (d1), the loss counts up to the first EOS
     completion_mask = torch.zeros_like(maskable)
     completion_mask[:, P:] = rollout.completion_mask
-    row_keys = torch.arange(N, device=ids.device)
+    row_keys = torch.arange(row_offset, row_offset + N, device=ids.device)
     seeds = iteration_seeds(seed, cfg.num_iterations, cfg.random_masking)
     kw = dict(
         attention_mask=am, p_mask_prompt=cfg.p_mask_prompt, row_keys=row_keys, score_mask=completion_mask,
@@ -327,7 +334,8 @@ def make_buffer(
         "ids": ids, "attention_mask": am, "maskable": maskable, "completion_mask": completion_mask,
         "row_keys": row_keys, "rewards": rewards.float().to(ids.device),
         "advantages": group_advantages(rewards.to(ids.device), cfg.group_size, scale=cfg.scale_rewards),
-        "mask_seeds": seeds, "tokens_total": float(completion_mask.sum()), "rows_total": N,
+        "mask_seeds": seeds, "rows_total": N if rows_total is None else rows_total,
+        "tokens_total": float(completion_mask.sum()) if tokens_total is None else float(tokens_total),
     }  # fmt: skip
     if cfg.num_iterations > 1:
         old = [diffu_grpo_logprobs(policy, ids, maskable, seed=s, **kw) for s in seeds]

@@ -519,23 +519,28 @@ def step_rewards(
 
 
 def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, seed: int, scorer=None,
-                impl: str = "auto") -> dict:  # fmt: skip
+                row_offset: int = 0, rows_total: int | None = None, impl: str = "auto") -> dict:  # fmt: skip
     """Rewards, returns and advantages of one rollout batch (N = prompts × group_size rows, groups
     consecutive), and the rollout tensors ``loss_step`` rebuilds the states from. Row-indexed tensors can be
-    sliced by rows (micro-batches); ``rows_total`` and ``seed`` are scalars."""
+    sliced by rows (micro-batches); ``rows_total`` and ``seed`` are scalars.
+
+    ``row_offset`` and ``rows_total``: when this batch is one process's share of a larger one, the index of
+    its first row in the whole batch (the rows' window-draw keys) and the whole batch's rollouts (the loss
+    denominator), so the shares' losses add up to the whole batch's. Defaults: this batch alone."""
     task = task_rewards.float().to(rollout.ids.device)
     r = step_rewards(policy, rollout, cfg, scorer=scorer, impl=impl)
     returns, valid = window_returns(r["total"], rollout.num_steps, task, window=cfg.window,
                                     task_weight=cfg.task_weight, returns=cfg.returns)  # fmt: skip
     adv = window_advantages(returns, valid, cfg.group_size, baseline=cfg.baseline, scale_std=cfg.scale_std)
     decoded = rollout.commit_step < rollout.num_steps[:, None]  # the tokens the policy chose
-    rows = torch.arange(len(task), device=task.device)  # Philox keys of the window draws
+    rows = torch.arange(row_offset, row_offset + len(task), device=task.device)  # keys of the window draws
     buf = {
         "ids": rollout.ids, "attention_mask": rollout.attention_mask, "commit_step": rollout.commit_step,
         "num_steps": rollout.num_steps, "completion_mask": rollout.completion_mask,
         "advantages": adv, "valid": valid, "returns": returns, "task_rewards": task,
         "tokens": decoded.sum(1).clamp_min(1).float(), "row_keys": rows,
-        "prompt_length": rollout.prompt_length, "mask_id": rollout.mask_id, "rows_total": len(task),
+        "prompt_length": rollout.prompt_length, "mask_id": rollout.mask_id,
+        "rows_total": len(task) if rows_total is None else rows_total,
         "seed": seed,
     }  # fmt: skip
     for name in ("tv", "ppl"):
