@@ -33,6 +33,14 @@ Reference = Literal["adapter_disabled", "frozen_copy", "none"]
 Scheduler = Literal["constant", "constant_with_warmup", "cosine", "linear"]
 DType = Literal["float32", "bfloat16", "float16"]
 ImplName = Literal["auto", "triton", "native", "chunked", "eager"]
+ScaleRewards = Literal["none", "std"]
+GRPONormalize = Literal["token", "sequence"]
+Verification = Literal["leave_one_out", "pre_step", "final"]
+VerificationScore = Literal["prob", "logprob"]
+PPLText = Literal["visible", "prefix"]
+Shaping = Literal["none", "potential"]
+Returns = Literal["reward_to_go", "window"]
+Importance = Literal["none", "uniform", "advantage"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,29 @@ class TrainConfig:
     ddo_independent_sets: bool = True
     reference: Reference = "frozen_copy"
 
+    # --- diffu-GRPO (algorithm: diffu_grpo; μ is num_iterations, the reference is `reference`) ----
+    grpo_epsilon: float = 0.2
+    grpo_beta: float = 0.04
+    grpo_p_mask_prompt: float = 0.15
+    grpo_random_masking: bool = True
+    grpo_scale_rewards: ScaleRewards = "none"
+    grpo_normalize: GRPONormalize = "token"
+
+    # --- MRO (algorithm: mro; SGRO over windows of denoising steps) -----------------------------
+    mro_window: int = 8
+    mro_verification: Verification = "leave_one_out"
+    mro_verification_score: VerificationScore = "prob"
+    mro_tv_weight: float = 1.0
+    mro_ppl_weight: float | None = None  # None: 1 when mro_ppl_model is set, else 0
+    mro_ppl_model: str | None = None  # a causal LM (hub name or directory) scoring the perplexity reward
+    mro_ppl_text: PPLText = "visible"
+    mro_task_weight: float = 1.0
+    mro_shaping: Shaping = "none"
+    mro_returns: Returns = "reward_to_go"
+    mro_scale_rewards: ScaleRewards = "none"
+    mro_importance: Importance = "none"
+    mro_windows_per_rollout: int = 4
+
     # --- optimisation --------------------------------------------------------------------------
     learning_rate: float = 3e-5
     lr_scheduler: Scheduler = "constant_with_warmup"
@@ -105,6 +136,8 @@ class TrainConfig:
     eval_size: int = 200
     eval_every: int = 0  # steps between evaluations during training (0: only before and after)
     eval_temperature: float = 0.0
+    eval_tts_k: int = 0  # test-time scaling: candidates per prompt (0: plain decoding)
+    eval_tts_window: int = 4  # test-time scaling: model calls between branch points
     output_dir: str = "runs/dmpo-sudoku"
     save_every: int = 10
     keep_checkpoints: int = 2
@@ -118,12 +151,13 @@ class TrainConfig:
         positive = [
             "prompts_per_step", "num_generations", "gen_length", "block_length", "steps", "num_iterations",
             "num_replicates", "elbo_replicates", "gradient_accumulation_steps", "max_steps", "lora_r",
-            "eval_size", "save_every", "keep_checkpoints",
+            "eval_size", "save_every", "keep_checkpoints", "mro_window", "mro_windows_per_rollout",
+            "eval_tts_window",
         ]  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "seed", "eval_tts_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if self.gen_length % self.block_length:
@@ -151,9 +185,14 @@ class TrainConfig:
             raise ValueError(f"ess_target must be in (0, 1] or null, got {self.ess_target}")
         if not 0.0 <= self.centering_strength <= 1.0:
             raise ValueError(f"centering_strength must be in [0, 1], got {self.centering_strength}")
-        if self.alpha > 0 and self.reference == "none":
+        if self.algorithm == "dmpo" and self.alpha > 0 and self.reference == "none":
             raise ValueError(
                 "reference must be 'adapter_disabled' or 'frozen_copy' when alpha > 0 (got 'none')"
+            )
+        if self.algorithm == "diffu_grpo" and self.grpo_beta > 0 and self.reference == "none":
+            raise ValueError(
+                "reference must be 'adapter_disabled' or 'frozen_copy' when algorithm='diffu_grpo' and "
+                "grpo_beta > 0 (got 'none'; grpo_beta=0 trains without a reference)"
             )
         if self.reference == "adapter_disabled" and not self.lora:
             raise ValueError(
@@ -175,11 +214,58 @@ class TrainConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        self._check_grpo_and_mro()
+
+    def _check_grpo_and_mro(self) -> None:
+        if self.algorithm in ("mro", "diffu_grpo") and self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2 for algorithm={self.algorithm!r} (the group-relative "
+                f"advantage of a single rollout is 0), got {self.num_generations}"
+            )
+        if not self.grpo_epsilon > 0:
+            raise ValueError(f"grpo_epsilon must be > 0, got {self.grpo_epsilon}")
+        if self.grpo_beta < 0:
+            raise ValueError(f"grpo_beta must be >= 0, got {self.grpo_beta}")
+        if not 0.0 <= self.grpo_p_mask_prompt <= 1.0:
+            raise ValueError(f"grpo_p_mask_prompt must be in [0, 1], got {self.grpo_p_mask_prompt}")
+        for name in ("mro_tv_weight", "mro_ppl_weight", "mro_task_weight"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mro_ppl_model is not None and not self.mro_ppl_model.strip():
+            raise ValueError("mro_ppl_model must be a model name, a directory or null, got ''")
+        if self.mro_ppl_weight and self.mro_ppl_model is None:
+            raise ValueError(
+                f"mro_ppl_weight={self.mro_ppl_weight} needs mro_ppl_model (a causal LM scoring the "
+                "perplexity reward, e.g. gpt2); set mro_ppl_weight=0 or null to go without"
+            )
+        rewards = (self.mro_tv_weight, self.effective_ppl_weight, self.mro_task_weight)
+        if self.algorithm == "mro" and not any(rewards):
+            raise ValueError(
+                "mro_tv_weight, mro_ppl_weight and mro_task_weight are all 0: algorithm='mro' has no reward"
+            )
+        if self.eval_tts_k:
+            if not (self.mro_tv_weight or self.effective_ppl_weight):
+                raise ValueError(
+                    "eval_tts_k > 0 ranks candidates by the MRO step rewards: it needs mro_tv_weight > 0 or "
+                    "mro_ppl_model (got mro_tv_weight=0 and no perplexity reward)"
+                )
+            if self.eval_temperature == 0 and self.remasking != "random" and self.sampler != "roar":
+                raise ValueError(
+                    "eval_tts_k > 0 needs eval_temperature > 0 (or remasking='random', or sampler='roar'): "
+                    "greedy low-confidence decoding gives k identical candidates"
+                )
 
     # ---------------------------------------------------------------------------------------------
     @property
     def rollouts_per_step(self) -> int:
         return self.prompts_per_step * self.num_generations
+
+    @property
+    def effective_ppl_weight(self) -> float:
+        """λ_ppl of MRO's perplexity reward: mro_ppl_weight, or (null) 1 with an mro_ppl_model, else 0."""
+        if self.mro_ppl_weight is not None:
+            return float(self.mro_ppl_weight)
+        return 1.0 if self.mro_ppl_model is not None else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -310,7 +396,7 @@ FIELD_DOCS: dict[str, str] = {
     "task_kwargs": "keyword arguments of the task's constructor (e.g. {prompt_style: instruct})",
     "chat_template": "wrap prompts in the tokenizer's chat template when it has one (instruct models)",
     "reward_funcs": 'extra TRL-style rewards fn(prompts, completions, **columns) by import path "module:function", summed with the task reward',
-    "algorithm": "dmpo (mro and diffu_grpo are being wired into the trainer)",
+    "algorithm": "dmpo, mro (step rewards + SGRO, docs/mro.md) or diffu_grpo (d1's clipped GRPO)",
     "loss": "wdce (weighted denoising cross-entropy) or wddo (weighted direct discriminative optimisation)",
     "prompts_per_step": "prompts per rollout buffer, all processes together (a multiple of the process count)",
     "num_generations": "G: rollouts per prompt, the group of the per-prompt softmax",
@@ -322,7 +408,10 @@ FIELD_DOCS: dict[str, str] = {
     "temperature": "rollout sampling temperature (Gumbel-max)",
     "remasking": "which tokens a step commits: low_confidence or random",
     "threshold": "fast_dllm confidence threshold (null: the fixed schedule of `steps`)",
-    "num_iterations": "F: optimizer steps per rollout buffer (off-policy reuse, fresh masks each step)",
+    "num_iterations": (
+        "F (DMPO) or μ (diffu-GRPO): optimizer steps per rollout buffer (off-policy reuse, fresh masks each "
+        "step); keep 1 for MRO, whose REINFORCE loss has no policy ratio"
+    ),
     "num_replicates": "noisy copies of each rollout in the loss",
     "elbo_replicates": "noisy copies of each rollout for the ELBO of log p_ref and log p_old",
     "antithetic": "pair each mask with its complement (even replicate counts)",
@@ -337,7 +426,35 @@ FIELD_DOCS: dict[str, str] = {
     "ddo_beta": "β of WDDO's log-sigmoid",
     "ddo_a": "weight of WDDO's fake-sample term",
     "ddo_independent_sets": "WDDO: estimate the real and fake gaps from disjoint replicate halves",
-    "reference": "frozen_copy, adapter_disabled (LoRA policy with the adapter off) or none (alpha = 0)",
+    "reference": (
+        "reference model of DMPO (alpha > 0) and diffu-GRPO (grpo_beta > 0): frozen_copy, adapter_disabled "
+        "(LoRA policy with the adapter off) or none"
+    ),
+    "grpo_epsilon": "diffu-GRPO: clip range ε of the policy ratio (GRPO paper 0.2; d1's configs 0.5)",
+    "grpo_beta": "diffu-GRPO: coefficient β of the k3 KL to `reference` (0: no reference model)",
+    "grpo_p_mask_prompt": "diffu-GRPO: probability of masking each prompt token in the one-step log-probs",
+    "grpo_random_masking": "diffu-GRPO: a fresh prompt mask for each of the μ updates (false: one mask)",
+    "grpo_scale_rewards": "diffu-GRPO advantages: none (r − group mean, d1) or std (also ÷ group std, GRPO)",
+    "grpo_normalize": (
+        "diffu-GRPO loss: token (mean over the buffer's completion tokens, d1) or sequence (mean per "
+        "sequence, then over sequences)"
+    ),
+    "mro_window": "MRO: denoising steps per SGRO window (the unit of rewards, returns and advantages)",
+    "mro_verification": "MRO token-verification context: leave_one_out, pre_step or final (docs/mro.md)",
+    "mro_verification_score": "MRO token verification scores a re-masked token by its prob or logprob",
+    "mro_tv_weight": "MRO: weight of the token-verification reward",
+    "mro_ppl_weight": "MRO: weight of the perplexity reward (null: 1 when mro_ppl_model is set, else 0)",
+    "mro_ppl_model": "MRO: causal LM (hub name or directory with its tokenizer) of the perplexity reward",
+    "mro_ppl_text": "MRO perplexity of the visible committed tokens, or of the committed prefix only",
+    "mro_task_weight": "MRO: weight of the task reward, added to each rollout's last window",
+    "mro_shaping": "MRO perplexity reward: none (summed per state) or potential (its change per step)",
+    "mro_returns": "MRO window return: reward_to_go (this and later windows) or window (this window only)",
+    "mro_scale_rewards": "MRO advantages: none (return − group mean) or std (also ÷ group std)",
+    "mro_importance": (
+        "MRO: windows in each step's loss: none (all), or mro_windows_per_rollout draws, reweighted, uniform "
+        "or ∝ abs(advantage)"
+    ),
+    "mro_windows_per_rollout": "MRO: window draws per rollout with mro_importance uniform or advantage",
     "learning_rate": "AdamW learning rate",
     "lr_scheduler": "constant, constant_with_warmup, cosine or linear",
     "warmup_steps": "linear warm-up steps",
@@ -358,6 +475,11 @@ FIELD_DOCS: dict[str, str] = {
     "eval_size": "held-out examples evaluated before and after training",
     "eval_every": "steps between extra evaluations (0: only before and after)",
     "eval_temperature": "sampling temperature of the evaluations (0 = greedy)",
+    "eval_tts_k": (
+        "evaluate with MRO test-time scaling: k candidates per prompt ranked by the MRO step rewards "
+        "(mro_tv_weight, mro_ppl_*; never the task's answer); 0: plain decoding"
+    ),
+    "eval_tts_window": "test-time scaling: model calls between branch points (all continue from the best)",
     "output_dir": "the run directory (never overwritten: a non-empty one needs resume)",
     "save_every": "steps between checkpoints (and at the end)",
     "keep_checkpoints": "newest checkpoints kept",
