@@ -119,6 +119,16 @@ def git_commit() -> str | None:
         return None
 
 
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist`` (e.g. "liger-kernel"), or None when it is absent."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

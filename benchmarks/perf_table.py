@@ -2,7 +2,10 @@
 
 For every (benchmark, device) the newest file wins (by the rows' date, then the file name); rows written with
 ``--quick`` are left out (they measure nothing). Each table is headed by its conditions: device, dtype,
-shapes, model, torch / triton versions, commit, date, CPU threads and load. Paste the output into the README.
+shapes, model, torch / triton (and peer library) versions, commit, date, CPU threads and load. Providers that
+were not measured (a row with ``skipped``: no CUDA, not installed, compilation failed, disagreed with the
+reference) are listed under the table with their reason, and rows with a ``note`` get it there too.
+Paste the output into the README.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ TABLES = {
     "wdce_loss": ("`wdce_loss` forward + backward", [
         ("provider", "provider"), ("median", "ms: median (p20–p80)"),
         ("speedup_vs_reference", "vs reference"), ("tflops", "TFLOP/s"), ("pct_of_floor", "% of floor"),
-        ("peak_extra_bytes", "extra peak memory"),
+        ("peak_extra_bytes", "extra peak memory"), ("err_vs_tol", "error / tolerance"),
     ]),
     "denoise_step": ("`denoise_step`, one denoising step", [
         ("case", "query rows"), ("provider", "provider"), ("median", "ms: median (p20–p80)"),
@@ -73,6 +76,11 @@ def cell(row: dict, key: str) -> str:
     return _num(v)
 
 
+def _is_result(row: dict) -> bool:
+    """A measured row, or one that says why a provider was not measured."""
+    return "median_ms" in row or "skipped" in row
+
+
 def load(paths: list[Path]) -> dict:
     """{(benchmark, op, device): (rows, file name)} keeping the newest file per key; quick rows dropped.
     ``benchmark`` is the script that wrote the rows (the file name's stem for rows that do not say)."""
@@ -83,7 +91,7 @@ def load(paths: list[Path]) -> dict:
         except (OSError, json.JSONDecodeError) as err:
             print(f"<!-- skipped {path.name}: {err} -->")
             continue
-        rows = [r for r in rows if isinstance(r, dict) and not r.get("quick") and "median_ms" in r]
+        rows = [r for r in rows if isinstance(r, dict) and not r.get("quick") and _is_result(r)]
         for bench, op in dict.fromkeys((r.get("benchmark", path.stem), r.get("op", path.stem)) for r in rows):
             mine = [r for r in rows if (r.get("benchmark", path.stem), r.get("op", path.stem)) == (bench, op)]
             variant = tuple(mine[0].get(k) for k in ("model", "layers", "vocab"))  # e.g. two CPU vocabularies
@@ -125,6 +133,8 @@ def conditions(rows: list[dict], file_name: str) -> str:
     if described:
         parts.append("shape " + ", ".join(described))
     parts.append(f"torch {r.get('torch')}, triton {r.get('triton')}")
+    if r.get("peers"):  # the peer libraries a benchmark compares with (the loss: Cut Cross-Entropy, Liger)
+        parts.append(", ".join(f"{dist} {v or 'not installed'}" for dist, v in r["peers"].items()))
     if r.get("device_type") == "cpu":
         load = r.get("load_avg_1m")
         parts.append(
@@ -134,7 +144,17 @@ def conditions(rows: list[dict], file_name: str) -> str:
     return "; ".join(parts)
 
 
-def table(op: str, rows: list[dict], file_name: str) -> str:
+def footnotes(rows: list[dict]) -> list[str]:
+    """Lines under a table: the providers not measured and why, then the notes of measured rows."""
+    lines = [f"- not measured: `{r.get('provider')}` — {r['skipped']}" for r in rows if r.get("skipped")]
+    lines += [f"- `{r.get('provider')}`: {r['note']}" for r in rows if r.get("note") and not r.get("skipped")]
+    return ["", *lines] if lines else []
+
+
+def table(op: str, all_rows: list[dict], file_name: str) -> str:
+    rows = [r for r in all_rows if "median_ms" in r]  # measured; the others are footnotes
+    if not rows:
+        return "\n".join([f"#### `{op}`", "", conditions(all_rows, file_name), *footnotes(all_rows)]) + "\n"
     if rows[0].get("benchmark") in OWN and op in TABLES:
         title, columns = TABLES[op]
         if all(r.get("cpu_ms") is not None for r in rows):  # CPU rows on a shared host: min and CPU time too
@@ -148,7 +168,7 @@ def table(op: str, rows: list[dict], file_name: str) -> str:
     lines.append("|" + "---|" * len(columns))
     for r in rows:
         lines.append("| " + " | ".join(cell(r, k) for k, _ in columns) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + footnotes(all_rows)) + "\n"
 
 
 def main(argv=None) -> int:

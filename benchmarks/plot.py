@@ -2,7 +2,8 @@
 
 One figure per JSON file: a horizontal bar per provider (one panel per case when the rows have several) of
 the median, with the p20–p80 range as an error bar (a log axis when the values span more than 20×) —
-milliseconds, or tokens per second for rollouts. The title states the benchmark, device and date.
+milliseconds, or tokens per second for rollouts. The title states the benchmark, device and date; providers
+that were not measured (rows with ``skipped``) are named under the bars with their reason.
 Needs matplotlib (not a dependency of the package).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 from benchmarks.common import RESULTS
@@ -37,13 +39,16 @@ def plot_file(path: Path, out_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in json.loads(path.read_text()) if isinstance(r, dict) and "median_ms" in r]
+    every = [r for r in json.loads(path.read_text()) if isinstance(r, dict)]
+    rows = [r for r in every if "median_ms" in r]
+    skipped = [f"{r.get('provider')}: {r['skipped']}" for r in every if r.get("skipped")]
     if not rows:
         return None
     op = rows[0].get("op", path.stem)
     label, value, spread = _metric(op)
     cases = list(dict.fromkeys(r.get("case") for r in rows))
-    fig, axes = plt.subplots(len(cases), 1, figsize=(8, 0.45 * len(rows) + 1.6 * len(cases)), squeeze=False)
+    height = 0.45 * len(rows) + 1.6 * len(cases) + 0.2 * len(skipped)
+    fig, axes = plt.subplots(len(cases), 1, figsize=(8, height), squeeze=False)
     for ax, case in zip(axes[:, 0], cases, strict=True):
         mine = [r for r in rows if r.get("case") == case]
         names = [r["provider"] for r in mine]
@@ -69,7 +74,12 @@ def plot_file(path: Path, out_dir: Path) -> Path | None:
     r = rows[0]
     quick = " (--quick: not a measurement)" if r.get("quick") else ""
     fig.suptitle(f"{op} on {r.get('device', '?')}, {r.get('date', '')}{quick}", fontsize=10)
-    fig.tight_layout()
+    if skipped:  # wrapped to the figure's width, so a long reason cannot widen the saved image
+        text = "\n".join(textwrap.shorten("not measured: " + s, 140) for s in skipped)
+        fig.text(0.01, 0.01, text, fontsize=7, va="bottom", color="dimgray")
+        fig.tight_layout(rect=(0, 0.03 + 0.12 * len(skipped) / height, 1, 1))
+    else:
+        fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{path.stem}.png"
     fig.savefig(out, dpi=110)
