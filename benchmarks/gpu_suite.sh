@@ -7,6 +7,11 @@
 # budget (SUITE_BUDGET_S, default 570 s: a remote call is capped at 600 s), so a hang or a crash costs one
 # step, not the suite. Steps that the remaining budget cannot cover are skipped and say so.
 # JSON files are named <benchmark>-<gpu>-<date>.json: copy them into benchmarks/results/ and commit them.
+#
+# The loss benchmark's peers (Cut Cross-Entropy, Liger-Kernel) come as wheels, since the GPU machine may have no
+# network: run `bash benchmarks/fetch_wheels.sh` where an index is reachable, and bring benchmarks/wheels/
+# (git-ignored) along with the checkout. They are installed from there with --no-deps --no-index; without the
+# folder, or if that install fails, the suite goes on and the loss rows of the peers say why they were skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
@@ -43,9 +48,15 @@ echo "device: ${GPU:-unknown}; budget $BUDGET s; output $OUT" | tee -a "$SUMMARY
 # Read-only queries: the conditions (clocks, power limit) the figures were taken under.
 step nvidia-smi 20 bash -c "nvidia-smi; nvidia-smi -q -d POWER,CLOCK,PERFORMANCE"
 step install 90 "$PY" -m pip install -e . --no-deps --no-build-isolation -q
+if compgen -G "benchmarks/wheels/*.whl" > /dev/null; then
+    step wheels 60 "$PY" -m pip install --no-deps --no-index -q benchmarks/wheels/*.whl
+else
+    echo "wheels: none in benchmarks/wheels/ (bash benchmarks/fetch_wheels.sh): cce and liger rows will be skipped" \
+        | tee -a "$SUMMARY"
+fi
 step info 30 "$PY" -m dmpo_fast info
 step pytest-gpu 170 pytest -m gpu -x -q -p no:cacheprovider
-step bench-loss 60 "$PY" -m benchmarks loss --device cuda --out "$OUT/loss-$TAG.json"
+step bench-loss 150 "$PY" -m benchmarks loss --device cuda --out "$OUT/loss-$TAG.json"
 step bench-denoise 60 "$PY" -m benchmarks denoise --device cuda --out "$OUT/denoise-$TAG.json"
 step bench-rollout 150 "$PY" -m benchmarks rollout --device cuda --out "$OUT/rollout-$TAG.json"
 step bench-iteration 120 "$PY" -m benchmarks iteration --device cuda --out "$OUT/iteration-$TAG.json"
