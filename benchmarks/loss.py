@@ -23,7 +23,7 @@ Providers, all computing Σ_r w_r / n_r · Σ_{masked l} CE(hidden[r, l] · Wᵀ
 The peers get the masked rows gathered inside the timed step, as ``wdce_loss`` gathers them for its backends.
 
 Before timing, every provider's loss, dL/dhidden and dL/dW are compared once with the reference's
-(``check``): a provider whose error passes rtol × scale (``tolerance``) gets a row that says so and is not
+(``check``): a provider whose error exceeds rtol × scale (``tolerance``) gets a row that says so and is not
 timed. A provider that cannot run here (no CUDA, not installed, compilation failed) gets a row with the
 reason in ``skipped``. Each measured row: median / p20 / p80 ms of forward+backward, TFLOP/s against the
 3-GEMM floor (2·N_masked·H·V·3 FLOPs), percent of the floor at the matmul rate measured in the same run,
