@@ -275,25 +275,22 @@ def run(args) -> list[dict]:
     for name in names:
         row = {**base, "provider": name}
         rows.append(row)
-        try:
-            fn, note, unit_weights = provider(name, device, build_native=not args.quick)
-        except Unavailable as why:
-            row["skipped"] = str(why)
-            print(f"skip {name}: {why}")
-            continue
-        row["note"] = note
-        ins = (*inputs[:4], _unit_row_weights(mask)) if unit_weights else inputs
         t0 = time.perf_counter()
         try:
+            fn, note, unit_weights = provider(name, device, build_native=not args.quick)
+            ins = (*inputs[:4], _unit_row_weights(mask)) if unit_weights else inputs
             got = run_once(fn, ins)
+        except Unavailable as why:
+            row["skipped"] = str(why)
         except Exception as err:  # noqa: BLE001 - a peer or the compiler failing here is a result, not a crash
             if name in OWN_IMPL:  # a failure of this package's own backends is a bug: let it show
                 raise
-            row["skipped"] = f"{'torch.compile' if name == 'compile' else name} failed: " + (
-                f"{type(err).__name__}: {_first_line(err)}"
-            )
+            what = "torch.compile" if name == "compile" else PEERS[name]
+            row["skipped"] = f"{what} failed: {type(err).__name__}: {_first_line(err)}"
+        if "skipped" in row:
             print(f"skip {name}: {row['skipped']}")
             continue
+        row["note"] = note
         if name == "compile":
             row["compile_s"] = time.perf_counter() - t0  # compilation + one forward+backward
         ref, scales = reference(unit_weights)
