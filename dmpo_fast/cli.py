@@ -4,6 +4,7 @@
     dmpo-fast train --config configs/llada8b_gsm8k.yaml learning_rate=3e-6 max_steps=200
     dmpo-fast train --output-dir runs/x --resume          # continue a run from its newest checkpoint
     dmpo-fast eval --checkpoint runs/x --gen-lengths 24 48 --sampler llada
+    dmpo-fast eval --checkpoint runs/x --tts-k 4 eval_temperature=0.7   # MRO test-time scaling
     dmpo-fast config                                      # print every field and its default, as YAML
     dmpo-fast info                                        # versions and usable kernel backends
 
@@ -49,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sampler", choices=("llada", "fast_dllm", "roar"), help="decoding sampler")
     ev.add_argument("--gen-lengths", type=int, nargs="+", metavar="N", help="generation lengths to evaluate")
     ev.add_argument("-n", "--num-examples", type=int, help="held-out examples (default: eval_size)")
+    ev.add_argument(
+        "--tts-k",
+        type=int,
+        metavar="K",
+        help="test-time scaling: K candidates per prompt ranked by the MRO step rewards (eval_tts_k; needs "
+        "eval_temperature > 0; eval_tts_window=N sets the model calls between branch points)",
+    )
     ev.add_argument("--json", dest="json_out", help="also write the result rows to this JSON file")
 
     conf = sub.add_parser("config", help="print every config field with its default value, as YAML")
@@ -94,10 +102,13 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from dmpo_fast.train import evaluate_model
 
-    cfg = _config(args, model=args.model, task=args.task, sampler=args.sampler)
+    cfg = _config(args, model=args.model, task=args.task, sampler=args.sampler, eval_tts_k=args.tts_k)
     if args.checkpoint and args.model:
         raise ValueError("give --checkpoint or --model, not both (a checkpoint names its own model)")
     rows = evaluate_model(cfg, checkpoint=args.checkpoint, gen_lengths=args.gen_lengths, n=args.num_examples)
+    if cfg.eval_tts_k:
+        k, window = cfg.eval_tts_k, cfg.eval_tts_window
+        print(f"test-time scaling: {k} candidates per prompt, branching every {window} model calls")
     print(f"{'gen_length':>10} {'solve rate':>10} {'reward':>8} {'n':>5} {'seconds':>8}")
     for r in rows:
         print(

@@ -1,4 +1,5 @@
-"""The DMPO trainer: a plain loop over the pure functions of ``dmpo_fast.dmpo`` and ``dmpo_fast.ops``.
+"""The trainer: a plain loop over the pure functions of ``dmpo_fast.dmpo`` (DMPO, the default),
+``dmpo_fast.mro`` (MRO) and ``dmpo_fast.grpo`` (diffu-GRPO), and ``dmpo_fast.ops``.
 
 One iteration (``num_iterations`` = F optimizer steps per rollout buffer):
 
@@ -10,6 +11,19 @@ One iteration (``num_iterations`` = F optimizer steps per rollout buffer):
 
 Departures from the paper / reference implementation are listed in ``dmpo_fast.dmpo``. All randomness
 of a step derives from (seed, step), so a resumed run repeats an uninterrupted one exactly.
+
+MRO and diffu-GRPO share the loop, the rollouts and the rewards; only the buffer and the loss change
+(``algorithm_buffer``, ``algorithm_loss``):
+
+    mro:         x --step rewards (token verification, perplexity) + task reward--> window returns,
+                 group advantages [N, J]  --> num_iterations x SGRO REINFORCE loss over the windows' states
+    diffu_grpo:  x --r - group mean--> advantages [N]; one-step log-probs of π_old (μ > 1) and π_ref
+                 (grpo_beta > 0), one prompt mask per inner step --> μ x clipped-ratio loss + β·KL
+
+Their row keys (mask and window draws) are global rows and their loss denominators the whole step's, so
+micro-batches and processes add up to the one-batch loss, as DMPO's. ``eval_tts_k`` > 0 evaluates any
+algorithm with MRO's test-time scaling (``dmpo_fast.sampling.generate_tts``), candidates ranked by the
+MRO step rewards alone (never the task's answer).
 
 Processes. Under ``accelerate launch`` (or ``torchrun``) each process takes ``prompts_per_step / world``
 whole prompt groups (a group never straddles processes, so the per-group softmax is local), generates
@@ -30,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dmpo_fast import dmpo
+from dmpo_fast import dmpo, grpo, mro
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.ops import importance_weights
 from dmpo_fast.run_io import RunDir
@@ -119,6 +133,16 @@ class Processes:
         dist.all_gather(parts, t.contiguous())
         out = torch.cat(parts)
         return out.bool() if flag else out
+
+    def gather_objects(self, obj) -> list:
+        """Every process's ``obj`` (any picklable value), in rank order."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -241,22 +265,29 @@ def sample_kwargs(cfg: TrainConfig, *, temperature: float, gen_length: int | Non
 
 @torch.no_grad()
 def rollout(policy, tokenizer, task, rows, *, repeat: int, cfg: TrainConfig, temperature: float, seed: int,
-            reward_fns: list, first_row: int = 0, gen_length: int | None = None):  # fmt: skip
+            reward_fns: list, first_row: int = 0, gen_length: int | None = None,
+            tts: dict | None = None):  # fmt: skip
     """Generate ``repeat`` completions per row (group-consecutive) and score them.
 
     ``first_row`` is the global index of this batch's first rollout: its Philox row key, so a process
     holding rows i.. of a batch draws the same tokens as one process holding them all.
+    ``tts``: ``generate_tts``'s k, window and reward_fn, to decode with test-time scaling.
     Returns (rollout, completions, rewards [N] fp32 with NaN for failed rewards, n_failed, solved [N]).
     """
-    from dmpo_fast.sampling import generate
+    from dmpo_fast.sampling import generate, generate_tts
+    from dmpo_fast.sampling.rollout import inference
     from dmpo_fast.tasks import columns_of, safe_rewards
 
     rows = [r for r in rows for _ in range(repeat)]
     prompts = [r["prompt"] for r in rows]
     ids, am = _encode(tokenizer, prompts, policy.head_weight.device, chat=cfg.chat_template)
     keys = torch.arange(first_row, first_row + len(rows), device=ids.device)
-    out = generate(policy, ids, am, seed=seed, row_keys=keys,
-                   **sample_kwargs(cfg, temperature=temperature, gen_length=gen_length))  # fmt: skip
+    kw = sample_kwargs(cfg, temperature=temperature, gen_length=gen_length)
+    if tts:
+        with inference(policy):  # the candidates' final scoring too runs in eval mode
+            out = generate_tts(policy, ids, am, seed=seed, row_keys=keys, **tts, **kw).rollout
+    else:
+        out = generate(policy, ids, am, seed=seed, row_keys=keys, **kw)
     completions = _decode(tokenizer, out.ids[:, out.prompt_length :])
     columns = columns_of(rows)
     rewards, n_failed = safe_rewards(reward_fns, prompts, completions, columns)
@@ -265,13 +296,25 @@ def rollout(policy, tokenizer, task, rows, *, repeat: int, cfg: TrainConfig, tem
 
 
 def evaluate(policy, tokenizer, task, rows, cfg: TrainConfig, reward_fns: list, *, procs: Processes | None = None,
-             batch_size: int = 64, gen_length: int | None = None, progress: bool = False) -> dict:  # fmt: skip
+             batch_size: int = 64, gen_length: int | None = None, progress: bool = False,
+             scorer=None) -> dict:  # fmt: skip
     """Held-out solve rate and mean reward with the run's sampler at ``eval_temperature``.
 
     The same rows, seed and decoding before and after training, so the two numbers compare.
     With several processes each takes every world-th batch and the sums are combined.
+    With ``cfg.eval_tts_k`` > 0 each prompt is decoded by test-time scaling (``eval_tts_k`` candidates,
+    branching every ``eval_tts_window`` model calls, ranked by the MRO step rewards of ``cfg``; ``scorer``
+    is the perplexity model, loaded here when needed and not given).
     """
     rank, world = (procs.rank, procs.world) if procs is not None else (0, 1)
+    tts = None
+    if cfg.eval_tts_k:
+        if scorer is None and cfg.effective_ppl_weight:
+            scorer = load_scorer(cfg, tokenizer, policy.head_weight.device)
+        fn = mro.tts_reward_fn(
+            policy, mro_config(cfg), scorer=scorer, window=cfg.eval_tts_window, impl=cfg.impl
+        )
+        tts = dict(k=cfg.eval_tts_k, window=cfg.eval_tts_window, reward_fn=fn)
     acc, rew, n = 0.0, 0.0, 0
     starts = list(range(0, len(rows), batch_size))[rank::world]
     from tqdm.auto import tqdm
@@ -281,6 +324,7 @@ def evaluate(policy, tokenizer, task, rows, cfg: TrainConfig, reward_fns: list, 
         _, _, rewards, _, solved = rollout(
             policy, tokenizer, task, chunk, repeat=1, cfg=cfg, temperature=cfg.eval_temperature,
             seed=_derive_seed(cfg.seed, "eval"), reward_fns=reward_fns, first_row=s, gen_length=gen_length,
+            tts=tts,
         )  # fmt: skip
         acc += solved.sum().item()
         rew += torch.nan_to_num(rewards, nan=0.0).sum().item()
@@ -382,6 +426,145 @@ def _slice_buffer(buf: dict, start: int, stop: int) -> dict:
     return part
 
 
+# --------------------------------------------------------------------------------------------------
+# MRO and diffu-GRPO: DMPO's rollouts and rewards, their own buffer and loss
+# --------------------------------------------------------------------------------------------------
+
+# Loss statistics summed over micro-batches and processes (besides the loss and masked_tokens).
+SUMMED_STATS = {"diffu_grpo": ("kl_sum", "clip_sum", "ratio_sum"), "mro": ("states", "windows")}
+
+
+def grpo_config(cfg: TrainConfig) -> grpo.GRPOConfig:
+    """The run's diffu-GRPO options (μ = num_iterations, G = num_generations)."""
+    return grpo.GRPOConfig(
+        group_size=cfg.num_generations, num_iterations=cfg.num_iterations, epsilon=cfg.grpo_epsilon,
+        beta=cfg.grpo_beta, p_mask_prompt=cfg.grpo_p_mask_prompt, random_masking=cfg.grpo_random_masking,
+        scale_rewards=cfg.grpo_scale_rewards, normalize=cfg.grpo_normalize,
+    )  # fmt: skip
+
+
+def mro_config(cfg: TrainConfig) -> mro.MROConfig:
+    """The run's MRO options (G = num_generations); its step rewards also rank TTS candidates."""
+    return mro.MROConfig(
+        group_size=cfg.num_generations, window=cfg.mro_window, verification=cfg.mro_verification,
+        verification_score=cfg.mro_verification_score, ppl_text=cfg.mro_ppl_text, tv_weight=cfg.mro_tv_weight,
+        ppl_weight=cfg.effective_ppl_weight, task_weight=cfg.mro_task_weight, shaping=cfg.mro_shaping,
+        returns=cfg.mro_returns, scale_std=cfg.mro_scale_rewards == "std", importance=cfg.mro_importance,
+        windows_per_rollout=cfg.mro_windows_per_rollout, num_iterations=cfg.num_iterations,
+    )  # fmt: skip
+
+
+def load_scorer(cfg: TrainConfig, tokenizer, device):
+    """MRO's perplexity scorer: cfg.mro_ppl_model with its own tokenizer (the policy's text is re-encoded)."""
+    if cfg.mro_ppl_model is None:
+        raise ValueError("the perplexity reward needs mro_ppl_model (a causal LM name or directory)")
+    dtype = getattr(torch, cfg.dtype)
+    return mro.load_ar_scorer(
+        cfg.mro_ppl_model, bridge_from=tokenizer, device=device, dtype=dtype, impl=cfg.impl
+    )
+
+
+def algorithm_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns, rows, buffer_index: int,
+                     *, first_row: int = 0, procs: Processes | None = None, scorer=None) -> dict:  # fmt: skip
+    """MRO / diffu-GRPO: rollouts of ``rows`` (G each, drawn as DMPO's), the algorithm's buffer, on the CPU.
+
+    The buffer's row keys start at ``first_row`` and its loss denominators count every process's rows and
+    tokens, so the processes' (and micro-batches') losses add up to the whole step's.
+    """
+    out, _, rewards, n_failed, solved = rollout(
+        policy, tokenizer, task, rows, repeat=cfg.num_generations, cfg=cfg, temperature=cfg.temperature,
+        seed=_derive_seed(cfg.seed, "rollout", buffer_index), reward_fns=reward_fns, first_row=first_row,
+    )  # fmt: skip
+    world = procs.world if procs is not None else 1
+    rewards, algo_seed = rewards.to(out.ids.device), _derive_seed(cfg.seed, cfg.algorithm, buffer_index)
+    if cfg.algorithm == "diffu_grpo":
+        tokens = [float(out.completion_mask.sum())]
+        buf = grpo.make_buffer(
+            policy, out, rewards, grpo_config(cfg), seed=algo_seed,
+            reference=reference if cfg.grpo_beta > 0 else None, row_offset=first_row,
+            rows_total=out.ids.shape[0] * world, tokens_total=(procs.sum(tokens) if procs else tokens)[0],
+            impl=cfg.impl,
+        )  # fmt: skip
+    elif cfg.algorithm == "mro":
+        buf = mro.make_buffer(
+            policy, out, rewards, mro_config(cfg), seed=algo_seed, scorer=scorer, row_offset=first_row,
+            rows_total=out.ids.shape[0] * world, impl=cfg.impl,
+        )  # fmt: skip
+    else:
+        raise ValueError(
+            f"algorithm must be 'mro' or 'diffu_grpo' here (dmpo uses make_buffer), got {cfg.algorithm!r}"
+        )
+    buf = {k: v.cpu() if torch.is_tensor(v) else v for k, v in buf.items()}
+    buf.update(
+        rewards=rewards.float().cpu(), solved=solved.cpu(), n_failed=int(n_failed), first_row=first_row
+    )
+    return buf
+
+
+def algorithm_loss(policy, buf: dict, cfg: TrainConfig, step: int, device) -> dmpo.LossOutput:
+    """The MRO / diffu-GRPO loss of optimizer step ``step`` on (a row slice of) a buffer. Its stats are the
+    sums the trainer adds over micro-batches and processes: masked_tokens (tokens in the loss) and
+    ``SUMMED_STATS`` (diffu-GRPO's token-weighted KL, clip share and ratio; MRO's states and windows)."""
+    part = {k: v.to(device) if torch.is_tensor(v) else v for k, v in buf.items()}
+    if cfg.algorithm == "diffu_grpo":
+        out = grpo.loss_step(policy, part, grpo_config(cfg), step, impl=cfg.impl)
+        n = out.stats["masked_tokens"]
+        kl = out.stats.get("kl", torch.zeros((), device=n.device))  # no KL without a reference
+        stats = {"masked_tokens": n, "kl_sum": kl * n, "clip_sum": out.stats["clip_ratio"] * n,
+                 "ratio_sum": out.stats["ratio_mean"] * n}  # fmt: skip
+    else:
+        out = mro.loss_step(policy, part, mro_config(cfg), step, impl=cfg.impl)
+        stats = {k: out.stats[k] for k in ("masked_tokens", "states", "windows")}
+    loss_device = out.loss.device
+    return dmpo.LossOutput(out.loss, {k: v.detach().to(loss_device) for k, v in stats.items()})
+
+
+def _algorithm_row_stats(algorithm: str, rows: dict, stats: dict) -> dict:
+    """The metrics row's MRO / diffu-GRPO columns, from the step's merged buffer rows and loss sums."""
+    n = max(stats["masked_tokens"], 1)
+    if algorithm == "diffu_grpo":
+        return {
+            "kl": stats["kl_sum"] / n,
+            "clip_ratio": stats["clip_sum"] / n,
+            "ratio_mean": stats["ratio_sum"] / n,
+            "advantage_abs_mean": float(rows["advantages"].abs().mean()),
+        }
+    out = {
+        "states": int(stats["states"]),
+        "windows": int(stats["windows"]),
+        "steps_mean": float(rows["num_steps"].float().mean()),
+    }
+    for name in ("tv_mean", "ppl_mean"):  # per-rollout mean step rewards, when the term is on
+        if name in rows:
+            out[f"{name[:-5]}_reward_mean"] = float(torch.nanmean(rows[name]))
+    return out
+
+
+def _merge_rows(parts: list[dict]) -> dict:
+    """The per-rollout ([N]) tensors of every process's buffer, concatenated in rank order, and the summed
+    failure count."""
+    rows = {
+        k: torch.cat([p[k] for p in parts])
+        for k, v in parts[0].items()
+        if torch.is_tensor(v) and v.dim() == 1
+    }
+    rows["n_failed"] = sum(p["n_failed"] for p in parts)
+    return rows
+
+
+def _local_buffer(parts: list[dict] | None, procs: Processes, step: int, cfg: TrainConfig) -> dict | None:
+    """This process's buffer of a resumed MRO / diffu-GRPO run (None: the next step draws a new one)."""
+    if parts is None or step % cfg.num_iterations == 0:
+        return None
+    if len(parts) != procs.world:
+        raise ValueError(
+            f"resume=true at step {step}, inside a rollout buffer written by {len(parts)} processes, with "
+            f"{procs.world} processes: resume with {len(parts)} processes (or from a checkpoint at a "
+            f"multiple of num_iterations={cfg.num_iterations})"
+        )
+    return parts[procs.rank]
+
+
 def update(
     policy, optimizer, params, buf: dict, cfg: TrainConfig, step: int, device, procs: Processes
 ) -> dict:
@@ -390,16 +573,26 @@ def update(
     G = cfg.num_generations
     groups = buf["ids"].shape[0] // G
     micro = max(1, math.ceil(groups / cfg.gradient_accumulation_steps))
+    extra = SUMMED_STATS.get(cfg.algorithm, ())
     optimizer.zero_grad(set_to_none=True)
     # Sums stay on the device through the micro-batches: one host sync per step, not two per micro-batch.
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss, masked tokens)
+    totals = torch.zeros(2 + len(extra), dtype=torch.float64, device=device)  # (loss, masked tokens, extra)
     for g0 in range(0, groups, micro):
         part = _slice_buffer(buf, g0 * G, min(groups, g0 + micro) * G)
-        out = loss_step(policy, part, cfg, step, device, total_rows=cfg.rollouts_per_step)
+        if cfg.algorithm == "dmpo":
+            out = loss_step(policy, part, cfg, step, device, total_rows=cfg.rollouts_per_step)
+        else:
+            out = algorithm_loss(policy, part, cfg, step, device)
         out.loss.backward()
-        totals += torch.stack([out.loss.detach().double(), out.stats["masked_tokens"].double()])
+        totals += torch.stack(
+            [
+                out.loss.detach().double(),
+                out.stats["masked_tokens"].double(),
+                *(out.stats[k].double() for k in extra),
+            ]
+        )
     procs.sum_gradients(params)
-    loss_total, masked_tokens = procs.sum(totals.tolist())
+    loss_total, masked_tokens, *sums = procs.sum(totals.tolist())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     finite = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
     if finite:
@@ -411,6 +604,7 @@ def update(
         "masked_tokens": int(masked_tokens),
         "grad_norm": float(grad_norm),
         "finite": finite,
+        **dict(zip(extra, sums, strict=True)),
     }
 
 
@@ -423,7 +617,10 @@ class _Reference:
     """Context manager factory giving the reference model: a frozen copy, or the adapter-off policy."""
 
     def __init__(self, cfg: TrainConfig, policy):
-        self.kind = cfg.reference if cfg.alpha > 0 else "none"
+        uses = (
+            cfg.alpha > 0 if cfg.algorithm == "dmpo" else cfg.algorithm == "diffu_grpo" and cfg.grpo_beta > 0
+        )
+        self.kind = cfg.reference if uses else "none"
         self.policy = policy
         self.copy = None
         if self.kind == "frozen_copy":
@@ -471,21 +668,30 @@ def _check_resume_config(run: RunDir, cfg: TrainConfig) -> None:
         )
 
 
-def _log_row(step, stats, buf_all, lr, seconds) -> dict:
+def _log_row(step, stats, buf_all, lr, seconds, algorithm: str = "dmpo") -> dict:
+    if algorithm != "dmpo":  # MRO / diffu-GRPO: one buffer per process
+        buf_all = _merge_rows(buf_all)
     rewards = buf_all["rewards"]
     finite_r = rewards[torch.isfinite(rewards)]
-    return {
+    row = {
         "step": step,
         "loss": stats["loss"],
         "reward_mean": float(finite_r.mean()) if finite_r.numel() else float("nan"),
         "reward_std": float(finite_r.std()) if finite_r.numel() > 1 else 0.0,
         "accuracy": float(buf_all["solved"].mean()),
-        "ess_mean": float(buf_all["ess"].mean()),
-        "weights_min": float(buf_all["weights"].min()),
-        "weights_max": float(buf_all["weights"].max()),
-        "weights_std": float(buf_all["weights"].std()),
-        "log_ratio_mean": float(buf_all["log_ratio"].nan_to_num().mean()),
-        "dropped": buf_all["dropped"],
+    }
+    if algorithm != "dmpo":
+        row.update(_algorithm_row_stats(algorithm, buf_all, stats))
+    else:
+        row.update({
+            "ess_mean": float(buf_all["ess"].mean()),
+            "weights_min": float(buf_all["weights"].min()),
+            "weights_max": float(buf_all["weights"].max()),
+            "weights_std": float(buf_all["weights"].std()),
+            "log_ratio_mean": float(buf_all["log_ratio"].nan_to_num().mean()),
+            "dropped": buf_all["dropped"],
+        })  # fmt: skip
+    return row | {
         "reward_failures": buf_all["n_failed"],
         "grad_norm": stats["grad_norm"],
         "lr": lr,
@@ -515,10 +721,6 @@ def _gather_buffer(buf: dict, procs: Processes) -> dict:
 def train(cfg: TrainConfig | None = None) -> TrainResult:
     """Run the configured algorithm; returns the evaluations and where everything was written."""
     cfg = cfg or TrainConfig()
-    if cfg.algorithm != "dmpo":
-        raise ValueError(
-            f"algorithm={cfg.algorithm!r} is not available in the trainer yet; use algorithm='dmpo'"
-        )
     from dmpo_fast.tasks import get_task, resolve_reward
 
     t0 = time.time()
@@ -532,6 +734,14 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     task = get_task(cfg.task, **cfg.task_kwargs)
     reward_fns = [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]
     reference = _Reference(cfg, policy)
+    needs_scorer = cfg.effective_ppl_weight > 0 and (cfg.algorithm == "mro" or cfg.eval_tts_k > 0)
+    scorer = load_scorer(cfg, tokenizer, device) if needs_scorer else None
+    if cfg.algorithm == "mro" and cfg.num_iterations > 1 and procs.main:
+        warnings.warn(
+            f"algorithm='mro' with num_iterations={cfg.num_iterations}: each buffer is reused off-policy "
+            "(the SGRO loss has no policy ratio); num_iterations=1 is on-policy",
+            stacklevel=2,
+        )
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
@@ -561,15 +771,21 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             )
         run.write_config(cfg.to_dict())
         eval_before = evaluate(
-            policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress
-        )
+            policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress,
+            scorer=scorer,
+        )  # fmt: skip
         if procs.main:
             print(
                 f"eval before: solve rate {eval_before['accuracy']:.3f}, reward {eval_before['reward_mean']:.3f}"
             )
-    buf = (
-        _slice_buffer(buf_all, procs.rank * P_local * G, (procs.rank + 1) * P_local * G) if buf_all else None
-    )
+    if cfg.algorithm != "dmpo":
+        buf = _local_buffer(buf_all, procs, start, cfg)
+    else:
+        buf = (
+            _slice_buffer(buf_all, procs.rank * P_local * G, (procs.rank + 1) * P_local * G)
+            if buf_all
+            else None
+        )
 
     tb = run.tensorboard() if cfg.tensorboard else None
     from tqdm.auto import tqdm
@@ -583,10 +799,17 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             b = step // cfg.num_iterations
             rng = torch.Generator().manual_seed(_derive_seed(cfg.seed, "prompts", b))
             picks = torch.randint(len(train_rows), (P,), generator=rng).tolist()
-            mine = picks[procs.rank * P_local : (procs.rank + 1) * P_local]
-            buf = make_buffer(policy, reference, tokenizer, task, cfg, reward_fns, [train_rows[i] for i in mine], b,
-                              first_row=procs.rank * P_local * G)  # fmt: skip
-            buf_all = _gather_buffer(buf, procs)
+            mine = [train_rows[i] for i in picks[procs.rank * P_local : (procs.rank + 1) * P_local]]
+            if cfg.algorithm == "dmpo":
+                buf = make_buffer(policy, reference, tokenizer, task, cfg, reward_fns, mine, b,
+                                  first_row=procs.rank * P_local * G)  # fmt: skip
+                buf_all = _gather_buffer(buf, procs)
+            else:
+                buf = algorithm_buffer(policy, reference, tokenizer, task, cfg, reward_fns, mine, b,
+                                       first_row=procs.rank * P_local * G, procs=procs,
+                                       scorer=scorer)  # fmt: skip
+                # Whole buffers, not concatenated tensors: their widths may differ between processes.
+                buf_all = procs.gather_objects(buf)
 
         stats = update(policy, optimizer, params, buf, cfg, step, device, procs)
         scheduler.step()
@@ -599,7 +822,9 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                     f"step {step + 1}: non-finite loss or gradient, the update was skipped", stacklevel=1
                 )
 
-        row = _log_row(step + 1, stats, buf_all, scheduler.get_last_lr()[0], time.time() - t_step)
+        row = _log_row(
+            step + 1, stats, buf_all, scheduler.get_last_lr()[0], time.time() - t_step, cfg.algorithm
+        )
         if procs.main:
             run.log(row)
             if tb is not None:
@@ -619,7 +844,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             )
 
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            ev = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs)
+            ev = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, scorer=scorer)
             if procs.main:
                 run.log_eval(step + 1, ev)
                 if tb is not None:
@@ -639,7 +864,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     bar.close()
 
     eval_after = evaluate(
-        policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress
+        policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress, scorer=scorer
     )
     wall = time.time() - t0
     if procs.main:
@@ -687,7 +912,8 @@ def resolve_checkpoint(path: str):
 def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengths: list[int] | None = None,
                    n: int | None = None) -> list[dict]:  # fmt: skip
     """Solve rate and mean reward of cfg.model (or a trainer checkpoint) on cfg.task's held-out rows,
-    one row per generation length, with cfg's sampler and ``eval_temperature``."""
+    one row per generation length, with cfg's sampler and ``eval_temperature`` (and test-time scaling with
+    ``eval_tts_k`` > 0)."""
     from dmpo_fast.tasks import get_task, resolve_reward
 
     if checkpoint is not None:
@@ -705,15 +931,20 @@ def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengt
     task = get_task(cfg.task, **cfg.task_kwargs)
     reward_fns = [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]
     rows = task.test(n or cfg.eval_size, seed=cfg.seed)
+    scorer = (
+        load_scorer(cfg, tokenizer, procs.device) if cfg.eval_tts_k and cfg.effective_ppl_weight else None
+    )
     results = []
     for g in gen_lengths or [cfg.gen_length]:
         if g % min(cfg.block_length, g):
             raise ValueError(f"gen_lengths: {g} is not a multiple of block_length ({cfg.block_length})")
         t = time.time()
         ev = evaluate(
-            policy, tokenizer, task, rows, cfg, reward_fns, procs=procs, gen_length=g, progress=cfg.progress
-        )
-        ev.update(gen_length=g, sampler=cfg.sampler, seconds=round(time.time() - t, 2), task=cfg.task,
+            policy, tokenizer, task, rows, cfg, reward_fns, procs=procs, gen_length=g, progress=cfg.progress,
+            scorer=scorer,
+        )  # fmt: skip
+        ev.update(gen_length=g, sampler=cfg.sampler, tts_k=cfg.eval_tts_k, seconds=round(time.time() - t, 2),
+                  task=cfg.task,
                   model=cfg.model if checkpoint is None else str(checkpoint))  # fmt: skip
         results.append(ev)
     return results
