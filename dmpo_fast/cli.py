@@ -77,9 +77,8 @@ def _config(args, **extra):
 
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     changes = {k: v for k, v in extra.items() if v is not None}
-    if changes:
-        cfg = cfg.replace(**changes)
-    return cfg.with_overrides(args.overrides) if args.overrides else cfg
+    # One validation for options and overrides together: a check relating two fields sees both.
+    return cfg.with_overrides(args.overrides or [], **changes) if changes or args.overrides else cfg
 
 
 def _train(args) -> int:

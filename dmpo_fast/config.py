@@ -292,10 +292,11 @@ class TrainConfig:
             data = yaml.safe_load(f) or {}
         return cls.from_dict(data)
 
-    def with_overrides(self, overrides: list[str]) -> TrainConfig:
-        """Apply ``key=value`` strings; values are parsed as YAML (``3``, ``0.1``, ``true``, ``null``, ``[a, b]``)."""
+    def with_overrides(self, overrides: list[str], **changes) -> TrainConfig:
+        """Apply ``key=value`` strings; values are parsed as YAML (``3``, ``0.1``, ``true``, ``null``, ``[a, b]``).
 
-        changes = {}
+        ``changes`` (field values, e.g. from command-line options) are applied in the same step, so the checks
+        that relate fields see both; an override wins over a change of the same field."""
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"override {item!r} must look like key=value")
