@@ -77,9 +77,17 @@ def quick_rows(run_dir):
 
 def _common_fields(rows):
     for r in rows:
-        assert r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"]
         assert r["torch"] and r["device"] and r["device_type"] == "cpu" and r["quick"] is True
-        assert "commit" in r and "triton" in r and r["peak_extra_bytes"] >= 0
+        assert "commit" in r and "triton" in r
+        if r.get("skipped"):  # a peer that cannot run here (no CUDA, not installed): the reason, no timing
+            assert r["skipped"] and "median_ms" not in r
+            continue
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"]
+        # torch.compile cannot be memory-tracked on CPU (the tracker runs the uncompiled code): no figure.
+        if r.get("provider") == "compile":
+            assert r["peak_extra_bytes"] is None
+        else:
+            assert r["peak_extra_bytes"] >= 0
 
 
 def test_entry_point_lists_the_scripts():
@@ -95,7 +103,9 @@ def test_loss_quick(quick_rows):
     rows = quick_rows["loss"]
     _common_fields(rows)
     assert {"reference", "chunked"} <= {r["provider"] for r in rows}
-    assert all(r["shape"]["n_masked"] > 0 and r["tflops"] > 0 for r in rows)
+    measured = [r for r in rows if not r.get("skipped")]
+    assert {"cce", "liger"} <= {r["provider"] for r in rows if r.get("skipped")}  # CUDA-only peers on CPU
+    assert all(r["shape"]["n_masked"] > 0 and r["tflops"] > 0 for r in measured)
 
 
 def test_denoise_quick(quick_rows):
