@@ -1,6 +1,6 @@
 """The ``dmpo-fast`` command line.
 
-    dmpo-fast train                                       # the embedded default: DMPO on the tiny Sudoku model
+    dmpo-fast train                                       # the default: DMPO on the tiny Sudoku model
     dmpo-fast train --config configs/llada8b_gsm8k.yaml learning_rate=3e-6 max_steps=200
     dmpo-fast train --output-dir runs/x --resume          # continue a run from its newest checkpoint
     dmpo-fast eval --checkpoint runs/x --gen-lengths 24 48 --sampler llada
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train (default: DMPO on the built-in tiny model and 4x4 Sudoku, on CPU, a few minutes)",
-        description="Train with DMPO. Without arguments: the embedded default run.",
+        description="Train with DMPO, MRO or diffu-GRPO (algorithm=...). "
+        "Without arguments: the embedded default run (DMPO).",
     )
     _add_config_args(train)
     train.add_argument("--output-dir", help="run directory (default: the config's output_dir)")
@@ -111,7 +112,8 @@ def _eval(args) -> int:
     print(f"{'gen_length':>10} {'solve rate':>10} {'reward':>8} {'n':>5} {'seconds':>8}")
     for r in rows:
         print(
-            f"{r['gen_length']:>10} {r['accuracy']:>10.3f} {r['reward_mean']:>8.3f} {r['n']:>5} {r['seconds']:>8.1f}"
+            f"{r['gen_length']:>10} {r['accuracy']:>10.3f} {r['reward_mean']:>8.3f} {r['n']:>5} "
+            f"{r['seconds']:>8.1f}"
         )
     if args.json_out:
         with open(args.json_out, "w") as f:
