@@ -85,6 +85,7 @@ class TrainConfig:
     baseline: BaselineName = "group"
     centering_strength: float = 1.0
     include_eos_padding: bool = True
+    drop_tied_groups: bool = False  # weight 0 for groups whose rewards are all equal (DAPO's filter)
     ddo_beta: float = 1.0
     ddo_a: float = 1.0
     ddo_independent_sets: bool = True
@@ -424,6 +425,9 @@ FIELD_DOCS: dict[str, str] = {
     "baseline": "weight baseline: none, group (mean), individual (oppositely tilted target) or model (current ELBO)",
     "centering_strength": "s in [0, 1]: how much of the baseline is subtracted",
     "include_eos_padding": "EOS padding after the answer counts as completion (maskable) tokens",
+    "drop_tied_groups": "weight 0 for prompt groups whose rollouts all got the same reward (DAPO's dynamic "
+    "sampling filter, not in the DMPO paper); under baseline none they would re-fit the policy to its own "
+    "samples",
     "ddo_beta": "β of WDDO's log-sigmoid",
     "ddo_a": "weight of WDDO's fake-sample term",
     "ddo_independent_sets": "WDDO: estimate the real and fake gaps from disjoint replicate halves",

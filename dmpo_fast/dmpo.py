@@ -198,8 +198,30 @@ class LossOutput:
     stats: dict  # detached tensors for logging (no host sync here)
 
 
-def _group_softmax(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    return torch.softmax(x.reshape(-1, group_size), dim=-1).reshape(-1)
+def _group_softmax(x: torch.Tensor, group_size: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    x = x.reshape(-1, group_size)
+    if keep is None:
+        return torch.softmax(x, dim=-1).reshape(-1)
+    keep = keep.reshape(-1, group_size)
+    p = torch.softmax(x.masked_fill(~keep, float("-inf")), dim=-1)
+    return p.nan_to_num(0.0).reshape(-1)  # a group with no kept row: all zeros
+
+
+def tied_groups(rewards: torch.Tensor, group_size: int, *, tol: float = 1e-6) -> torch.Tensor:
+    """[N / G] bool: groups whose finite rewards are all equal (within ``tol``), or that have fewer than two.
+
+    Such a group carries no information about which rollout is better: under the "none" baseline its
+    weights only re-fit the policy to its own samples, and under the others they are zero anyway. The
+    trainer's ``drop_tied_groups`` gives them weight 0 (DAPO's "dynamic sampling" filter, arXiv 2503.14476).
+    """
+    check_tensor("rewards", rewards, ndim=1)
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"group_size ({group_size}) must divide the number of rewards ({rewards.shape[0]})")
+    r = rewards.float().reshape(-1, group_size)
+    finite = torch.isfinite(r)
+    hi = r.masked_fill(~finite, float("-inf")).amax(dim=1)
+    lo = r.masked_fill(~finite, float("inf")).amin(dim=1)
+    return (finite.sum(dim=1) < 2) | (hi - lo <= tol)
 
 
 def wdce(
@@ -214,6 +236,7 @@ def wdce(
     baseline: Baseline = "none",
     log_p_old: torch.Tensor | None = None,
     centering_strength: float = 1.0,
+    keep: torch.Tensor | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     row_offset: int = 0,
@@ -227,6 +250,9 @@ def wdce(
             weights and ``log_p_old``: the baseline c_b = s · softmax_group(ELBO_θ(x_b) − log p_old(x_b))
             is estimated from this very forward pass (detached) and subtracted here.
         log_p_old: [N] rollout-time ELBO of the policy (needed for ``baseline="model"``).
+        keep: optional [N] bool, the rows that carry weight (False: a sample dropped for a failed reward
+            or a tied group). For ``baseline="model"`` the softmax of c_b runs over the kept rows of each
+            group only, and a group with none gets c_b = 0; the other baselines come subtracted already.
     Returns:
         ``LossOutput(loss, stats)``; the loss is Σ over sequences and mean over replicates.
     """
@@ -251,7 +277,9 @@ def wdce(
         with torch.no_grad():
             sums = masked_logprob_sums(hidden.detach(), head.detach(), targets, masked, impl=impl)
             elbo_now = _elbo_from_sums(sums, masked, maskable, R)
-            c = centering_strength * _group_softmax(elbo_now - log_p_old.float(), group_size)
+            if keep is not None:
+                check_tensor("keep", keep, shape=(N,), dtypes=(torch.bool,))
+            c = centering_strength * _group_softmax(elbo_now - log_p_old.float(), group_size, keep)
         w = w - c
         stats["elbo"] = elbo_now
     row_weights = w.repeat(R) / R  # [R*N], replicate-major like the rows

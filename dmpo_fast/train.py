@@ -366,8 +366,13 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
                 log_p_ref = elbo(ref)
         else:
             log_p_ref = log_p_old
+    # A group whose rollouts all scored the same teaches nothing about the reward: with drop_tied_groups its
+    # rewards enter the weights as NaN, i.e. weight 0 (the stored rewards stay the real ones, for the log).
+    G = cfg.num_generations
+    tied = dmpo.tied_groups(rewards, G) if cfg.drop_tied_groups else torch.zeros(len(rows), dtype=torch.bool)
+    weighted_rewards = torch.where(tied.repeat_interleave(G), float("nan"), rewards.float())
     iw = importance_weights(
-        rewards.to(log_p_old.device), log_p_ref - log_p_old, group_size=cfg.num_generations, alpha=cfg.alpha,
+        weighted_rewards.to(log_p_old.device), log_p_ref - log_p_old, group_size=G, alpha=cfg.alpha,
         coeff=cfg.coeff, baseline=cfg.baseline, centering_strength=cfg.centering_strength,
         ess_target=cfg.ess_target,
     )  # fmt: skip
@@ -382,7 +387,9 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
         "rewards": rewards.float().cpu(),
         "solved": solved.cpu(),
         "ess": iw.ess.float().cpu(),
+        "kept": torch.isfinite(weighted_rewards) & torch.isfinite(log_p_ref - log_p_old).cpu(),
         "dropped": int(iw.dropped),
+        "tied_groups": int(tied.sum()),
         "n_failed": int(n_failed),
         "first_row": first_row,
     }
@@ -411,8 +418,13 @@ def loss_step(
     return dmpo.wdce(
         policy, ids, maskable, weights.to(device), group_size=cfg.num_generations, noise=noise,
         attention_mask=am, baseline=cfg.baseline, log_p_old=buf["log_p_old"].to(device),
-        centering_strength=cfg.centering_strength, seed=seed, row_offset=offset, impl=cfg.impl,
+        centering_strength=cfg.centering_strength, keep=_to(buf.get("kept"), device), seed=seed,
+        row_offset=offset, impl=cfg.impl,
     )  # fmt: skip
+
+
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def _slice_buffer(buf: dict, start: int, stop: int) -> dict:
@@ -690,6 +702,7 @@ def _log_row(step, stats, buf_all, lr, seconds, algorithm: str = "dmpo") -> dict
             "weights_std": float(buf_all["weights"].std()),
             "log_ratio_mean": float(buf_all["log_ratio"].nan_to_num().mean()),
             "dropped": buf_all["dropped"],
+            "tied_groups": buf_all["tied_groups"],
         })  # fmt: skip
     return row | {
         "reward_failures": buf_all["n_failed"],
@@ -710,7 +723,7 @@ def _gather_buffer(buf: dict, procs: Processes) -> dict:
     for k, v in buf.items():
         if torch.is_tensor(v) and v.dim() > 0:
             out[k] = procs.gather(v.to(procs.device)).cpu()
-        elif k in ("dropped", "n_failed"):
+        elif k in ("dropped", "tied_groups", "n_failed"):
             out[k] = int(procs.sum([float(v)])[0])
         else:
             out[k] = v

@@ -149,3 +149,34 @@ def test_training_steps_same_with_every_backend():
         assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-6), impl
         for a, b in zip(params, ref_params):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_tied_groups():
+    r = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.5, float("nan"), 2.0, float("nan"), 0.3, 0.3, float("nan")])
+    # equal; spread; one finite reward (nothing to compare); equal finite rewards around a failed one
+    assert dmpo.tied_groups(r, 3).tolist() == [True, False, True, True]
+    assert dmpo.tied_groups(torch.tensor([0.0, 1e-9]), 2).tolist() == [True]
+    assert dmpo.tied_groups(torch.tensor([0.0, 1e-3]), 2, tol=1e-6).tolist() == [False]
+    with pytest.raises(ValueError, match="group_size"):
+        dmpo.tied_groups(torch.zeros(5), 2)
+
+
+def test_wdce_model_baseline_keep():
+    """With ``keep`` the model baseline's softmax runs over the kept rows of a group; a group with no kept
+    row gets no baseline (its rows carry no weight at all)."""
+    G = 3
+    model = ToyDenoiser()
+    ids, maskable = _batch()
+    log_p_old = dmpo.elbo(model, ids, maskable, seed=99).detach()
+    raw = torch.tensor([0.7, 0.3, 0.0, 0.0, 0.0, 0.0])  # group 0: row 2 dropped; group 1: all dropped
+    keep = torch.tensor([True, True, False, False, False, False])
+    out = dmpo.wdce(model, ids, maskable, raw, group_size=G, baseline="model", log_p_old=log_p_old,
+                    keep=keep, seed=5)
+    gap = (dmpo.elbo(model, ids, maskable, seed=5) - log_p_old)[:2]
+    c = torch.cat([torch.softmax(gap, 0), torch.zeros(4)])
+    torch.testing.assert_close(out.stats["effective_weights"], raw - c, rtol=1e-5, atol=1e-6)
+    want = _direct_wdce(model, ids, maskable, (raw - c).detach(), seed=5)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="keep"):
+        dmpo.wdce(model, ids, maskable, raw, group_size=G, baseline="model", log_p_old=log_p_old,
+                  keep=keep[:4], seed=5)

@@ -486,3 +486,22 @@ def test_sudoku_reward_cells_all_counts_changed_clues():
     assert get_task("sudoku").is_correct([row["prompt"]], [answer], **cols) == [0.0]
     with pytest.raises(ValueError, match="reward_cells"):
         get_task("sudoku", reward_cells="clues")
+
+
+def test_sudoku_reward_type_solved_is_all_or_nothing():
+    from dmpo_fast.tasks import get_task
+
+    row = get_task("sudoku").test(1, seed=4)[0]
+    puzzle, solution = row["puzzle"], row["solution"]
+    blank = puzzle.index("0")
+    wrong = list(solution)
+    wrong[blank] = "1" if solution[blank] != "1" else "2"
+    as_text = lambda g: "/".join("".join(g[r * 4 : r * 4 + 4]) for r in range(4))  # noqa: E731
+    cols = {"puzzle": [puzzle] * 2, "solution": [solution] * 2}
+    task = get_task("sudoku", reward_type="solved")
+    assert task.reward([row["prompt"]] * 2, [as_text(solution), as_text(wrong)], **cols) == [1.0, 0.0]
+    # The cell reward of the same wrong answer is partial credit.
+    one = {k: v[:1] for k, v in cols.items()}
+    assert 0.0 < get_task("sudoku").reward([row["prompt"]], [as_text(wrong)], **one)[0] < 1.0
+    with pytest.raises(ValueError, match="reward_type"):
+        get_task("sudoku", reward_type="binary")

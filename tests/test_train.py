@@ -260,3 +260,35 @@ def test_a_failing_custom_reward_is_counted_not_fatal(tmp_path, monkeypatch):
     rows = result.metrics
     assert all(r["reward_failures"] > 0 for r in rows)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_drop_tied_groups_gives_tied_groups_no_weight(tmp_path, monkeypatch, drop):
+    """A group whose rollouts all scored the same gets weight 0 with drop_tied_groups (its stored rewards
+    stay the real ones); without it, baseline none spreads the group's unit weight over its rollouts."""
+    from dmpo_fast.tasks import get_task
+
+    real_rollout = train_mod.rollout
+
+    def fixed_rewards(*args, **kw):
+        out, texts, rewards, n_failed, solved = real_rollout(*args, **kw)
+        return out, texts, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]), n_failed, solved
+
+    monkeypatch.setattr(train_mod, "rollout", fixed_rewards)
+    cfg = _cfg(tmp_path, baseline="none", drop_tied_groups=drop)
+    policy, tok = train_mod.load_policy(cfg, torch.device("cpu"))
+    task = get_task(cfg.task, **cfg.task_kwargs)
+    buf = train_mod.make_buffer(policy, train_mod._Reference(cfg, policy), tok, task, cfg, [task.reward],
+                                task.train(seed=0)[:2], 0)  # fmt: skip
+    w = buf["weights"]
+    assert buf["rewards"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert buf["tied_groups"] == int(drop) and buf["kept"].tolist() == [not drop] * 4 + [True] * 4
+    if drop:
+        assert w[:4].tolist() == [0.0] * 4
+    else:
+        torch.testing.assert_close(w[:4].sum(), torch.tensor(1.0))
+    torch.testing.assert_close(w[4:].sum(), torch.tensor(1.0))  # the solved rollouts take the weight
+    assert w[[4, 6]].max() < 1e-6
+    # The loss step runs on such a buffer and the dropped group contributes nothing.
+    out = train_mod.loss_step(policy, buf, cfg, step=0, device=torch.device("cpu"))
+    assert torch.isfinite(out.loss)

@@ -189,6 +189,10 @@ class SudokuTask(Task):
     # must match, so a completion that changes a given clue loses reward too (a small model that has not
     # learned to copy the clues is otherwise free to drift on them).
     reward_cells: Literal["blanks", "all"] = "blanks"
+    # "cells": the fraction of those cells that are right (the papers' reward); "solved": 1 for a solved
+    # grid, else 0 (sparse, but it never rewards a wrong answer: with a weight baseline or group filter,
+    # only groups with a solved and an unsolved rollout teach anything).
+    reward_type: Literal["cells", "solved"] = "cells"
     train_size: int = 2000  # rows returned by train() when n is None
     test_size: int = 200
 
@@ -203,6 +207,8 @@ class SudokuTask(Task):
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
         if self.reward_cells not in ("blanks", "all"):
             raise ValueError(f"reward_cells must be one of ('blanks', 'all'), got {self.reward_cells!r}")
+        if self.reward_type not in ("cells", "solved"):
+            raise ValueError(f"reward_type must be one of ('cells', 'solved'), got {self.reward_type!r}")
         if self.prompt_style not in ("compact", "instruct"):
             raise ValueError(
                 f"prompt_style must be one of ('compact', 'instruct'), got {self.prompt_style!r}"
@@ -255,7 +261,10 @@ class SudokuTask(Task):
         ]
 
     def reward(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float | None]:
-        return [cell_accuracy(p, s, a, self.reward_cells) for p, s, a in self._scored(completions, columns)]
+        scored = self._scored(completions, columns)
+        if self.reward_type == "solved":
+            return [float(a == s) for _, s, a in scored]
+        return [cell_accuracy(p, s, a, self.reward_cells) for p, s, a in scored]
 
     def is_correct(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float]:
         return [float(a == s) for _, s, a in self._scored(completions, columns)]
