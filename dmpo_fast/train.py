@@ -174,14 +174,14 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def load_policy(cfg: TrainConfig, device: torch.device):
-    """(policy DiffusionLM, tokenizer) for cfg.model: "tiny" (built in), a local directory or a hub name."""
+    """(policy DiffusionLM, tokenizer) for cfg.model: a built-in tiny model ("tiny" for Sudoku,
+    "tiny_countdown"; ``dmpo_fast.assets.TINY_MODELS``), a local directory or a hub name."""
     from dmpo_fast import models
+    from dmpo_fast.assets import TINY_MODELS, load_tiny
 
     dtype = getattr(torch, cfg.dtype)
-    if cfg.model == "tiny":
-        from dmpo_fast.assets import load_tiny
-
-        lm, tokenizer = load_tiny(dtype=dtype, device=device)
+    if cfg.model in TINY_MODELS:
+        lm, tokenizer = load_tiny(dtype=dtype, device=device, name=TINY_MODELS[cfg.model])
     else:
         lm = models.load(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
         from transformers import AutoTokenizer

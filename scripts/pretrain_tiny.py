@@ -1,14 +1,15 @@
-"""Pretrain the built-in tiny model: masked-diffusion training on procedural 4x4 Sudoku, on a CPU.
+"""Pretrain a built-in tiny model: masked-diffusion training on a procedural task, on a CPU.
 
-    python scripts/pretrain_tiny.py                      # writes dmpo_fast/assets/tiny_sudoku/
+    python scripts/pretrain_tiny.py                      # 4x4 Sudoku: writes dmpo_fast/assets/tiny_sudoku/
+    python scripts/pretrain_tiny.py --task countdown     # Countdown: writes dmpo_fast/assets/tiny_countdown/
     python scripts/pretrain_tiny.py --steps 300 --out my_tiny --eval-every 50
 
 The model is ``dmpo_fast.models.build_tiny`` over the character tokenizer (55 ids). Each training
-sequence is a puzzle prompt followed by its solved grid and EOS padding up to ``--gen-length`` tokens,
-the layout the default run decodes. The loss is LLaDA's supervised masked-diffusion objective: a
-rate t ~ U(eps, 1) per sequence, every completion token (EOS padding included, the prompt never)
-masked with probability t, and the cross-entropy of the masked tokens weighted by 1/t and divided by
-the completion length.
+sequence is a task prompt followed by its reference answer (the solved grid, or an expression reaching the
+Countdown target) and EOS padding up to ``--gen-length`` tokens, the layout the default run decodes. The
+loss is LLaDA's supervised masked-diffusion objective: a rate t ~ U(eps, 1) per sequence, every
+completion token (EOS padding included, the prompt never) masked with probability t, and the
+cross-entropy of the masked tokens weighted by 1/t and divided by the completion length.
 
 Training stops on purpose long before the model is good: the default run starts from this checkpoint
 and must have room to improve by reinforcement learning. ``--steps`` is the one knob; the committed
@@ -28,12 +29,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dmpo_fast.assets import ASSETS, TINY_ASSETS
 from dmpo_fast.models import build_tiny, save_llada
 from dmpo_fast.sampling import generate
 from dmpo_fast.tasks import get_task
 from dmpo_fast.tokenizer import CharTokenizer
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "dmpo_fast" / "assets" / "tiny_sudoku"
+TASKS = tuple(TINY_ASSETS.values())  # sudoku, countdown
+# --gen-length per task: the trainer's default of 24 completion tokens fits both. Sudoku's answer is the
+# 19-character grid; a Countdown reference is at most 15 characters (four numbers of at most 2 digits,
+# 3 operators, at most 2 pairs of parentheses since the root is never wrapped) and 10 on average.
+GEN_LENGTH = {"sudoku": 24, "countdown": 24}
+
+
+def default_out(task: str) -> Path:
+    """dmpo_fast/assets/tiny_<task>/ (the directory ``dmpo_fast.assets.load_tiny`` reads)."""
+    return ASSETS / f"tiny_{task}"
 
 
 def encode_pairs(
@@ -70,13 +81,13 @@ def solve_rate(lm, tok, task, rows, *, gen_length: int, steps: int) -> tuple[flo
     """(solve rate, mean reward) with greedy Fast-dLLM decoding: the default run's evaluation."""
     lm.eval()
     ids, am = tok.batch_encode([r["prompt"] for r in rows], pad_left=True)
-    out = generate(lm, ids, am, sampler="fast_dllm", gen_length=gen_length, block_length=gen_length, steps=steps,
-                   temperature=0.0, cache="prefix", seed=0)  # fmt: skip
+    out = generate(lm, ids, am, sampler="fast_dllm", gen_length=gen_length, block_length=gen_length,
+                   steps=steps, temperature=0.0, cache="prefix", seed=0)  # fmt: skip
     lm.train()
     completions = tok.batch_decode(
         out.ids[:, out.prompt_length :].tolist(), skip_special=True, stop_at_eos=True
     )
-    columns = {k: [r[k] for r in rows] for k in ("puzzle", "solution")}
+    columns = {k: [r[k] for r in rows] for k in task.reward_columns}
     prompts = [r["prompt"] for r in rows]
     solved = task.is_correct(prompts, completions, **columns)
     reward = task.reward(prompts, completions, **columns)
@@ -97,25 +108,29 @@ def _without_out(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=TASKS, default="sudoku", help="the task whose rows it trains on")
     p.add_argument("--steps", type=int, default=160, help="optimizer steps (the committed model's value)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--gen-length", type=int, default=24)
+    p.add_argument("--gen-length", type=int, default=None, help="completion tokens (default: GEN_LENGTH)")
     p.add_argument("--eval-steps", type=int, default=12, help="denoising steps of the evaluation decode")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None, help="default: dmpo_fast/assets/tiny_<task>/")
     args = p.parse_args(argv)
+    if args.gen_length is None:
+        args.gen_length = GEN_LENGTH[args.task]
+    out = args.out if args.out is not None else default_out(args.task)
     for name in ("steps", "batch_size", "gen_length", "eval_steps", "eval_every", "eval_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     torch.set_num_threads(args.threads)
     tok = CharTokenizer()
-    task = get_task("sudoku")
+    task = get_task(args.task)
     lm = build_tiny(tok.vocab_size, tok.mask_id, tok.eos_id, seed=args.seed)
     # The run's seed differs from the pretraining seed, so the RL run never replays these puzzles.
     train_rows = task.train(n=args.steps * args.batch_size // 4, seed=10_000 + args.seed)
@@ -141,22 +156,23 @@ def main(argv=None) -> int:
             acc, reward = solve_rate(
                 lm, tok, task, test_rows, gen_length=args.gen_length, steps=args.eval_steps
             )
-            log.append({"step": step, "loss": round(loss.item(), 4), "solve_rate": acc, "reward": round(reward, 4),
-                        "seconds": round(time.time() - t0, 1)})  # fmt: skip
+            log.append({"step": step, "loss": round(loss.item(), 4), "solve_rate": acc,
+                        "reward": round(reward, 4), "seconds": round(time.time() - t0, 1)})  # fmt: skip
             print(json.dumps(log[-1]), flush=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_llada(lm.model, str(args.out))
-    tok.save(str(args.out))
+    out.mkdir(parents=True, exist_ok=True)
+    save_llada(lm.model, str(out))
+    tok.save(str(out))
+    given = sys.argv[1:] if argv is None else argv
     record = {
         # The command without --out, so the record names no machine path.
-        "command": "python scripts/pretrain_tiny.py " + " ".join(_without_out(sys.argv[1:] if argv is None else argv)),
+        "command": "python scripts/pretrain_tiny.py " + " ".join(_without_out(given)),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__,
         "log": log,
     }
-    (args.out / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    (out / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
     return 0
 
 

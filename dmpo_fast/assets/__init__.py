@@ -1,9 +1,12 @@
-"""Files shipped inside the package: the built-in tiny model of the default run.
+"""Files shipped inside the package: the built-in tiny models.
 
-``tiny_sudoku/`` is a 4-layer LLaDA (d_model 128, about 0.8M parameters, float32) over the character
-tokenizer, pretrained by ``scripts/pretrain_tiny.py`` with masked diffusion on 4x4 Sudoku and stopped
-early on purpose, so reinforcement learning has room to improve it. ``pretrain.json`` next to the
+Each ``tiny_<task>/`` is a 4-layer LLaDA (d_model 128, about 0.8M parameters, float32) over the character
+tokenizer, pretrained by ``scripts/pretrain_tiny.py --task <task>`` with masked diffusion on that task and
+stopped early on purpose, so reinforcement learning has room to improve it. ``pretrain.json`` next to the
 weights records the command, the seed and the held-out solve rate during pretraining.
+
+    tiny_sudoku/       4x4 Sudoku; shipped with the package (TrainConfig ``model: tiny``)
+    tiny_countdown/    Countdown; built on demand (``model: tiny_countdown``), not shipped
 """
 
 from __future__ import annotations
@@ -13,23 +16,44 @@ from pathlib import Path
 
 import torch
 
-TINY_SUDOKU = Path(__file__).resolve().parent / "tiny_sudoku"
+ASSETS = Path(__file__).resolve().parent
+# Asset directory -> the task it was pretrained on.
+TINY_ASSETS: dict[str, str] = {"tiny_sudoku": "sudoku", "tiny_countdown": "countdown"}
+# TrainConfig.model names of the tiny models: "tiny" is the default run's Sudoku model.
+TINY_MODELS: dict[str, str] = {"tiny": "tiny_sudoku", **{name: name for name in TINY_ASSETS}}
+TINY_SUDOKU = ASSETS / "tiny_sudoku"
 
 
-def load_tiny(dtype: torch.dtype | str | None = torch.float32, device=None):
-    """``(DiffusionLM, CharTokenizer)`` of the built-in tiny Sudoku model, in train mode."""
+def _asset_dir(name: str) -> Path:
+    if name not in TINY_ASSETS:
+        raise ValueError(f"name must be one of {tuple(TINY_ASSETS)}, got {name!r}")
+    return ASSETS / name
+
+
+def build_command(name: str) -> str:
+    """The command that (re)builds the tiny model ``name`` (run from the repository root)."""
+    _asset_dir(name)
+    return f"python scripts/pretrain_tiny.py --task {TINY_ASSETS[name]}"
+
+
+def load_tiny(dtype: torch.dtype | str | None = torch.float32, device=None, *, name: str = "tiny_sudoku"):
+    """``(DiffusionLM, CharTokenizer)`` of the built-in tiny model ``name``, in train mode.
+
+    A model that is not there (``tiny_countdown`` until it is built) raises ``FileNotFoundError`` naming
+    the command that builds it."""
     from dmpo_fast.models import load
     from dmpo_fast.tokenizer import CharTokenizer
 
-    if not (TINY_SUDOKU / "model.safetensors").is_file():
+    path = _asset_dir(name)
+    if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(
-            f"the built-in tiny model is missing from this installation ({TINY_SUDOKU}); reinstall dmpo_fast "
-            "or rebuild it with `python scripts/pretrain_tiny.py`"
+            f"the tiny model {name!r} is not in this installation ({path}); build it from the repository "
+            f"root with `{build_command(name)}` (about ten minutes on two CPU cores)"
         )
-    lm = load(str(TINY_SUDOKU), dtype=dtype, device=device).train()
-    return lm, CharTokenizer.load(str(TINY_SUDOKU))
+    lm = load(str(path), dtype=dtype, device=device).train()
+    return lm, CharTokenizer.load(str(path))
 
 
-def tiny_pretrain_record() -> dict:
-    """The pretraining record of the built-in tiny model (command, args, solve rate per evaluation)."""
-    return json.loads((TINY_SUDOKU / "pretrain.json").read_text())
+def tiny_pretrain_record(name: str = "tiny_sudoku") -> dict:
+    """The pretraining record of the tiny model ``name`` (command, args, solve rate per evaluation)."""
+    return json.loads((_asset_dir(name) / "pretrain.json").read_text())
