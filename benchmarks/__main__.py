@@ -1,4 +1,5 @@
-"""``python -m benchmarks <name> [--device cpu|cuda] [--quick]``: one script per op, JSON rows out."""
+"""``python -m benchmarks <name> [--device cpu|cuda] [--quick]``: one script per op, JSON rows out;
+``python -m benchmarks compare`` runs the method comparison (``benchmarks/compare.py``)."""
 
 import sys
 
@@ -8,6 +9,7 @@ SCRIPTS = {
     "rollout": "benchmarks.rollout",
     "iteration": "benchmarks.iteration",
     "native": "benchmarks.native",
+    "compare": "benchmarks.compare",  # the method comparison (training runs, not a timing)
 }
 
 

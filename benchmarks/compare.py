@@ -1,0 +1,334 @@
+"""The method comparison: base vs DMPO vs diffu-GRPO vs MRO on the tiny models, equal rollout budget, seeds.
+
+    python -m benchmarks compare                          # 2 tasks x 4 methods x 3 seeds (hours on a CPU)
+    python -m benchmarks compare --tasks sudoku --methods base,dmpo --seeds 0 --quick    # the plumbing
+
+For every task x method x seed it trains the task's tiny model (``TASKS``) with the method's settings
+(``METHODS``) on the same rollout budget (``BUDGET``: prompts per buffer x rollouts per prompt x buffers,
+so every method sees the same number of rollouts; optimizer steps = buffers x the method's
+``num_iterations``), logging the held-out accuracy every few buffers (``eval_every``). The final model is
+then decoded three ways at the run's 12 denoising steps (greedy; sampled at T = 0.7; test-time scaling
+with k = 4 candidates at T = 0.7, ranked by MRO's token verification, never by the answer) and greedily
+at 4, 8, 12 and 24 steps. "base" is the untrained model through the same evaluations. The held-out rows
+depend on the seed (``task.test(eval_size, seed)``), so methods are compared seed by seed.
+
+Output: one JSON file of rows per task, ``<out>/compare-<task>-<device>-<date>.json`` (``quick`` instead of
+the device for --quick rows, which measure nothing), PNG plots next to it, and the markdown report
+(``write_report``, default ``docs/comparison.md``; --quick writes ``<out>/comparison-quick.md``).
+
+Resumable: each run lives in ``<runs>/<task>/<method>/seed<k>`` (default ``runs/compare``). A run whose
+``summary.json`` exists is not trained again, an interrupted one resumes from its newest checkpoint, and the
+evaluations of a finished run are kept in its ``compare_rows.json``; a finished run with other settings is
+refused (choose another --runs). A missing tiny Countdown model is built first
+(``scripts/pretrain_tiny.py --task countdown``), except with --quick, which stops with the command instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS, environment
+from benchmarks.compare_report import plot_task, write_report
+from dmpo_fast.config import TrainConfig
+from dmpo_fast.run_io import RunDir, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "docs" / "comparison.md"
+
+# Each method's settings on top of TrainConfig's defaults (the embedded DMPO run's). The learning rate is
+# the same for all: Adam's update size is set by the learning rate, not by the scale of the loss.
+METHODS: dict[str, dict] = {
+    # The untrained model: evaluations only.
+    "base": {},
+    # DMPO: TrainConfig's defaults (WDCE, alpha 0.04, group baseline, F = 2 optimizer steps per buffer).
+    "dmpo": {"algorithm": "dmpo"},
+    # d1's diffu-GRPO: mu = 2 updates per buffer (DMPO's F, so both take the same optimizer steps), the
+    # GRPO paper's clip 0.2, d1's KL coefficient 0.04 to the frozen starting model.
+    "diffu_grpo": {"algorithm": "diffu_grpo", "num_iterations": 2, "grpo_epsilon": 0.2, "grpo_beta": 0.04},
+    # MRO: token-verification step rewards + the task reward, SGRO over windows of 4 of the 12 denoising
+    # steps (3 equal windows; the default 8 would split them 8 + 4), on-policy (one update per buffer:
+    # REINFORCE has no policy ratio, so MRO takes half the optimizer steps of the others on the same
+    # rollouts). Verification "final" (each step's tokens re-masked in the finished sequence) needs one
+    # forward per denoising step, where the default leave_one_out needs one per committed token: twice as
+    # many at 2 tokens per step, and more as steps commit more tokens. Here the loss over every state
+    # dominates an MRO step, so the measured gap is small (one buffer of 8 x 8 rollouts took 6-9 s of CPU
+    # with any of the three), but "final" keeps the cost per rollout at the step count. Unlike "pre_step"
+    # it checks a token against the rest of the answer rather than re-reading the sampler's confidence.
+    "mro": {"algorithm": "mro", "num_iterations": 1, "mro_window": 4, "mro_verification": "final"},
+}
+# The tiny model and task options of each task. Sudoku scores every cell, as the embedded run does.
+TASKS: dict[str, dict] = {
+    "sudoku": {"model": "tiny", "task": "sudoku", "task_kwargs": {"reward_cells": "all"}},
+    "countdown": {"model": "tiny_countdown", "task": "countdown", "task_kwargs": {}},
+}
+# The rollout budget of every method: the embedded run's 32 prompts x 8 rollouts, 20 buffers (DMPO's 40
+# steps), an evaluation on 200 held-out problems every 4 buffers.
+BUDGET = {
+    "prompts_per_step": 32,
+    "num_generations": 8,
+    "buffers": 20,
+    "eval_every_buffers": 4,
+    "eval_size": 200,
+}
+QUICK_BUDGET = {
+    "prompts_per_step": 2,
+    "num_generations": 2,
+    "buffers": 2,
+    "eval_every_buffers": 1,
+    "eval_size": 4,
+}
+STEPS_SWEEP = (4, 8, 12, 24)  # denoising steps of the greedy decodes of the final model (24 tokens)
+# Test-time scaling against plain decoding, both at the run's denoising steps (TrainConfig.steps).
+TTS = {"k": 4, "temperature": 0.7, "window": 4, "verification": "final"}
+SEEDS = (0, 1, 2)
+# Config fields that may differ between a saved run and the one asked for.
+VOLATILE = ("resume", "progress", "output_dir")
+
+
+class CompareError(ValueError):
+    """The sweep cannot go on as asked: a run directory holds other settings, or a model is missing."""
+
+
+def _split(value: str, name: str, allowed) -> list:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"{name} must list at least one of {', '.join(map(str, allowed))}")
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise ValueError(f"{name}: unknown {', '.join(bad)}; allowed: {', '.join(map(str, allowed))}")
+    return items
+
+
+def parse_seeds(value: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds must be comma-separated ints >= 0 (e.g. 0,1,2), got {value!r}")
+    return seeds
+
+
+def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, device: str) -> TrainConfig:
+    """The TrainConfig of one run: the task's model, the method's settings, the shared budget."""
+    budget = QUICK_BUDGET if quick else BUDGET
+    settings = METHODS[method]
+    F = settings.get("num_iterations", TrainConfig().num_iterations)
+    every = budget["eval_every_buffers"] * F
+    return TrainConfig(
+        **TASKS[task], **settings, prompts_per_step=budget["prompts_per_step"],
+        num_generations=budget["num_generations"], max_steps=budget["buffers"] * F, eval_every=every,
+        save_every=every, keep_checkpoints=1, eval_size=budget["eval_size"], seed=seed, device=device,
+        output_dir=str(runs / task / method / f"seed{seed}"), progress=False, tensorboard=False, plot=False,
+    )  # fmt: skip
+
+
+def _comparable(config: dict) -> dict:
+    """A config as saved in JSON (tuples become lists), without the fields a rerun may change."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in VOLATILE}
+
+
+def _changed(saved: dict, cfg: TrainConfig) -> list[str]:
+    now = _comparable(cfg.to_dict())
+    saved = _comparable(saved)
+    return sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+
+
+def ensure_model(task: str, *, quick: bool) -> None:
+    """Load the task's tiny model once; build it first if it is missing (not with ``quick``)."""
+    from dmpo_fast.assets import TINY_MODELS, build_command, load_tiny
+
+    name = TINY_MODELS[TASKS[task]["model"]]
+    try:
+        load_tiny(name=name)
+        return
+    except FileNotFoundError as e:
+        if quick:
+            raise CompareError(str(e)) from e
+    command = build_command(name)
+    print(f"{name} is missing: building it with `{command}`", flush=True)
+    subprocess.run([sys.executable, *command.split()[1:]], cwd=ROOT, check=True)
+    load_tiny(name=name)
+
+
+def train_run(cfg: TrainConfig) -> str | None:
+    """Train unless the run directory holds a finished run (None); resume an interrupted one ("resumed")."""
+    from dmpo_fast.train import train
+
+    path = Path(cfg.output_dir)
+    summary = path / "summary.json"
+    if summary.is_file():
+        changed = _changed(json.loads(summary.read_text())["config"], cfg)
+        if changed:
+            raise CompareError(
+                f"{path} holds a finished run with other settings ({', '.join(changed)}); pass another "
+                "--runs or remove that directory"
+            )
+        return None
+    resume = path.is_dir() and RunDir(path, resume=True, main=False).latest_checkpoint() is not None
+    if path.is_dir() and not resume:  # killed before its first checkpoint: nothing to resume from
+        if any(path.iterdir()) and not (path / "config.yaml").is_file():
+            raise CompareError(f"{path} is not empty and not a run directory; pass another --runs")
+        shutil.rmtree(path)
+    train(cfg.replace(resume=resume))
+    return "resumed" if resume else "trained"
+
+
+def _curve_rows(cfg: TrainConfig) -> list[dict]:
+    """Held-out accuracy after 0, every eval_every, ... max_steps optimizer steps of a finished run."""
+    run = RunDir(cfg.output_dir, resume=True, main=False)
+    summary = json.loads((run.path / "summary.json").read_text())
+    seconds = [m["seconds"] for m in run.read_metrics()]
+    points = [(0, summary["eval_before"])]
+    points += [(e["step"], e) for e in run.read_evals()]
+    points.append((summary["steps"], summary["eval_after"]))
+    rows = []
+    for step, ev in points:
+        buffers = math.ceil(step / cfg.num_iterations)
+        rows.append({
+            "kind": "curve", "step": step, "buffers": buffers, "rollouts": buffers * cfg.rollouts_per_step,
+            "accuracy": ev["accuracy"], "reward": ev["reward_mean"], "n": ev["n"],
+            "wall_seconds": round(sum(seconds[:step]), 2),
+            "run_wall_seconds": round(summary["wall_seconds"], 2),
+        })  # fmt: skip
+    return rows
+
+
+def _eval_rows(cfg: TrainConfig, checkpoint: str | None) -> list[dict]:
+    """The final model (or the base model) decoded greedily at STEPS_SWEEP steps, and greedy / sampled /
+    test-time scaling at the run's steps."""
+    from dmpo_fast.train import evaluate_model
+
+    def one(kind: str, c: TrainConfig, **labels) -> dict:
+        ev = evaluate_model(c, checkpoint=checkpoint)[0]
+        return {"kind": kind, **labels, "denoising_steps": c.steps, "temperature": c.eval_temperature,
+                "tts_k": c.eval_tts_k, "accuracy": ev["accuracy"], "reward": ev["reward_mean"], "n": ev["n"],
+                "wall_seconds": ev["seconds"]}  # fmt: skip
+
+    greedy = cfg.replace(eval_temperature=0.0, eval_tts_k=0)
+    rows = [one("steps", greedy.replace(steps=s)) for s in STEPS_SWEEP]
+    if checkpoint is None:  # the base model has no run: its curve is one point
+        rows.insert(0, {**one("curve", greedy), "step": 0, "buffers": 0, "rollouts": 0})
+    sampled = greedy.replace(eval_temperature=TTS["temperature"], mro_verification=TTS["verification"])
+    rows += [
+        one("tts", greedy, decode="greedy"),
+        one("tts", sampled, decode="sampled"),
+        one(
+            "tts",
+            sampled.replace(eval_tts_k=TTS["k"], eval_tts_window=TTS["window"]),
+            decode=f"tts k={TTS['k']}",
+        ),
+    ]
+    return rows
+
+
+def run_rows(task: str, method: str, cfg: TrainConfig) -> tuple[list[dict], str]:
+    """Every row of one run (training first when needed), cached in the run's compare_rows.json."""
+    path = Path(cfg.output_dir)
+    trained = None if method == "base" else train_run(cfg)
+    cache = path / "compare_rows.json"
+    key = {"config": _comparable(cfg.to_dict()), "steps_sweep": list(STEPS_SWEEP), "tts": TTS}
+    if trained is None and cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved["key"] == key:
+            return saved["rows"], ("evaluated" if method == "base" else "finished") + " before, skipped"
+    rows = [] if method == "base" else _curve_rows(cfg)
+    rows += _eval_rows(cfg, None if method == "base" else cfg.output_dir)
+    base = {"benchmark": "compare", "task": task, "method": method, "seed": cfg.seed,
+            "settings": METHODS[method], "config": _nondefault(cfg)}  # fmt: skip
+    env = environment(torch.device(cfg.device))
+    rows = [{**base, **r, **env} for r in rows]
+    atomic_write_text(cache, json.dumps({"key": key, "rows": rows}, indent=1) + "\n")
+    return rows, (trained or "finished before") + ", evaluated"
+
+
+def _nondefault(cfg: TrainConfig) -> dict:
+    """The fields of cfg that differ from TrainConfig's defaults (with the commit, the whole config)."""
+    defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+    now = json.loads(json.dumps(cfg.to_dict()))
+    return {k: v for k, v in now.items() if v != defaults[k] and k not in VOLATILE}
+
+
+def compare(tasks, methods, seeds, *, out: Path = RESULTS, runs: Path | None = None, quick: bool = False,
+            device: str = "cpu", report: Path | None = None) -> list[Path]:  # fmt: skip
+    """Run (or resume) the sweep, write the JSON rows and plots per task and the report. The JSON paths."""
+    tasks = _split(",".join(tasks), "tasks", TASKS)
+    methods = _split(",".join(methods), "methods", METHODS)
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be ints >= 0, got {seeds!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    runs = Path(runs) if runs is not None else ROOT / "runs" / ("compare-quick" if quick else "compare")
+    for task in tasks:
+        ensure_model(task, quick=quick)
+    date = datetime.date.today().isoformat()
+    jobs = [(t, m, s) for t in tasks for m in methods for s in seeds]
+    paths, by_task = [], {t: [] for t in tasks}
+    for i, (task, method, seed) in enumerate(jobs, 1):
+        cfg = run_config(task, method, seed, runs=runs, quick=quick, device=device)
+        head = f"[{i}/{len(jobs)}] {task} {method} seed {seed}"
+        print(f"{head}: {cfg.max_steps} steps of {cfg.rollouts_per_step} rollouts" if method != "base"
+              else f"{head}: evaluations of the untrained model", flush=True)  # fmt: skip
+        t = time.time()
+        rows, done = run_rows(task, method, cfg)
+        curve = [f"{r['accuracy']:.3f}" for r in rows if r["kind"] == "curve"]
+        print(
+            f"{head}: {done} in {time.time() - t:.0f} s; held-out accuracy {' -> '.join(curve)}", flush=True
+        )
+        by_task[task] += [{**r, "quick": quick} for r in rows]
+    for task in tasks:
+        path = Path(out) / f"compare-{task}-{'quick' if quick else device}-{date}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(by_task[task], indent=1) + "\n")
+        pngs = plot_task(path)
+        print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in pngs))
+        paths.append(path)
+    report = Path(report) if report is not None else (Path(out) / "comparison-quick.md" if quick else REPORT)
+    write_report(paths, report)
+    print(f"wrote {report}")
+    return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks compare", description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated ints")
+    p.add_argument("--quick", action="store_true", help="tiny budget: checks the plumbing, measures nothing")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON rows and plots")
+    p.add_argument("--runs", type=Path, default=None, help="run directories (default runs/compare)")
+    p.add_argument("--report", type=Path, default=None, help="markdown report (default docs/comparison.md)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = p.parse_args(argv)
+    try:
+        tasks = _split(args.tasks, "--tasks", TASKS)
+        methods = _split(args.methods, "--methods", METHODS)
+        seeds = parse_seeds(args.seeds)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    except ValueError as e:
+        p.error(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        compare(tasks, methods, seeds, out=args.out, runs=args.runs, quick=args.quick, device=args.device,
+                report=args.report)  # fmt: skip
+    except CompareError as e:  # a missing model (with --quick), a finished run with other settings
+        print(f"python -m benchmarks compare: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
