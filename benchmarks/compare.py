@@ -249,7 +249,7 @@ def run_rows(task: str, method: str, cfg: TrainConfig) -> tuple[list[dict], str]
     env = environment(torch.device(cfg.device))
     rows = [{**base, **r, **env} for r in rows]
     atomic_write_text(cache, json.dumps({"key": key, "rows": rows}, indent=1) + "\n")
-    return rows, (trained or "finished before") + ", evaluated"
+    return rows, "evaluated" if method == "base" else f"{trained or 'finished before'}, evaluated"
 
 
 def _nondefault(cfg: TrainConfig) -> dict:

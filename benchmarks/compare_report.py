@@ -163,7 +163,7 @@ def _task_section(rows, task: str, md_dir: Path, json_path: Path | None) -> list
         verdict(rows, task),
         "",
         "| method | settings | final held-out accuracy | min–max | vs base (paired) | optimizer steps | "
-        "training wall s |",
+        "run wall s |",
         "|---|---|---|---|---|---|---|",
     ]
     base = final_accuracy(rows, "base")
