@@ -161,6 +161,7 @@ def elbo(
     generator: torch.Generator | None = None,
     micro_batch: int | None = None,
     row_offset: int = 0,
+    rows: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Per-sequence ELBO estimate of log p(x) [N] (see the module docstring).
@@ -172,19 +173,32 @@ def elbo(
         micro_batch: rows per model call (of the R·N noisy rows); None = all at once.
         row_offset: the global index of row 0 (``forward_mask``): a slice of a batch scored with its
             offset gets the masks it has inside the whole batch.
+        rows: optional [N] bool, the sequences to score; the others cost no model call and get NaN.
+            The masks of a scored row are the ones it gets when every row is scored.
     Returns:
         [N] in fp32, differentiable through the model when grad is enabled.
     """
     _check_batch(ids, maskable, attention_mask)
+    N, R = ids.shape[0], noise.replicates
     noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator, row_offset)  # [R*N, L] each
-    targets = ids.repeat(noise.replicates, 1)
-    am = attention_mask.repeat(noise.replicates, 1) if attention_mask is not None else None
-    step = micro_batch or noisy.shape[0]
+    targets = ids.repeat(R, 1)
+    am = attention_mask.repeat(R, 1) if attention_mask is not None else None
+    if rows is not None:
+        check_tensor("rows", rows, shape=(N,), dtypes=(torch.bool,))
+        sel = rows.to(ids.device).repeat(R).nonzero().squeeze(1)
+        noisy, targets, masked_sel = noisy[sel], targets[sel], masked[sel]
+        am = am[sel] if am is not None else None
+    else:
+        masked_sel = masked
+    step = max(1, micro_batch or noisy.shape[0])
     sums = []
     for s in range(0, noisy.shape[0], step):
         hidden, head = _hidden_and_head(model, noisy[s : s + step], None if am is None else am[s : s + step])
-        sums.append(masked_logprob_sums(hidden, head, targets[s : s + step], masked[s : s + step], impl=impl))
-    return _elbo_from_sums(torch.cat(sums), masked, maskable, noise.replicates)
+        sums.append(masked_logprob_sums(hidden, head, targets[s : s + step], masked_sel[s : s + step], impl=impl))
+    sums = torch.cat(sums) if sums else torch.zeros(0, device=ids.device)
+    if rows is not None:
+        sums = torch.full((R * N,), float("nan"), dtype=sums.dtype, device=sums.device).index_copy(0, sel, sums)
+    return _elbo_from_sums(sums, masked, maskable, R)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,10 +283,18 @@ def wdce(
     noisy, masked = _noise(ids, maskable, model.mask_id, noise, seed, generator, row_offset)  # [R*N, L]
     targets = ids.repeat(R, 1)
     am = attention_mask.repeat(R, 1) if attention_mask is not None else None
-    hidden, head = _hidden_and_head(model, noisy, am)  # [R*N, L, H]
-
     w = weights.detach().float()
+    row_weights = w.repeat(R) / R  # [R*N], replicate-major like the rows
     stats = {}
+    if baseline != "model" and bool((w == 0).any()):
+        # A sequence of weight 0 adds nothing to the loss or its gradient, so it costs no model call (its
+        # masks are still drawn: the other rows keep the masks they have in the whole batch). If no row has
+        # weight, one is kept so the loss stays a graph over the parameters (worth exactly 0).
+        sel = (row_weights != 0).nonzero().squeeze(1)
+        sel = sel if sel.numel() else sel.new_zeros(1)
+        noisy, targets, masked, row_weights = noisy[sel], targets[sel], masked[sel], row_weights[sel]
+        am = None if am is None else am[sel]
+    hidden, head = _hidden_and_head(model, noisy, am)  # [rows, L, H]
     if baseline == "model":
         with torch.no_grad():
             sums = masked_logprob_sums(hidden.detach(), head.detach(), targets, masked, impl=impl)
@@ -281,10 +303,10 @@ def wdce(
                 check_tensor("keep", keep, shape=(N,), dtypes=(torch.bool,))
             c = centering_strength * _group_softmax(elbo_now - log_p_old.float(), group_size, keep)
         w = w - c
+        row_weights = w.repeat(R) / R
         stats["elbo"] = elbo_now
-    row_weights = w.repeat(R) / R  # [R*N], replicate-major like the rows
     loss = wdce_loss(hidden, head, targets, masked, row_weights, impl=impl)
-    stats["masked_tokens"] = masked.sum()
+    stats["masked_tokens"] = masked[row_weights != 0].sum()  # the tokens that carry weight
     stats["effective_weights"] = w
     return LossOutput(loss, stats)
 

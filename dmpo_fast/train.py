@@ -352,13 +352,20 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
     maskable[:, P:] = dmpo.completion_mask(
         out.ids[:, P:], policy.eos_id, include_eos_padding=cfg.include_eos_padding
     )
+    # A group whose rollouts all scored the same teaches nothing about the reward: with drop_tied_groups its
+    # rewards enter the weights as NaN, i.e. weight 0 (the stored rewards stay the real ones, for the log).
+    G = cfg.num_generations
+    tied = dmpo.tied_groups(rewards, G) if cfg.drop_tied_groups else torch.zeros(len(rows), dtype=torch.bool)
+    weighted_rewards = torch.where(tied.repeat_interleave(G), float("nan"), rewards.float())
+    # WDCE never reads the ELBO of a weightless rollout (WDDO's second term and the model baseline do).
+    scored = (~tied).repeat_interleave(G) if cfg.loss == "wdce" and cfg.baseline != "model" else None
     noise = dmpo.NoiseConfig(cfg.elbo_replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
     elbo_seed = _derive_seed(cfg.seed, "elbo", buffer_index)
     # The masks are keyed by (seed, global row): a process's rows get the masks of a one-process run.
     with torch.no_grad():
         elbo = lambda m: dmpo.elbo(  # noqa: E731
             m, out.ids, maskable, noise=noise, attention_mask=out.attention_mask, seed=elbo_seed,
-            row_offset=first_row, impl=cfg.impl,
+            row_offset=first_row, rows=scored, impl=cfg.impl,
         )  # fmt: skip
         log_p_old = elbo(policy)
         if cfg.alpha > 0:
@@ -366,11 +373,6 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
                 log_p_ref = elbo(ref)
         else:
             log_p_ref = log_p_old
-    # A group whose rollouts all scored the same teaches nothing about the reward: with drop_tied_groups its
-    # rewards enter the weights as NaN, i.e. weight 0 (the stored rewards stay the real ones, for the log).
-    G = cfg.num_generations
-    tied = dmpo.tied_groups(rewards, G) if cfg.drop_tied_groups else torch.zeros(len(rows), dtype=torch.bool)
-    weighted_rewards = torch.where(tied.repeat_interleave(G), float("nan"), rewards.float())
     iw = importance_weights(
         weighted_rewards.to(log_p_old.device), log_p_ref - log_p_old, group_size=G, alpha=cfg.alpha,
         coeff=cfg.coeff, baseline=cfg.baseline, centering_strength=cfg.centering_strength,
@@ -700,7 +702,7 @@ def _log_row(step, stats, buf_all, lr, seconds, algorithm: str = "dmpo") -> dict
             "weights_min": float(buf_all["weights"].min()),
             "weights_max": float(buf_all["weights"].max()),
             "weights_std": float(buf_all["weights"].std()),
-            "log_ratio_mean": float(buf_all["log_ratio"].nan_to_num().mean()),
+            "log_ratio_mean": _finite_mean(buf_all["log_ratio"]),  # scored rollouts only
             "dropped": buf_all["dropped"],
             "tied_groups": buf_all["tied_groups"],
         })  # fmt: skip
@@ -713,6 +715,11 @@ def _log_row(step, stats, buf_all, lr, seconds, algorithm: str = "dmpo") -> dict
         "tokens_per_s": stats["masked_tokens"] / max(seconds, 1e-9),
         "seconds": seconds,
     }
+
+
+def _finite_mean(t: torch.Tensor) -> float:
+    t = t[torch.isfinite(t)]
+    return float(t.mean()) if t.numel() else 0.0
 
 
 def _gather_buffer(buf: dict, procs: Processes) -> dict:

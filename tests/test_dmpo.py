@@ -180,3 +180,45 @@ def test_wdce_model_baseline_keep():
     with pytest.raises(ValueError, match="keep"):
         dmpo.wdce(model, ids, maskable, raw, group_size=G, baseline="model", log_p_old=log_p_old,
                   keep=keep[:4], seed=5)
+
+
+@pytest.mark.parametrize("baseline", ["none", "group"])
+def test_wdce_zero_weight_rows_cost_nothing_and_change_nothing(baseline):
+    """Rows of weight 0 are left out of the forward pass; the loss and gradients equal the direct formula's
+    over every row (and an all-zero batch gives a zero loss that still backpropagates)."""
+    model = ToyDenoiser()
+    ids, maskable = _batch()
+    w = torch.tensor([0.5, 0.0, -0.25, 0.0, 0.0, 0.75])
+    calls, hidden = [], model.hidden
+
+    def counted(x, attention_mask=None):
+        calls.append(x.shape[0])
+        return hidden(x, attention_mask)
+
+    model.hidden = counted
+    out = dmpo.wdce(model, ids, maskable, w, group_size=3, baseline=baseline, seed=5)
+    assert calls == [3 * 4] and out.stats["masked_tokens"] > 0  # the 3 weighted rows x 4 replicates
+    want = _direct_wdce(model, ids, maskable, w, seed=5)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    out.loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _direct_wdce(model, ids, maskable, w, seed=5).backward()
+    for g1, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g1.double(), p.grad.double(), rtol=1e-4, atol=1e-6)
+    zero = dmpo.wdce(model, ids, maskable, torch.zeros(6), group_size=3, baseline=baseline, seed=5)
+    assert zero.loss.item() == 0.0
+    zero.loss.backward()
+
+
+def test_elbo_of_selected_rows():
+    model = ToyDenoiser()
+    ids, maskable = _batch()
+    rows = torch.tensor([True, False, True, True, False, False])
+    full = dmpo.elbo(model, ids, maskable, seed=3)
+    part = dmpo.elbo(model, ids, maskable, seed=3, rows=rows, micro_batch=5)
+    torch.testing.assert_close(part[rows], full[rows], rtol=1e-6, atol=1e-6)
+    assert torch.isnan(part[~rows]).all()
+    assert torch.isnan(dmpo.elbo(model, ids, maskable, seed=3, rows=torch.zeros(6, dtype=torch.bool))).all()
+    with pytest.raises(ValueError, match="rows"):
+        dmpo.elbo(model, ids, maskable, seed=3, rows=rows[:4])
