@@ -50,7 +50,8 @@ REPORT = ROOT / "docs" / "comparison.md"
 METHODS: dict[str, dict] = {
     # The untrained model: evaluations only.
     "base": {},
-    # DMPO: TrainConfig's defaults (WDCE, alpha 0.04, group baseline, F = 2 optimizer steps per buffer).
+    # DMPO: TrainConfig's defaults (WDCE, alpha 0.04, baseline none with tied groups dropped, F = 2
+    # optimizer steps per buffer).
     "dmpo": {"algorithm": "dmpo"},
     # d1's diffu-GRPO: mu = 2 updates per buffer (DMPO's F, so both take the same optimizer steps), the
     # GRPO paper's clip 0.2, d1's KL coefficient 0.04 to the frozen starting model.
@@ -66,18 +67,18 @@ METHODS: dict[str, dict] = {
     # it checks a token against the rest of the answer rather than re-reading the sampler's confidence.
     "mro": {"algorithm": "mro", "num_iterations": 1, "mro_window": 4, "mro_verification": "final"},
 }
-# The tiny model and task options of each task. Sudoku scores every cell, as the embedded run does.
+# The tiny model and task options of each task. Sudoku rewards a solved grid, as the embedded run does.
 TASKS: dict[str, dict] = {
-    "sudoku": {"model": "tiny", "task": "sudoku", "task_kwargs": {"reward_cells": "all"}},
+    "sudoku": {"model": "tiny", "task": "sudoku", "task_kwargs": {"reward_type": "solved"}},
     "countdown": {"model": "tiny_countdown", "task": "countdown", "task_kwargs": {}},
 }
-# The rollout budget of every method: the embedded run's 32 prompts x 8 rollouts, 20 buffers (DMPO's 40
-# steps), an evaluation on 200 held-out problems every 4 buffers.
+# The rollout budget of every method: the embedded run's 32 prompts x 8 rollouts, 60 buffers (DMPO's 120
+# steps), an evaluation on 200 held-out problems every 15 buffers.
 BUDGET = {
     "prompts_per_step": 32,
     "num_generations": 8,
-    "buffers": 20,
-    "eval_every_buffers": 4,
+    "buffers": 60,
+    "eval_every_buffers": 15,
     "eval_size": 200,
 }
 QUICK_BUDGET = {

@@ -51,8 +51,9 @@ class TrainConfig:
     dtype: DType = "float32"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     task: str = "sudoku"  # a registered task name or "package.module:TaskClass"
-    # The embedded run scores every cell of the grid (a clue the tiny model changes costs reward).
-    task_kwargs: dict = field(default_factory=lambda: {"reward_cells": "all"})
+    # The embedded run rewards a solved grid (1) or not (0): the cell reward pays for near misses, and
+    # DMPO's per-group softmax then trains on the best wrong answer of a group that solved nothing.
+    task_kwargs: dict = field(default_factory=lambda: {"reward_type": "solved"})
     chat_template: bool = (
         True  # wrap prompts in the tokenizer's chat template when it has one (instruct models)
     )
@@ -82,10 +83,10 @@ class TrainConfig:
     alpha: float = 0.04
     coeff: float = 1.0
     ess_target: float | None = None
-    baseline: BaselineName = "group"
+    baseline: BaselineName = "none"
     centering_strength: float = 1.0
     include_eos_padding: bool = True
-    drop_tied_groups: bool = False  # weight 0 for groups whose rewards are all equal (DAPO's filter)
+    drop_tied_groups: bool = True  # weight 0 for groups whose rewards are all equal (DAPO's filter)
     ddo_beta: float = 1.0
     ddo_a: float = 1.0
     ddo_independent_sets: bool = True
@@ -115,7 +116,7 @@ class TrainConfig:
     mro_windows_per_rollout: int = 4
 
     # --- optimisation --------------------------------------------------------------------------
-    learning_rate: float = 3e-5
+    learning_rate: float = 3e-4
     lr_scheduler: Scheduler = "constant_with_warmup"
     warmup_steps: int = 2
     weight_decay: float = 0.0
@@ -123,7 +124,7 @@ class TrainConfig:
     adam_beta2: float = 0.99
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    max_steps: int = 40
+    max_steps: int = 120
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -135,7 +136,7 @@ class TrainConfig:
 
     # --- evaluation, logging, checkpoints ------------------------------------------------------
     eval_size: int = 200
-    eval_every: int = 0  # steps between evaluations during training (0: only before and after)
+    eval_every: int = 30  # steps between evaluations during training (0: only before and after)
     eval_temperature: float = 0.0
     eval_tts_k: int = 0  # test-time scaling: candidates per prompt (0: plain decoding)
     eval_tts_window: int = 4  # test-time scaling: model calls between branch points

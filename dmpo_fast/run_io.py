@@ -159,12 +159,23 @@ class RunDir:
             return None
         steps = [r["step"] for r in rows]
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(steps, [r["reward_mean"] for r in rows], label="rollout reward (mean)")
-        if all(r.get("accuracy") is not None for r in rows):
-            ax.plot(steps, [r["accuracy"] for r in rows], label="rollout solve rate")
+        reward = [r["reward_mean"] for r in rows]
+        accuracy = [r.get("accuracy") for r in rows]
+        if None in accuracy or accuracy != reward:  # a 0/1 reward is the solve rate: one line, not two
+            ax.plot(steps, reward, alpha=0.8, label="rollout reward (mean)")
+        if None not in accuracy:
+            ax.plot(steps, accuracy, alpha=0.8, label="rollout solve rate")
+        # The held-out curve: before (step 0), every eval_every steps (evals.jsonl), after.
+        held = [(0, eval_before)] if eval_before is not None else []
+        held += [(e["step"], e) for e in self.read_evals()]
+        if eval_after is not None:
+            held.append((steps[-1], eval_after))
+        if held:
+            ax.plot([s for s, _ in held], [e["accuracy"] for _, e in held], "o-", color="black", lw=1.5,
+                    label="held-out solve rate (greedy)")  # fmt: skip
         for name, ev, style in (("before", eval_before, ":"), ("after", eval_after, "--")):
             if ev is not None:
-                ax.axhline(ev["accuracy"], linestyle=style, color="gray", label=f"held-out solve rate {name}")
+                ax.axhline(ev["accuracy"], linestyle=style, color="gray", lw=0.8)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("reward / accuracy")
         ax.grid(alpha=0.3)
