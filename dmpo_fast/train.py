@@ -562,12 +562,14 @@ def _merge_rows(parts: list[dict]) -> dict:
         for k, v in parts[0].items()
         if torch.is_tensor(v) and v.dim() == 1
     }
-    rows["n_failed"] = sum(p["n_failed"] for p in parts)
+    for k, v in parts[0].items():  # counts (failed rewards, dropped samples, tied groups) add up
+        if isinstance(v, int) and not isinstance(v, bool) and k != "first_row":
+            rows[k] = sum(p[k] for p in parts)
     return rows
 
 
 def _local_buffer(parts: list[dict] | None, procs: Processes, step: int, cfg: TrainConfig) -> dict | None:
-    """This process's buffer of a resumed MRO / diffu-GRPO run (None: the next step draws a new one)."""
+    """This process's buffer of a resumed run (None: the next step draws a new one)."""
     if parts is None or step % cfg.num_iterations == 0:
         return None
     if len(parts) != procs.world:
@@ -683,7 +685,7 @@ def _check_resume_config(run: RunDir, cfg: TrainConfig) -> None:
 
 
 def _log_row(step, stats, buf_all, lr, seconds, algorithm: str = "dmpo") -> dict:
-    if algorithm != "dmpo":  # MRO / diffu-GRPO: one buffer per process
+    if isinstance(buf_all, list):  # one buffer per process
         buf_all = _merge_rows(buf_all)
     rewards = buf_all["rewards"]
     finite_r = rewards[torch.isfinite(rewards)]
@@ -720,22 +722,6 @@ def _log_row(step, stats, buf_all, lr, seconds, algorithm: str = "dmpo") -> dict
 def _finite_mean(t: torch.Tensor) -> float:
     t = t[torch.isfinite(t)]
     return float(t.mean()) if t.numel() else 0.0
-
-
-def _gather_buffer(buf: dict, procs: Processes) -> dict:
-    """The whole step's buffer on every process (for logging and for the main process's checkpoint)."""
-    if procs.world == 1:
-        return buf
-    out = {}
-    for k, v in buf.items():
-        if torch.is_tensor(v) and v.dim() > 0:
-            out[k] = procs.gather(v.to(procs.device)).cpu()
-        elif k in ("dropped", "tied_groups", "n_failed"):
-            out[k] = int(procs.sum([float(v)])[0])
-        else:
-            out[k] = v
-    out["first_row"] = 0
-    return out
 
 
 def train(cfg: TrainConfig | None = None) -> TrainResult:
@@ -798,14 +784,10 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             print(
                 f"eval before: solve rate {eval_before['accuracy']:.3f}, reward {eval_before['reward_mean']:.3f}"
             )
-    if cfg.algorithm != "dmpo":
-        buf = _local_buffer(buf_all, procs, start, cfg)
+    if isinstance(buf_all, dict):  # a DMPO checkpoint that stored the buffer as one concatenated dict
+        buf = _slice_buffer(buf_all, procs.rank * P_local * G, (procs.rank + 1) * P_local * G)
     else:
-        buf = (
-            _slice_buffer(buf_all, procs.rank * P_local * G, (procs.rank + 1) * P_local * G)
-            if buf_all
-            else None
-        )
+        buf = _local_buffer(buf_all, procs, start, cfg)
 
     tb = run.tensorboard() if cfg.tensorboard else None
     from tqdm.auto import tqdm
@@ -823,13 +805,13 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             if cfg.algorithm == "dmpo":
                 buf = make_buffer(policy, reference, tokenizer, task, cfg, reward_fns, mine, b,
                                   first_row=procs.rank * P_local * G)  # fmt: skip
-                buf_all = _gather_buffer(buf, procs)
             else:
                 buf = algorithm_buffer(policy, reference, tokenizer, task, cfg, reward_fns, mine, b,
                                        first_row=procs.rank * P_local * G, procs=procs,
                                        scorer=scorer)  # fmt: skip
-                # Whole buffers, not concatenated tensors: their widths may differ between processes.
-                buf_all = procs.gather_objects(buf)
+            # Whole buffers, not concatenated tensors: their widths differ between processes when the
+            # prompts' lengths do (left padding is per process).
+            buf_all = procs.gather_objects(buf)
 
         stats = update(policy, optimizer, params, buf, cfg, step, device, procs)
         scheduler.step()

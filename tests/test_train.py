@@ -292,3 +292,17 @@ def test_drop_tied_groups_gives_tied_groups_no_weight(tmp_path, monkeypatch, dro
     # The loss step runs on such a buffer and the dropped group contributes nothing.
     out = train_mod.loss_step(policy, buf, cfg, step=0, device=torch.device("cpu"))
     assert torch.isfinite(out.loss)
+
+
+def test_buffers_of_different_widths_merge_for_the_log():
+    """Each process keeps its own buffer (its prompts' left padding sets its width); the log row merges the
+    per-rollout values and adds up the counts."""
+    def part(n, width, failed):
+        return {"ids": torch.zeros(n, width, dtype=torch.long), "rewards": torch.rand(n), "weights": torch.rand(n),
+                "n_failed": failed, "dropped": 1, "tied_groups": 2, "first_row": 0}  # fmt: skip
+
+    a, b = part(4, 30, 1), part(4, 41, 2)
+    merged = train_mod._merge_rows([a, b])
+    assert torch.equal(merged["rewards"], torch.cat([a["rewards"], b["rewards"]]))
+    assert (merged["n_failed"], merged["dropped"], merged["tied_groups"]) == (3, 2, 4)
+    assert "ids" not in merged and "first_row" not in merged
