@@ -135,3 +135,22 @@ def test_hf_model_with_lora_and_modules_to_save_heads_matches_peft_logits():
             if "modules_to_save" in extra:  # train the copy: head_weight must follow it, not the original
                 _head(lm).modules_to_save["default"].weight.add_(0.5)
             torch.testing.assert_close(lm.logits(ids), lm.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_wrapping_a_model_that_already_has_a_head_adapter_verifies_against_peft_logits():
+    """The once-only check that hidden @ head_weight.T reproduces the logits uses the adapted head: an HF
+    model wrapped after LoRA was put on its lm_head (with a non-zero B) passes and matches PEFT's logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    peft_model = get_peft_model(
+        LlamaForCausalLM(cfg).eval(),
+        LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["lm_head"]),
+    )
+    lm = wrap(peft_model, mask_id=MASK, eos_id=EOS)
+    ids = torch.randint(4, V, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.logits(ids), peft_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

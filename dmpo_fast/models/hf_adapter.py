@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import DiffusionLM, check_attention_mask, check_ids
+from .peft_support import adapted_head_weight
 
 
 class HFAdapter(DiffusionLM):
@@ -97,6 +98,7 @@ class HFAdapter(DiffusionLM):
         """The hidden-state path whose linear read-out reproduces the model's logits, and the logit scale."""
         base = self.base_model
         weight, bias = self._raw_head()
+        weight = adapted_head_weight(base, weight)  # a LoRA adapter already on the head is part of it
         n = 8
         ids = (torch.arange(2 * n, device=weight.device).view(2, n) * 7 + 3) % self.vocab_size
         ids[:, n // 2] = self.mask_id
