@@ -51,6 +51,10 @@ def test_head_weight_includes_the_lora_delta_and_matches_peft_forward():
     torch.testing.assert_close(lm.head_weight, _expected(head))
     h = torch.randn(7, lm.hidden_size)
     torch.testing.assert_close(F.linear(h, lm.head_weight), head(h), rtol=1e-5, atol=1e-5)
+    # The HF forward (PEFT's logits) and the fused path's hidden @ head_weight.T agree.
+    ids = torch.randint(4, V, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(input_ids=ids).logits, lm.logits(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_loss_gradients_reach_the_head_adapter_like_full_logits():

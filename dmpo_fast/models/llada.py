@@ -248,7 +248,10 @@ class LLaDAModelLM(PreTrainedModel):
             raise ValueError("labels is not supported: compute masked-diffusion losses with dmpo_fast's ops")
         check_inputs(self.config, input_ids, attention_mask)
         hidden, _ = self.model(input_ids, attention_mask=attention_mask, positions=position_ids)
-        logits = F.linear(hidden, self.model.output_weight, self.model.output_bias)
+        if self.config.weight_tying:
+            logits = F.linear(hidden, self.model.output_weight, self.model.output_bias)
+        else:  # through the module, so an adapter put on it (LoRA) takes part, as in head_weight
+            logits = self.model.transformer.ff_out(hidden)
         if self.config.scale_logits:
             logits = logits * (1 / math.sqrt(self.config.d_model))
         hidden_states = (hidden,) if output_hidden_states else None
