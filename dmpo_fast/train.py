@@ -700,7 +700,8 @@ def _log_row(step, stats, buf_all, lr, seconds, algorithm: str = "dmpo") -> dict
         row.update(_algorithm_row_stats(algorithm, buf_all, stats))
     else:
         row.update({
-            "ess_mean": float(buf_all["ess"].mean()),
+            # Over the groups that carry weight (a dropped group's ESS is 0).
+            "ess_mean": _finite_mean(buf_all["ess"].masked_fill(buf_all["ess"] <= 0, float("nan"))),
             "weights_min": float(buf_all["weights"].min()),
             "weights_max": float(buf_all["weights"].max()),
             "weights_std": float(buf_all["weights"].std()),
