@@ -109,6 +109,9 @@ def _without_out(argv: list[str]) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=TASKS, default="sudoku", help="the task whose rows it trains on")
+    p.add_argument("--task-kwargs", default="{}",
+                   help="the task's options as a YAML mapping, e.g. '{num_counts: [3], max_number: 9}' "
+                   "(the trainer must be given the same task_kwargs)")  # fmt: skip
     p.add_argument("--steps", type=int, default=160, help="optimizer steps (the committed model's value)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -128,9 +131,15 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
+    import yaml
+
+    task_kwargs = yaml.safe_load(args.task_kwargs) or {}
+    if not isinstance(task_kwargs, dict):
+        p.error(f"--task-kwargs must be a YAML mapping such as '{{max_number: 9}}', got {args.task_kwargs!r}")
+    args.task_kwargs = task_kwargs
     torch.set_num_threads(args.threads)
     tok = CharTokenizer()
-    task = get_task(args.task)
+    task = get_task(args.task, **task_kwargs)
     lm = build_tiny(tok.vocab_size, tok.mask_id, tok.eos_id, seed=args.seed)
     # The run's seed differs from the pretraining seed, so the RL run never replays these puzzles.
     train_rows = task.train(n=args.steps * args.batch_size // 4, seed=10_000 + args.seed)

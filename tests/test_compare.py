@@ -203,11 +203,14 @@ def _pretrain_module():
 def test_pretrain_countdown_and_load_it_as_a_tiny_model(tmp_path, monkeypatch):
     pretrain = _pretrain_module()
     out = tmp_path / "tiny_countdown"
-    args = ["--task", "countdown", "--steps", "2", "--eval-every", "1", "--eval-size", "4",
-            "--batch-size", "8", "--threads", "1", "--out", str(out)]  # fmt: skip
+    args = ["--task", "countdown", "--task-kwargs", "{num_counts: [3], max_number: 9}", "--steps", "2",
+            "--eval-every", "1", "--eval-size", "4", "--batch-size", "8", "--threads", "1", "--out", str(out)]  # fmt: skip
     assert pretrain.main(args) == 0
     record = json.loads((out / "pretrain.json").read_text())
     assert record["args"]["task"] == "countdown" and record["args"]["gen_length"] == 24
+    assert record["args"]["task_kwargs"] == {"num_counts": [3], "max_number": 9}
+    with pytest.raises(SystemExit):  # argparse: not a mapping
+        pretrain.main(["--task", "countdown", "--task-kwargs", "[1, 2]", "--out", str(tmp_path / "x")])
     assert [e["step"] for e in record["log"]] == [1, 2] and "--out" not in record["command"]
     assert pretrain.default_out("countdown") == assets.ASSETS / "tiny_countdown"
 
