@@ -93,6 +93,7 @@ class Processes:
 
     def __init__(self, cfg: TrainConfig):
         self.rank, self.world = 0, 1
+        _refuse_sharding_launchers()
         if _launched_distributed():
             from accelerate import PartialState
 
@@ -152,6 +153,22 @@ class Processes:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
+
+
+def _refuse_sharding_launchers() -> None:
+    """``accelerate launch`` with a DeepSpeed or FSDP config asks for sharded parameters, which the trainer
+    does not do yet (it replicates the model and sums gradients itself); refuse rather than silently replicate
+    a model the user meant to shard."""
+    import os
+
+    for env, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(env, "").strip().lower() in ("1", "true", "yes"):
+            raise ValueError(
+                f"accelerate was launched with {name} ({env}=true), which the trainer does not support yet: it "
+                "replicates the model on every process and sums gradients itself. Launch with "
+                "configs/accelerate/ddp.yaml (one process per GPU), and use LoRA (lora=true) and "
+                "gradient_checkpointing=true to fit large models."
+            )
 
 
 def _launched_distributed() -> bool:

@@ -306,3 +306,11 @@ def test_buffers_of_different_widths_merge_for_the_log():
     assert torch.equal(merged["rewards"], torch.cat([a["rewards"], b["rewards"]]))
     assert (merged["n_failed"], merged["dropped"], merged["tied_groups"]) == (3, 2, 4)
     assert "ids" not in merged and "first_row" not in merged
+
+
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_sharding_launchers_are_refused_with_a_clear_error(tmp_path, monkeypatch, env):
+    monkeypatch.setenv(env, "true")
+    with pytest.raises(ValueError, match="does not support yet.*ddp.yaml"):
+        train_mod.train(_cfg(tmp_path))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
