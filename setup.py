@@ -7,13 +7,19 @@ package). The optional native CPU ops in ``csrc/`` are compiled at first use by
 sources ship inside the package as ``dmpo_fast.csrc``.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["dmpo_fast", "dmpo_fast.*"]) + ["dmpo_fast.kernels", "dmpo_fast.csrc"]
+# The built-in tiny models (dmpo_fast/assets/tiny_*/: weights, config, tokenizer) are data-only packages.
+ASSETS = Path(__file__).resolve().parent / "dmpo_fast" / "assets"
+asset_packages = [f"dmpo_fast.assets.{d.name}" for d in sorted(ASSETS.glob("tiny_*")) if d.is_dir()]
+packages = find_packages(include=["dmpo_fast", "dmpo_fast.*"]) + asset_packages
+packages += ["dmpo_fast.kernels", "dmpo_fast.csrc"]
 
 setup(
     packages=packages,
     package_dir={"dmpo_fast.kernels": "kernels", "dmpo_fast.csrc": "csrc"},
-    package_data={"dmpo_fast": ["assets/**/*"], "dmpo_fast.csrc": ["*.cpp", "*.h"]},
+    package_data={"dmpo_fast.csrc": ["*.cpp", "*.h"], **{name: ["*"] for name in asset_packages}},
     include_package_data=True,
 )
