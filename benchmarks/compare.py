@@ -143,9 +143,14 @@ def _comparable(config: dict) -> dict:
 
 
 def _changed(saved: dict, cfg: TrainConfig) -> list[str]:
-    now = _comparable(cfg.to_dict())
-    saved = _comparable(saved)
-    return sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+    """Fields whose value differs; a field added to TrainConfig after the run was saved counts only when it
+    is set away from its default (the saved run had the default's behaviour)."""
+    now, saved = _comparable(cfg.to_dict()), _comparable(saved)
+    defaults = _comparable(TrainConfig().to_dict())
+    return sorted(
+        k for k in now.keys() | saved.keys()
+        if now.get(k) != saved.get(k) and not (k not in saved and now.get(k) == defaults.get(k))
+    )  # fmt: skip
 
 
 def ensure_model(task: str, *, quick: bool) -> None:

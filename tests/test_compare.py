@@ -239,3 +239,17 @@ def test_countdown_pretraining_rows(tmp_path):
         ref = tok.encode(r["reference"])
         assert comp[: len(ref)] == ref and set(comp[len(ref) :]) == {tok.eos_id}
         assert tok.decode(ids[i, :P][am[i, :P].bool()].tolist()) == r["prompt"]
+
+
+def test_a_field_added_later_at_its_default_does_not_invalidate_a_finished_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import compare
+
+    cfg = TrainConfig(learning_rate=1e-4)
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    del saved["drop_tied_groups"]  # a run saved before the field existed
+    assert compare._changed(saved, cfg.replace(drop_tied_groups=TrainConfig().drop_tied_groups)) == []
+    assert compare._changed(saved, cfg.replace(drop_tied_groups=not TrainConfig().drop_tied_groups)) == [
+        "drop_tied_groups"
+    ]
+    assert compare._changed(saved, cfg.replace(learning_rate=3e-4)) == ["learning_rate"]
