@@ -43,6 +43,12 @@ Returns = Literal["reward_to_go", "window"]
 Importance = Literal["none", "uniform", "advantage"]
 
 
+# The task options used when task_kwargs is None. The embedded Sudoku run rewards a solved grid (1) or not
+# (0): the papers' cell reward pays for near misses, and DMPO's per-group softmax then trains on the best
+# wrong answer of a group that solved nothing (docs/default_run.md). Other tasks keep their own defaults.
+DEFAULT_TASK_KWARGS: dict[str, dict] = {"sudoku": {"reward_type": "solved"}}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # --- what to train -------------------------------------------------------------------------
@@ -51,9 +57,8 @@ class TrainConfig:
     dtype: DType = "float32"
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     task: str = "sudoku"  # a registered task name or "package.module:TaskClass"
-    # The embedded run rewards a solved grid (1) or not (0): the cell reward pays for near misses, and
-    # DMPO's per-group softmax then trains on the best wrong answer of a group that solved nothing.
-    task_kwargs: dict = field(default_factory=lambda: {"reward_type": "solved"})
+    # None: the task's options of the embedded run (DEFAULT_TASK_KWARGS); see task_options().
+    task_kwargs: dict | None = None
     chat_template: bool = (
         True  # wrap prompts in the tokenizer's chat template when it has one (instruct models)
     )
@@ -269,6 +274,12 @@ class TrainConfig:
             return float(self.mro_ppl_weight)
         return 1.0 if self.mro_ppl_model is not None else 0.0
 
+    def task_options(self) -> dict:
+        """The task's constructor options: ``task_kwargs``, or for None the embedded defaults of the task."""
+        if self.task_kwargs is not None:
+            return dict(self.task_kwargs)
+        return dict(DEFAULT_TASK_KWARGS.get(self.task, {}))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -397,7 +408,8 @@ FIELD_DOCS: dict[str, str] = {
     "dtype": "parameter dtype: float32, bfloat16 or float16",
     "device": '"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; under accelerate each process takes its own',
     "task": 'a registered task (sudoku, countdown, gsm8k, math500) or "package.module:TaskClass"',
-    "task_kwargs": "keyword arguments of the task's constructor (e.g. {prompt_style: instruct})",
+    "task_kwargs": "keyword arguments of the task's constructor (e.g. {prompt_style: instruct}); null: the "
+    "embedded defaults (sudoku: {reward_type: solved}; other tasks: their own)",
     "chat_template": "wrap prompts in the tokenizer's chat template when it has one (instruct models)",
     "reward_funcs": 'extra TRL-style rewards fn(prompts, completions, **columns) by import path "module:function", summed with the task reward',
     "algorithm": "dmpo, mro (step rewards + SGRO, docs/mro.md) or diffu_grpo (d1's clipped GRPO)",

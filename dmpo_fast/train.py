@@ -755,7 +755,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     device = procs.device
     torch.manual_seed(cfg.seed)
     policy, tokenizer = load_policy(cfg, device)
-    task = get_task(cfg.task, **cfg.task_kwargs)
+    task = get_task(cfg.task, **cfg.task_options())
     reward_fns = [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]
     reference = _Reference(cfg, policy)
     needs_scorer = cfg.effective_ppl_weight > 0 and (cfg.algorithm == "mro" or cfg.eval_tts_k > 0)
@@ -948,7 +948,7 @@ def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengt
     if checkpoint is not None:
         policy.load_state_dict(state["model"])
     policy.eval()
-    task = get_task(cfg.task, **cfg.task_kwargs)
+    task = get_task(cfg.task, **cfg.task_options())
     reward_fns = [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]
     rows = task.test(n or cfg.eval_size, seed=cfg.seed)
     scorer = (

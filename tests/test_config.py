@@ -73,3 +73,16 @@ def test_numbers_in_exponent_form_parse_as_floats(tmp_path):
     assert cfg.learning_rate == 3e-6 and cfg.threshold == 0.9
     assert TrainConfig().with_overrides(["learning_rate=1e-5"]).learning_rate == 1e-5
     assert TrainConfig().with_overrides(["output_dir=runs/v1.e"]).output_dir == "runs/v1.e"
+
+
+def test_task_options_default_per_task():
+    """task_kwargs null means the embedded run's options for Sudoku and the task's own defaults elsewhere, so
+    switching task=countdown on the command line needs no task_kwargs."""
+    from dmpo_fast.tasks import get_task
+
+    assert TrainConfig().task_options() == {"reward_type": "solved"}
+    cd = TrainConfig().with_overrides(["task=countdown"])
+    assert cd.task_kwargs is None and cd.task_options() == {}
+    get_task(cd.task, **cd.task_options())  # constructs
+    assert TrainConfig(task_kwargs={}).task_options() == {}  # explicit: the task's own defaults (cell reward)
+    assert TrainConfig(task_kwargs={"reward_cells": "all"}).task_options() == {"reward_cells": "all"}

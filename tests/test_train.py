@@ -67,7 +67,7 @@ def test_training_moves_the_policy_and_eval_is_reproducible(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
     from dmpo_fast.tasks import get_task
 
-    task = get_task(cfg.task, **cfg.task_kwargs)
+    task = get_task(cfg.task, **cfg.task_options())
     rows = task.test(8, seed=0)
     again = train_mod.evaluate(policy, tok, task, rows, cfg, [task.reward])
     assert again == result.eval_before  # same rows, seed and decoding: the same number
@@ -277,7 +277,7 @@ def test_drop_tied_groups_gives_tied_groups_no_weight(tmp_path, monkeypatch, dro
     monkeypatch.setattr(train_mod, "rollout", fixed_rewards)
     cfg = _cfg(tmp_path, baseline="none", drop_tied_groups=drop)
     policy, tok = train_mod.load_policy(cfg, torch.device("cpu"))
-    task = get_task(cfg.task, **cfg.task_kwargs)
+    task = get_task(cfg.task, **cfg.task_options())
     buf = train_mod.make_buffer(policy, train_mod._Reference(cfg, policy), tok, task, cfg, [task.reward],
                                 task.train(seed=0)[:2], 0)  # fmt: skip
     w = buf["weights"]
