@@ -39,6 +39,7 @@ import torch
 
 from benchmarks.common import RESULTS, environment
 from benchmarks.compare_report import plot_task, write_report
+from dmpo_fast.assets import TINY_TASK_KWARGS
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.run_io import RunDir, atomic_write_text
 
@@ -70,10 +71,12 @@ METHODS: dict[str, dict] = {
 # The tiny model and task options of each task. Sudoku rewards a solved grid, as the embedded run does.
 TASKS: dict[str, dict] = {
     "sudoku": {"model": "tiny", "task": "sudoku", "task_kwargs": {"reward_type": "solved"}},
-    # Three single-digit numbers and targets up to 30: with 3-4 numbers up to 99 (the task's default) the
-    # 0.8M-parameter model does not learn to write a valid expression at all.
-    "countdown": {"model": "tiny_countdown", "task": "countdown",
-                  "task_kwargs": {"num_counts": [3], "max_number": 9, "max_target": 30}},  # fmt: skip
+    # The problem set the tiny Countdown model was pretrained on (three single-digit numbers).
+    "countdown": {
+        "model": "tiny_countdown",
+        "task": "countdown",
+        "task_kwargs": TINY_TASK_KWARGS["tiny_countdown"],
+    },
 }
 # The rollout budget of every method: the embedded run's 32 prompts x 8 rollouts, 60 buffers (DMPO's 120
 # steps), an evaluation on 200 held-out problems every 15 buffers.

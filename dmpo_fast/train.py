@@ -390,8 +390,9 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
                 log_p_ref = elbo(ref)
         else:
             log_p_ref = log_p_old
+    log_ratio = log_p_ref - log_p_old
     iw = importance_weights(
-        weighted_rewards.to(log_p_old.device), log_p_ref - log_p_old, group_size=G, alpha=cfg.alpha,
+        weighted_rewards.to(log_p_old.device), log_ratio, group_size=G, alpha=cfg.alpha,
         coeff=cfg.coeff, baseline=cfg.baseline, centering_strength=cfg.centering_strength,
         ess_target=cfg.ess_target,
     )  # fmt: skip
@@ -402,11 +403,11 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
         "weights": iw.weights.float().cpu(),
         "raw": iw.raw.float().cpu(),
         "log_p_old": log_p_old.float().cpu(),
-        "log_ratio": (log_p_ref - log_p_old).float().cpu(),
+        "log_ratio": log_ratio.float().cpu(),
         "rewards": rewards.float().cpu(),
         "solved": solved.cpu(),
         "ess": iw.ess.float().cpu(),
-        "kept": torch.isfinite(weighted_rewards) & torch.isfinite(log_p_ref - log_p_old).cpu(),
+        "kept": torch.isfinite(weighted_rewards) & torch.isfinite(log_ratio).cpu(),
         "dropped": int(iw.dropped),
         "tied_groups": int(tied.sum()),
         "n_failed": int(n_failed),

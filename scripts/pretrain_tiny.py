@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dmpo_fast.assets import ASSETS, TINY_ASSETS
+from dmpo_fast.assets import ASSETS, TINY_ASSETS, TINY_TASK_KWARGS
 from dmpo_fast.models import build_tiny, save_llada
 from dmpo_fast.sampling import generate
 from dmpo_fast.tasks import get_task
@@ -41,11 +41,9 @@ TASKS = tuple(TINY_ASSETS.values())  # sudoku, countdown
 # 19-character grid; a Countdown reference is at most 15 characters (four numbers of at most 2 digits,
 # 3 operators, at most 2 pairs of parentheses since the root is never wrapped) and 10 on average.
 GEN_LENGTH = {"sudoku": 24, "countdown": 24}
-# The committed models' settings per task (--steps, --task-kwargs when not given). Countdown uses three
-# single-digit numbers and targets up to 30: with the task's default (3-4 numbers up to 99) the 0.8M-parameter
-# model never writes a valid expression; here it plateaus near a 5% solve rate after about 1250 steps.
+# The committed models' --steps per task (the task options are dmpo_fast.assets.TINY_TASK_KWARGS). On its
+# easier problem set the Countdown model plateaus near a 5% solve rate after about 1250 steps.
 STEPS = {"sudoku": 160, "countdown": 2000}
-TASK_KWARGS = {"sudoku": {}, "countdown": {"num_counts": [3], "max_number": 9, "max_target": 30}}
 
 
 def default_out(task: str) -> Path:
@@ -117,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=TASKS, default="sudoku", help="the task whose rows it trains on")
     p.add_argument("--task-kwargs", default=None,
                    help="the task's options as a YAML mapping, e.g. '{num_counts: [3], max_number: 9}' (default: "
-                   "TASK_KWARGS; the trainer must be given the same task_kwargs)")  # fmt: skip
+                   "dmpo_fast.assets.TINY_TASK_KWARGS; the trainer must be given the same task_kwargs)")  # fmt: skip
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: STEPS, the committed models')")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -141,7 +139,10 @@ def main(argv=None) -> int:
 
     import yaml
 
-    task_kwargs = TASK_KWARGS[args.task] if args.task_kwargs is None else (yaml.safe_load(args.task_kwargs) or {})
+    if args.task_kwargs is None:
+        task_kwargs = TINY_TASK_KWARGS[f"tiny_{args.task}"]
+    else:
+        task_kwargs = yaml.safe_load(args.task_kwargs) or {}
     if not isinstance(task_kwargs, dict):
         p.error(f"--task-kwargs must be a YAML mapping such as '{{max_number: 9}}', got {args.task_kwargs!r}")
     args.task_kwargs = task_kwargs

@@ -5,8 +5,9 @@ tokenizer, pretrained by ``scripts/pretrain_tiny.py --task <task>`` with masked 
 stopped early on purpose, so reinforcement learning has room to improve it. ``pretrain.json`` next to the
 weights records the command, the seed and the held-out solve rate during pretraining.
 
-    tiny_sudoku/       4x4 Sudoku; shipped with the package (TrainConfig ``model: tiny``)
-    tiny_countdown/    Countdown; built on demand (``model: tiny_countdown``), not shipped
+    tiny_sudoku/       4x4 Sudoku (TrainConfig ``model: tiny``)
+    tiny_countdown/    Countdown on three single-digit numbers, targets up to 30 (``model: tiny_countdown``;
+                       train it with ``task_kwargs`` = ``TINY_TASK_KWARGS["tiny_countdown"]``)
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ TINY_ASSETS: dict[str, str] = {"tiny_sudoku": "sudoku", "tiny_countdown": "count
 # TrainConfig.model names of the tiny models: "tiny" is the default run's Sudoku model.
 TINY_MODELS: dict[str, str] = {"tiny": "tiny_sudoku", **{name: name for name in TINY_ASSETS}}
 TINY_SUDOKU = ASSETS / "tiny_sudoku"
+# The task options each tiny model was pretrained on. With Countdown's defaults (3-4 numbers up to 99) the
+# 0.8M-parameter model never writes a valid expression, so its model sees an easier problem set.
+TINY_TASK_KWARGS: dict[str, dict] = {
+    "tiny_sudoku": {},
+    "tiny_countdown": {"num_counts": [3], "max_number": 9, "max_target": 30},
+}
 
 
 def _asset_dir(name: str) -> Path:
