@@ -136,6 +136,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out"])
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard over the processes with FSDP2 (also on with accelerate's FSDP configs)
+    fsdp_reshard_after_forward: bool = True  # ZeRO-3 (True) or ZeRO-2 (False) with fsdp
     impl: ImplName = "auto"
     seed: int = 0
 
@@ -489,6 +491,14 @@ FIELD_DOCS: dict[str, str] = {
     "lora_dropout": "LoRA dropout (not allowed on the output head: the fused loss reads the head as one matrix)",
     "lora_target_modules": "module names that get adapters",
     "gradient_checkpointing": "recompute each block in backward (less memory, ~30% more compute)",
+    "fsdp": (
+        "shard parameters, gradients and AdamW state over the processes (PyTorch FSDP2; on by itself under "
+        "accelerate launch with configs/accelerate/fsdp.yaml); rollouts and evaluation run gathered"
+    ),
+    "fsdp_reshard_after_forward": (
+        "with fsdp: re-shard each block after its forward (ZeRO-3, least memory) or keep it gathered until "
+        "backward (ZeRO-2, less communication)"
+    ),
     "impl": "kernel backend: auto (triton on CUDA, else native if built, else chunked), triton, native, chunked, eager",
     "seed": "seed of every random stream (prompts, rollouts, masks): a resumed run repeats an uninterrupted one",
     "eval_size": "held-out examples evaluated before and after training",

@@ -30,6 +30,7 @@ Where this departs from the reference implementation (and why):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -91,9 +92,20 @@ def completion_mask(
 # --------------------------------------------------------------------------------------------------
 
 
+def _sharded(model) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported unless something sharded a model
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
 def _hidden_and_head(model: Denoiser, ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    """Hidden states with the model's logit scale folded in, and the head weight."""
-    hidden = model.hidden(ids, attention_mask=attention_mask)  # [M, L, H]
+    """Hidden states with the model's logit scale folded in, and the head weight.
+
+    A model sharded with FSDP is called through its root (``model(...)``, which is ``hidden``): that gathers
+    the output matrix read next and registers its gradient's reduce-scatter (``dmpo_fast.sharding``)."""
+    if _sharded(model):
+        hidden = model(ids, attention_mask=attention_mask)
+    else:
+        hidden = model.hidden(ids, attention_mask=attention_mask)  # [M, L, H]
     scale = float(getattr(model, "logit_scale", 1.0))
     if scale != 1.0:
         hidden = hidden * scale

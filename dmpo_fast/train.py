@@ -63,6 +63,8 @@ RESUMABLE_CHANGES = frozenset(
         "eval_size",
         "device",
         "impl",
+        "fsdp",  # checkpoints hold the full state either way
+        "fsdp_reshard_after_forward",
     }  # fmt: skip
 )
 
@@ -92,8 +94,11 @@ class Processes:
     """Rank, world size and the three collectives the loop needs; trivial in a single process."""
 
     def __init__(self, cfg: TrainConfig):
-        self.rank, self.world = 0, 1
-        _refuse_sharding_launchers()
+        from dmpo_fast import sharding
+
+        self.rank, self.world, self.reshard_after_forward = 0, 1, True
+        _refuse_deepspeed()
+        self.fsdp = sharding.requested(cfg)
         if _launched_distributed():
             from accelerate import PartialState
 
@@ -107,13 +112,17 @@ class Processes:
                 f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of processes "
                 f"({self.world}): each process takes whole prompt groups"
             )
+        if self.fsdp:
+            sharding.check_launch(self.world)
+            self.reshard_after_forward = sharding.reshard_after_forward(cfg)
+            self.fsdp = self.world > 1
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def sum_gradients(self, params) -> None:
-        if self.world == 1:
+        if self.world == 1 or self.fsdp:  # FSDP's reduce-scatter has summed them already
             return
         import torch.distributed as dist
 
@@ -155,20 +164,18 @@ class Processes:
         return t.tolist()
 
 
-def _refuse_sharding_launchers() -> None:
-    """``accelerate launch`` with a DeepSpeed or FSDP config asks for sharded parameters, which the trainer
-    does not do yet (it replicates the model and sums gradients itself); refuse rather than silently replicate
-    a model the user meant to shard."""
+def _refuse_deepspeed() -> None:
+    """``accelerate launch`` with a DeepSpeed config asks for DeepSpeed's engine, which the trainer does not
+    use; refuse rather than silently replicate a model the user meant to shard, and name what does the same."""
     import os
 
-    for env, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
-        if os.environ.get(env, "").strip().lower() in ("1", "true", "yes"):
-            raise ValueError(
-                f"accelerate was launched with {name} ({env}=true), which the trainer does not support yet: it "
-                "replicates the model on every process and sums gradients itself. Launch with "
-                "configs/accelerate/ddp.yaml (one process per GPU), and use LoRA (lora=true) and "
-                "gradient_checkpointing=true to fit large models."
-            )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() in ("1", "true", "yes"):
+        raise ValueError(
+            "accelerate was launched with DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), which the trainer does not "
+            "use. For ZeRO-3 launch with configs/accelerate/fsdp.yaml, for ZeRO-2 with "
+            "configs/accelerate/fsdp_zero2.yaml (PyTorch FSDP2, the same memory split: see "
+            "dmpo_fast.sharding), or set fsdp=true under torchrun; configs/accelerate/ddp.yaml replicates."
+        )
 
 
 def _launched_distributed() -> bool:
@@ -628,6 +635,8 @@ def update(
     procs.sum_gradients(params)
     loss_total, masked_tokens, *sums = procs.sum(totals.tolist())
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # sharded gradients (FSDP): the norm is a DTensor
+        grad_norm = grad_norm.full_tensor()
     finite = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
     if finite:
         optimizer.step()
@@ -738,6 +747,48 @@ def _log_row(step, stats, buf_all, lr, seconds, algorithm: str = "dmpo") -> dict
     }
 
 
+def _training_state(policy, optimizer, *, sharded: bool) -> tuple[dict, dict, str]:
+    """(model state, optimizer state, optimizer format) to checkpoint. The model state is always the full,
+    unsharded one; the optimizer's is keyed by parameter index ("index", ``optimizer.state_dict()``) or, for a
+    sharded model, by parameter name ("fqn", gathered in full). A collective when sharded."""
+    if sharded:
+        from dmpo_fast import sharding
+
+        model_state, optimizer_state = sharding.full_state(policy, optimizer)
+        return model_state, optimizer_state, "fqn"
+    return policy.state_dict(), optimizer.state_dict(), "index"
+
+
+def _load_training_state(policy, optimizer, state: dict, *, sharded: bool) -> None:
+    """Load a checkpoint's model and optimizer into a sharded or an unsharded run, whichever wrote it."""
+    fqn = state.get("optimizer_format") == "fqn"
+    if not sharded and not fqn:
+        policy.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    optim = state["optimizer"] if fqn else _optimizer_state_by_name(policy, state["optimizer"])
+    if sharded:
+        from dmpo_fast import sharding
+
+        sharding.load_full_state(policy, optimizer, state["model"], optim)
+    else:
+        policy.load_state_dict(state["model"])
+        set_optimizer_state_dict(policy, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+
+
+def _optimizer_state_by_name(policy, index_state: dict) -> dict:
+    """An ``optimizer.state_dict()`` of this trainer (one group over the trainable parameters in order) keyed
+    by parameter name, as ``set_optimizer_state_dict`` reads it."""
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    groups = index_state["param_groups"]
+    return {
+        "state": {names[i]: v for i, v in index_state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups],
+    }
+
+
 def _finite_mean(t: torch.Tensor) -> float:
     t = t[torch.isfinite(t)]
     return float(t.mean()) if t.numel() else 0.0
@@ -767,6 +818,17 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             "(the SGRO loss has no policy ratio); num_iterations=1 is on-policy",
             stacklevel=2,
         )
+    gathered = contextlib.nullcontext
+    if procs.fsdp:  # shard after the frozen copy was taken; rollouts and evals run gathered
+        from dmpo_fast import sharding
+
+        for model in (policy, reference.copy):
+            if model is not None:
+                sharding.shard(model, reshard_after_forward=procs.reshard_after_forward)
+
+        def gathered():
+            return sharding.gathered(policy, reference.copy)
+
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
@@ -781,8 +843,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     latest = run.latest_checkpoint() if cfg.resume else None
     if latest is not None:
         state = RunDir.load_checkpoint(latest)
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_training_state(policy, optimizer, state, sharded=procs.fsdp)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start, buf_all, eval_before = state["step"], state["buffer"], state["eval_before"]
@@ -795,10 +856,11 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                 f"resume=true but {str(run.path)!r} has no checkpoint: starting from step 0", stacklevel=2
             )
         run.write_config(cfg.to_dict())
-        eval_before = evaluate(
-            policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress,
-            scorer=scorer,
-        )  # fmt: skip
+        with gathered():
+            eval_before = evaluate(
+                policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress,
+                scorer=scorer,
+            )  # fmt: skip
         if procs.main:
             print(
                 f"eval before: solve rate {eval_before['accuracy']:.3f}, reward {eval_before['reward_mean']:.3f}"
@@ -821,13 +883,14 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             rng = torch.Generator().manual_seed(_derive_seed(cfg.seed, "prompts", b))
             picks = torch.randint(len(train_rows), (P,), generator=rng).tolist()
             mine = [train_rows[i] for i in picks[procs.rank * P_local : (procs.rank + 1) * P_local]]
-            if cfg.algorithm == "dmpo":
-                buf = make_buffer(policy, reference, tokenizer, task, cfg, reward_fns, mine, b,
-                                  first_row=procs.rank * P_local * G)  # fmt: skip
-            else:
-                buf = algorithm_buffer(policy, reference, tokenizer, task, cfg, reward_fns, mine, b,
-                                       first_row=procs.rank * P_local * G, procs=procs,
-                                       scorer=scorer)  # fmt: skip
+            with gathered():
+                if cfg.algorithm == "dmpo":
+                    buf = make_buffer(policy, reference, tokenizer, task, cfg, reward_fns, mine, b,
+                                      first_row=procs.rank * P_local * G)  # fmt: skip
+                else:
+                    buf = algorithm_buffer(policy, reference, tokenizer, task, cfg, reward_fns, mine, b,
+                                           first_row=procs.rank * P_local * G, procs=procs,
+                                           scorer=scorer)  # fmt: skip
             # Whole buffers, not concatenated tensors: their widths differ between processes when the
             # prompts' lengths do (left padding is per process).
             buf_all = procs.gather_objects(buf)
@@ -865,28 +928,33 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             )
 
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            ev = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, scorer=scorer)
+            with gathered():
+                ev = evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, scorer=scorer)
             if procs.main:
                 run.log_eval(step + 1, ev)
                 if tb is not None:
                     tb.add_scalar("eval/accuracy", ev["accuracy"], step + 1)
                     tb.add_scalar("eval/reward_mean", ev["reward_mean"], step + 1)
         done = step + 1 == cfg.max_steps
-        if stats["finite"] and ((step + 1) % cfg.save_every == 0 or done) and procs.main:
-            run.save_checkpoint(
-                step + 1,
-                {
-                    "model": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1,
-                    "buffer": buf_all, "eval_before": eval_before, "config": cfg.to_dict(),
-                },
-                keep=cfg.keep_checkpoints,
-            )  # fmt: skip
+        if stats["finite"] and ((step + 1) % cfg.save_every == 0 or done):
+            model_state, optimizer_state, fmt = _training_state(policy, optimizer, sharded=procs.fsdp)
+            if procs.main:
+                run.save_checkpoint(
+                    step + 1,
+                    {
+                        "model": model_state, "optimizer": optimizer_state, "optimizer_format": fmt,
+                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step + 1,
+                        "buffer": buf_all, "eval_before": eval_before, "config": cfg.to_dict(),
+                    },
+                    keep=cfg.keep_checkpoints,
+                )  # fmt: skip
     bar.close()
 
-    eval_after = evaluate(
-        policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress, scorer=scorer
-    )
+    with gathered():
+        eval_after = evaluate(
+            policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=cfg.progress,
+            scorer=scorer,
+        )  # fmt: skip
     wall = time.time() - t0
     if procs.main:
         print(f"eval after:  solve rate {eval_after['accuracy']:.3f}, reward {eval_after['reward_mean']:.3f}")
@@ -897,6 +965,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                 "steps": cfg.max_steps,
                 "wall_seconds": wall,
                 "processes": procs.world,
+                "sharding": ("fsdp-zero3" if procs.reshard_after_forward else "fsdp-zero2") if procs.fsdp else "none",
                 "config": cfg.to_dict(),
             }  # fmt: skip
         )

@@ -209,20 +209,25 @@ def test_lora_run_with_adapter_disabled_reference(tmp_path):
     assert any(state[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k), "the adapter never moved"
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("mode", ["replicated", "fsdp-zero3", "fsdp-zero2"])
+def test_two_processes_match_one(tmp_path, mode):
     """2 CPU processes (gloo) take one prompt group each; weights, losses and the updated model equal
-    the one-process run on the same rollouts (up to float summation order)."""
-    args = [*SMALL_ARGS, "max_steps=2", "save_every=2", "tensorboard=false", "plot=false", "device=cpu"]
-    one = _cli(["train", "--output-dir", str(tmp_path / "one"), *args], timeout=300)
+    the one-process run on the same rollouts (up to float summation order). With fsdp=true the model,
+    gradients and optimizer state are sharded (FSDP2) and the checkpoint still holds the full state: one
+    process resumes it and continues exactly as the uninterrupted one-process run."""
+    sharded = mode != "replicated"
+    extra = [f"fsdp={sharded}", f"fsdp_reshard_after_forward={mode != 'fsdp-zero2'}"]
+    args = [*SMALL_ARGS, "save_every=2", "tensorboard=false", "plot=false", "device=cpu"]
+    one = _cli(["train", "--output-dir", str(tmp_path / "one"), *args, "max_steps=4"], timeout=300)
     assert one.returncode == 0, one.stderr
-    port = 29500 + os.getpid() % 1000
+    port = 29500 + os.getpid() % 1000 + 100 * ["replicated", "fsdp-zero3", "fsdp-zero2"].index(mode)
     procs = []
     for rank in range(2):
         env = {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
         procs.append(subprocess.Popen(
             [sys.executable, "-c", "import sys; from dmpo_fast.cli import main; sys.exit(main(sys.argv[1:]))",
-             "train", "--output-dir", str(tmp_path / "two"), *args],
+             "train", "--output-dir", str(tmp_path / "two"), *args, "max_steps=2", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
         ))  # fmt: skip
     for p in procs:
@@ -230,13 +235,30 @@ def test_two_processes_match_one(tmp_path):
         assert p.returncode == 0, err
     a = [json.loads(ln) for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    for ra, rb in zip(a, b, strict=True):
+    for ra, rb in zip(a[:2], b, strict=True):
         for k in ("reward_mean", "accuracy", "weights_min", "weights_max", "ess_mean", "masked_tokens"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-5)
-    wa = RunDir.load_checkpoint(tmp_path / "one" / "checkpoints" / "step-000002")["model"]
-    wb = RunDir.load_checkpoint(tmp_path / "two" / "checkpoints" / "step-000002")["model"]
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)  # summed, not averaged
+    ca = RunDir.load_checkpoint(tmp_path / "one" / "checkpoints" / "step-000002")
+    cb = RunDir.load_checkpoint(tmp_path / "two" / "checkpoints" / "step-000002")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["sharding"] == (mode if sharded else "none")
+    assert cb["optimizer_format"] == ("fqn" if sharded else "index")
+    assert ca["model"].keys() == cb["model"].keys()  # full state under the unsharded names
+    for k in ca["model"]:
+        torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-4, atol=1e-5)
+    if mode != "fsdp-zero3":
+        return
+    resumed = _cli(["train", "--output-dir", str(tmp_path / "two"), "--resume", *args, "max_steps=4"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    b = [json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a[2:], b[2:], strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-5)
+        assert ra["reward_mean"] == pytest.approx(rb["reward_mean"], abs=1e-6)
+    wa = RunDir.load_checkpoint(tmp_path / "one" / "checkpoints" / "step-000004")["model"]
+    wb = RunDir.load_checkpoint(tmp_path / "two" / "checkpoints" / "step-000004")["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
@@ -308,9 +330,8 @@ def test_buffers_of_different_widths_merge_for_the_log():
     assert "ids" not in merged and "first_row" not in merged
 
 
-@pytest.mark.parametrize("env", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
-def test_sharding_launchers_are_refused_with_a_clear_error(tmp_path, monkeypatch, env):
-    monkeypatch.setenv(env, "true")
-    with pytest.raises(ValueError, match="does not support yet.*ddp.yaml"):
+def test_a_deepspeed_launch_is_refused_with_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="DeepSpeed.*fsdp.yaml.*fsdp_zero2.yaml"):
         train_mod.train(_cfg(tmp_path))
     assert not (tmp_path / "run").exists()  # refused before anything was written
