@@ -74,10 +74,14 @@ def _x86_avx2() -> bool:
 
 def compile_flags() -> list[str]:
     """Compiler flags. -ffp-contract=off keeps z·(1/T) + g two roundings, as in torch, so tokens match the
-    reference. With AVX2 the ATen vector types use 8-wide SLEEF exp / log (the AVX2 build of the same
-    1-ulp routines torch's CPU kernels call); their namespace is renamed so they never clash with torch's."""
+    reference. On CPUs where torch itself dispatches AVX-512 kernels the ATen vector types are 16-wide
+    (``DMPO_FAST_AVX512=0`` builds the AVX2 variant instead), with AVX2 8-wide; either way exp / log are SLEEF's
+    1-ulp routines, the same torch's CPU kernels call, in a renamed namespace so they never clash with torch's."""
     flags = ["-O3", "-ffp-contract=off"]
-    if _x86_avx2():
+    if _x86_avx2() and torch.backends.cpu.get_cpu_capability() == "AVX512" and os.environ.get("DMPO_FAST_AVX512") != "0":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                  "-DCPU_CAPABILITY=dmpo_fast_avx512", "-DCPU_CAPABILITY_AVX512"]  # fmt: skip
+    elif _x86_avx2():
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=dmpo_fast_avx2", "-DCPU_CAPABILITY_AVX2"]
     return flags
 
