@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Algorithm = Literal["dmpo", "mro", "diffu_grpo"]
+Algorithm = Literal["dmpo", "mro", "diffu_grpo", "rejection_sft"]
 LossName = Literal["wdce", "wddo"]
 BaselineName = Literal["none", "group", "individual", "model"]
 SamplerName = Literal["llada", "fast_dllm", "roar"]
@@ -119,6 +119,8 @@ class TrainConfig:
     mro_scale_rewards: ScaleRewards = "none"
     mro_importance: Importance = "none"
     mro_windows_per_rollout: int = 4
+    # --- rejection sampling (algorithm: rejection_sft; MRO's SFT on each group's best rollout) ----
+    rs_min_reward: float | None = None  # keep a group's best only when its reward is at least this
 
     # --- optimisation --------------------------------------------------------------------------
     learning_rate: float = 3e-4
@@ -226,10 +228,10 @@ class TrainConfig:
         self._check_grpo_and_mro()
 
     def _check_grpo_and_mro(self) -> None:
-        if self.algorithm in ("mro", "diffu_grpo") and self.num_generations < 2:
+        if self.algorithm in ("mro", "diffu_grpo", "rejection_sft") and self.num_generations < 2:
             raise ValueError(
-                f"num_generations must be >= 2 for algorithm={self.algorithm!r} (the group-relative "
-                f"advantage of a single rollout is 0), got {self.num_generations}"
+                f"num_generations must be >= 2 for algorithm={self.algorithm!r} (it compares the rollouts "
+                f"of a group: one rollout has nothing to compare with), got {self.num_generations}"
             )
         if not self.grpo_epsilon > 0:
             raise ValueError(f"grpo_epsilon must be > 0, got {self.grpo_epsilon}")
@@ -414,7 +416,10 @@ FIELD_DOCS: dict[str, str] = {
     "embedded defaults (sudoku: {reward_type: solved}; other tasks: their own)",
     "chat_template": "wrap prompts in the tokenizer's chat template when it has one (instruct models)",
     "reward_funcs": 'extra TRL-style rewards fn(prompts, completions, **columns) by import path "module:function", summed with the task reward',
-    "algorithm": "dmpo, mro (step rewards + SGRO, docs/mro.md) or diffu_grpo (d1's clipped GRPO)",
+    "algorithm": (
+        "dmpo, mro (step rewards + SGRO, docs/mro.md), diffu_grpo (d1's clipped GRPO) or rejection_sft "
+        "(masked-diffusion SFT on each group's best rollout, MRO's rejection sampling)"
+    ),
     "loss": "wdce (weighted denoising cross-entropy) or wddo (weighted direct discriminative optimisation)",
     "prompts_per_step": "prompts per rollout buffer, all processes together (a multiple of the process count)",
     "num_generations": "G: rollouts per prompt, the group of the per-prompt softmax",
@@ -476,6 +481,10 @@ FIELD_DOCS: dict[str, str] = {
         "or ∝ abs(advantage)"
     ),
     "mro_windows_per_rollout": "MRO: window draws per rollout with mro_importance uniform or advantage",
+    "rs_min_reward": (
+        "rejection_sft: train on a group's best rollout only when its reward is at least this (e.g. 1.0 for "
+        "solved); null: every group's best"
+    ),
     "learning_rate": "AdamW learning rate",
     "lr_scheduler": "constant, constant_with_warmup, cosine or linear",
     "warmup_steps": "linear warm-up steps",

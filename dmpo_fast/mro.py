@@ -616,17 +616,27 @@ def rejection_sft_loss(
     noise: NoiseConfig | None = None,
     attention_mask: torch.Tensor | None = None,
     reduction: Literal["mean", "sum"] = "mean",
+    selected: torch.Tensor | None = None,
+    total: int | None = None,
     seed: int | None = None,
+    row_offset: int = 0,
     generator: torch.Generator | None = None,
     impl: str = "auto",
 ) -> LossOutput:
-    """Masked-diffusion SFT on selected trajectories: ``dmpo.wdce`` with the same weight for every row (1,
-    or 1/N with ``reduction="mean"``), fresh forward masks (``noise``), no baseline."""
+    """Masked-diffusion SFT on selected trajectories: ``dmpo.wdce`` with the same weight for every selected
+    row (1, or 1/n with ``reduction="mean"``), fresh forward masks (``noise``), no baseline.
+
+    ``selected``: optional [N] bool, the rows to train on (default all; the others cost no model call).
+    ``total``: the n of the mean when these rows are a slice of a larger batch (a micro-batch, one process's
+    share), so the slices' losses add up to the whole batch's. ``row_offset``: the rows' index in that
+    batch (their masks' random-stream key)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be one of ('mean', 'sum'), got {reduction!r}")
     N = ids.shape[0]
-    w = torch.full((N,), 1.0 / N if reduction == "mean" else 1.0, device=ids.device)
+    keep = torch.ones(N, dtype=torch.bool, device=ids.device) if selected is None else selected.to(ids.device)
+    n = int(keep.sum()) if total is None else total
+    w = keep.float() / max(n, 1) if reduction == "mean" else keep.float()
     return dmpo.wdce(
         model, ids, maskable, w, group_size=1, noise=noise or NoiseConfig(), attention_mask=attention_mask,
-        baseline="none", seed=seed, generator=generator, impl=impl,
+        baseline="none", seed=seed, row_offset=row_offset, generator=generator, impl=impl,
     )  # fmt: skip

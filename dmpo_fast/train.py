@@ -371,11 +371,7 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
         policy, tokenizer, task, rows, repeat=cfg.num_generations, cfg=cfg, temperature=cfg.temperature, seed=seed,
         reward_fns=reward_fns, first_row=first_row,
     )  # fmt: skip
-    P = out.prompt_length
-    maskable = torch.zeros_like(out.ids, dtype=torch.bool)
-    maskable[:, P:] = dmpo.completion_mask(
-        out.ids[:, P:], policy.eos_id, include_eos_padding=cfg.include_eos_padding
-    )
+    maskable = _maskable(out, policy.eos_id, cfg)
     # A group whose rollouts all scored the same teaches nothing about the reward: with drop_tied_groups its
     # rewards enter the weights as NaN, i.e. weight 0 (the stored rewards stay the real ones, for the log).
     G = cfg.num_generations
@@ -470,7 +466,7 @@ def _slice_buffer(buf: dict, start: int, stop: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 # Loss statistics summed over micro-batches and processes (besides the loss and masked_tokens).
-SUMMED_STATS = {"diffu_grpo": ("kl_sum", "clip_sum", "ratio_sum"), "mro": ("states", "windows")}
+SUMMED_STATS = {"diffu_grpo": ("kl_sum", "clip_sum", "ratio_sum"), "mro": ("states", "windows"), "rejection_sft": ()}
 
 
 def grpo_config(cfg: TrainConfig) -> grpo.GRPOConfig:
@@ -529,15 +525,41 @@ def algorithm_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, rewar
             policy, out, rewards, mro_config(cfg), seed=algo_seed, scorer=scorer, row_offset=first_row,
             rows_total=out.ids.shape[0] * world, impl=cfg.impl,
         )  # fmt: skip
+    elif cfg.algorithm == "rejection_sft":
+        buf = _rejection_buffer(policy, out, rewards, cfg, procs)
     else:
         raise ValueError(
-            f"algorithm must be 'mro' or 'diffu_grpo' here (dmpo uses make_buffer), got {cfg.algorithm!r}"
+            f"algorithm must be 'mro', 'diffu_grpo' or 'rejection_sft' here (dmpo uses make_buffer), got "
+            f"{cfg.algorithm!r}"
         )
     buf = {k: v.cpu() if torch.is_tensor(v) else v for k, v in buf.items()}
     buf.update(
         rewards=rewards.float().cpu(), solved=solved.cpu(), n_failed=int(n_failed), first_row=first_row
     )
     return buf
+
+
+def _maskable(out, eos_id: int | None, cfg: TrainConfig) -> torch.Tensor:
+    """[N, L] bool: the completion positions a loss may mask (``dmpo.completion_mask``); never the prompt."""
+    P = out.prompt_length
+    maskable = torch.zeros_like(out.ids, dtype=torch.bool)
+    maskable[:, P:] = dmpo.completion_mask(out.ids[:, P:], eos_id, include_eos_padding=cfg.include_eos_padding)
+    return maskable
+
+
+def _rejection_buffer(policy, out, rewards: torch.Tensor, cfg: TrainConfig, procs: Processes | None) -> dict:
+    """Rejection sampling: each group's best rollout by reward (the first on ties; dropped below
+    ``rs_min_reward``), to be trained on with the masked-diffusion loss. ``selected_total`` counts every
+    process's selections: the loss is their mean."""
+    G = cfg.num_generations
+    best = mro.select_best(rewards, G, min_reward=cfg.rs_min_reward)
+    selected = torch.zeros(rewards.shape[0], dtype=torch.bool, device=rewards.device)
+    selected[best] = True
+    count = [float(selected.sum())]
+    total = int((procs.sum(count) if procs is not None else count)[0])
+    maskable = _maskable(out, policy.eos_id, cfg)
+    return {"ids": out.ids, "attention_mask": out.attention_mask, "maskable": maskable, "selected": selected,
+            "selected_total": total}  # fmt: skip
 
 
 def algorithm_loss(policy, buf: dict, cfg: TrainConfig, step: int, device) -> dmpo.LossOutput:
@@ -551,9 +573,17 @@ def algorithm_loss(policy, buf: dict, cfg: TrainConfig, step: int, device) -> dm
         kl = out.stats.get("kl", torch.zeros((), device=n.device))  # no KL without a reference
         stats = {"masked_tokens": n, "kl_sum": kl * n, "clip_sum": out.stats["clip_ratio"] * n,
                  "ratio_sum": out.stats["ratio_mean"] * n}  # fmt: skip
-    else:
+    elif cfg.algorithm == "mro":
         out = mro.loss_step(policy, part, mro_config(cfg), step, impl=cfg.impl)
         stats = {k: out.stats[k] for k in ("masked_tokens", "states", "windows")}
+    else:  # rejection_sft: fresh masks every step, as DMPO's loss
+        noise = dmpo.NoiseConfig(cfg.num_replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
+        out = mro.rejection_sft_loss(
+            policy, part["ids"], part["maskable"], noise=noise, attention_mask=part["attention_mask"],
+            selected=part["selected"], total=part["selected_total"], seed=_derive_seed(cfg.seed, "loss", step),
+            row_offset=part["first_row"], impl=cfg.impl,
+        )  # fmt: skip
+        stats = {"masked_tokens": out.stats["masked_tokens"]}
     loss_device = out.loss.device
     return dmpo.LossOutput(out.loss, {k: v.detach().to(loss_device) for k, v in stats.items()})
 
@@ -561,6 +591,8 @@ def algorithm_loss(policy, buf: dict, cfg: TrainConfig, step: int, device) -> dm
 def _algorithm_row_stats(algorithm: str, rows: dict, stats: dict) -> dict:
     """The metrics row's MRO / diffu-GRPO columns, from the step's merged buffer rows and loss sums."""
     n = max(stats["masked_tokens"], 1)
+    if algorithm == "rejection_sft":
+        return {"selected": int(rows["selected"].sum())}
     if algorithm == "diffu_grpo":
         return {
             "kl": stats["kl_sum"] / n,

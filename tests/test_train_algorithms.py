@@ -1,4 +1,4 @@
-"""MRO and diffu-GRPO in the trainer: short runs of the built-in tiny model (outputs, finite losses, a moved
+"""MRO, diffu-GRPO and rejection sampling in the trainer: short runs of the built-in tiny model (outputs, finite losses, a moved
 policy, resume inside a rollout buffer), one process's share of a batch adding up to the whole batch, the
 perplexity reward through a saved causal LM, test-time-scaling evaluation, and bad config values."""
 
@@ -32,10 +32,12 @@ TINY = dict(
 ALGORITHMS = {
     "diffu_grpo": dict(algorithm="diffu_grpo", grpo_beta=0.04),
     "mro": dict(algorithm="mro", mro_window=4, mro_importance="advantage", gradient_accumulation_steps=2),
+    "rejection_sft": dict(algorithm="rejection_sft", gradient_accumulation_steps=2),
 }
 COLUMNS = {
     "diffu_grpo": ("kl", "clip_ratio", "ratio_mean", "advantage_abs_mean"),
     "mro": ("states", "windows", "steps_mean", "tv_reward_mean"),
+    "rejection_sft": ("selected",),
 }
 VOLATILE = {"seconds", "tokens_per_s"}
 
@@ -159,6 +161,33 @@ def test_two_shares_of_a_batch_add_up_to_the_whole(toy_rollout, algorithm):
         torch.testing.assert_close(l_parts, l_whole, rtol=1e-5, atol=1e-6)
         for a, b in zip(g_parts, g_whole, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("min_reward, best", [(None, [1, 2, 4, 7]), (0.7, [1, 7])])
+def test_rejection_sampling_trains_on_each_groups_best(toy_rollout, min_reward, best):
+    """The buffer selects each group's best rollout (at least rs_min_reward); the loss is the masked-diffusion
+    loss of those rows alone, averaged over the selections of the whole batch, so two shares add up."""
+    model, out, rewards = toy_rollout
+    model.eos_id = TOK.eos_id
+    cfg = TrainConfig(algorithm="rejection_sft", num_generations=2, rs_min_reward=min_reward, num_replicates=2)
+    buf = train_mod._rejection_buffer(model, out, rewards, cfg, None)
+    assert buf["selected"].nonzero().squeeze(1).tolist() == best and buf["selected_total"] == len(best)
+    buf["first_row"] = 0
+    whole = train_mod.algorithm_loss(model, buf, cfg, 0, torch.device("cpu"))
+    halves = [train_mod._slice_buffer(buf, 0, 4), train_mod._slice_buffer(buf, 4, 8)]
+    parts = [train_mod.algorithm_loss(model, h, cfg, 0, torch.device("cpu")) for h in halves]
+    torch.testing.assert_close(parts[0].loss + parts[1].loss, whole.loss, rtol=1e-5, atol=1e-6)
+    # Unselected rows carry nothing: dropping them from the batch leaves the loss (same mask keys).
+    noise = mro.NoiseConfig(cfg.num_replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
+    seed = train_mod._derive_seed(cfg.seed, "loss", 0)
+    alone = sum(
+        mro.rejection_sft_loss(model, buf["ids"][r : r + 1], buf["maskable"][r : r + 1], noise=noise,
+                               attention_mask=buf["attention_mask"][r : r + 1], total=len(best), seed=seed,
+                               row_offset=r, impl="chunked").loss
+        for r in best
+    )  # fmt: skip
+    torch.testing.assert_close(alone, whole.loss, rtol=1e-5, atol=1e-6)
+    assert whole.stats["masked_tokens"] > 0
 
 
 def test_two_processes_match_one(tmp_path):
