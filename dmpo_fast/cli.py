@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train (default: DMPO on the built-in tiny model and 4x4 Sudoku, on CPU, a few minutes)",
-        description="Train with DMPO, MRO or diffu-GRPO (algorithm=...). "
+        description="Train with DMPO, MRO, diffu-GRPO or rejection sampling (algorithm=...). "
         "Without arguments: the embedded default run (DMPO).",
     )
     _add_config_args(train)
