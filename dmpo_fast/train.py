@@ -121,6 +121,15 @@ class Processes:
     def main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Wait for every process, then tear the process group down: left to interpreter exit, gloo's
+        threads can abort the process ("terminate called without an active exception") after a finished run."""
+        import torch.distributed as dist
+
+        if self.world > 1 and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def sum_gradients(self, params) -> None:
         if self.world == 1 or self.fsdp:  # FSDP's reduce-scatter has summed them already
             return
@@ -1007,6 +1016,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             tb.close()
         if cfg.plot:
             run.plot(eval_before, eval_after)
+    procs.close()
     return TrainResult(str(run.path), cfg.max_steps, eval_before, eval_after, wall, run.read_metrics())
 
 
@@ -1069,4 +1079,5 @@ def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengt
                   task=cfg.task,
                   model=cfg.model if checkpoint is None else str(checkpoint))  # fmt: skip
         results.append(ev)
+    procs.close()
     return results
