@@ -30,7 +30,6 @@ Where this departs from the reference implementation (and why):
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from dmpo_fast.ops import forward_mask, linear_logprob, wdce_loss
 from dmpo_fast.ops._common import check_tensor
+from dmpo_fast.sharding import is_sharded
 
 Baseline = Literal["none", "group", "individual", "model"]
 
@@ -92,17 +92,12 @@ def completion_mask(
 # --------------------------------------------------------------------------------------------------
 
 
-def _sharded(model) -> bool:
-    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported unless something sharded a model
-    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
-
-
 def _hidden_and_head(model: Denoiser, ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """Hidden states with the model's logit scale folded in, and the head weight.
 
     A model sharded with FSDP is called through its root (``model(...)``, which is ``hidden``): that gathers
     the output matrix read next and registers its gradient's reduce-scatter (``dmpo_fast.sharding``)."""
-    if _sharded(model):
+    if is_sharded(model):
         hidden = model(ids, attention_mask=attention_mask)
     else:
         hidden = model.hidden(ids, attention_mask=attention_mask)  # [M, L, H]
@@ -318,7 +313,7 @@ def wdce(
         row_weights = w.repeat(R) / R
         stats["elbo"] = elbo_now
     loss = wdce_loss(hidden, head, targets, masked, row_weights, impl=impl)
-    stats["masked_tokens"] = masked[row_weights != 0].sum()  # the tokens that carry weight
+    stats["masked_tokens"] = (masked.sum(1) * (row_weights != 0)).sum()  # tokens that carry weight; no sync
     stats["effective_weights"] = w
     return LossOutput(loss, stats)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -132,9 +133,9 @@ def shard(lm: nn.Module, *, reshard_after_forward: bool = True) -> nn.Module:
 
 
 def is_sharded(module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
+    """Whether ``module`` is an FSDP2 module (without importing FSDP when nothing has sharded a model)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
 
 
 @contextlib.contextmanager

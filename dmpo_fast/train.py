@@ -475,7 +475,7 @@ def _slice_buffer(buf: dict, start: int, stop: int) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 # Loss statistics summed over micro-batches and processes (besides the loss and masked_tokens).
-SUMMED_STATS = {"diffu_grpo": ("kl_sum", "clip_sum", "ratio_sum"), "mro": ("states", "windows"), "rejection_sft": ()}
+SUMMED_STATS = {"diffu_grpo": ("kl_sum", "clip_sum", "ratio_sum"), "mro": ("states", "windows")}
 
 
 def grpo_config(cfg: TrainConfig) -> grpo.GRPOConfig:
