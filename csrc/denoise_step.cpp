@@ -34,6 +34,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -92,14 +93,29 @@ Sample sample_row(const scalar_t* src, int64_t V, const SampleOptions& o, uint32
   for (int64_t t0 = 0; t0 < V; t0 += kTile) {
     const int64_t n = std::min(kTile, V - t0);
     const int64_t nv = (n + Vec::size() - 1) / Vec::size() * Vec::size();  // padded with −∞
-    for (int64_t i = 0; i < n; ++i) z[i] = static_cast<float>(src[t0 + i]) * o.logit_scale;
+    // z = logits · scale and its max in one sweep; the vector body covers whole vectors of fp32 input.
+    Vec vmax(kNegInf);
+    int64_t i0 = 0;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const Vec vscale(o.logit_scale);
+      for (; i0 + Vec::size() <= n; i0 += Vec::size()) {
+        const Vec v = Vec::loadu(src + t0 + i0) * vscale;
+        v.store(z + i0);
+        vmax = at::vec::maximum(vmax, v);
+      }
+    }
+    for (int64_t i = i0; i < n; ++i) z[i] = static_cast<float>(src[t0 + i]) * o.logit_scale;
     for (int64_t i = n; i < nv; ++i) z[i] = kNegInf;
-    if (o.mask_id >= t0 && o.mask_id < t0 + n) z[o.mask_id - t0] = kNegInf;
+    const bool has_mask = o.mask_id >= t0 && o.mask_id < t0 + n;
+    if (has_mask) {
+      z[o.mask_id - t0] = kNegInf;
+      i0 = 0;  // the mask column may have been the max: take it again over the whole tile
+      vmax = Vec(kNegInf);
+    }
+    for (int64_t i = i0; i < nv; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(z + i));
+    const float tile_max = horizontal_max(vmax);
 
     // Online softmax denominator: rescale the running sum when the max grows.
-    Vec vmax(kNegInf);
-    for (int64_t i = 0; i < nv; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(z + i));
-    const float tile_max = horizontal_max(vmax);
     if (tile_max > m) {
       s = (m == kNegInf) ? 0.f : s * std::exp(m - tile_max);
       m = tile_max;

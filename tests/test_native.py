@@ -378,3 +378,18 @@ def test_cache_location_and_one_directory_per_source_version(monkeypatch, tmp_pa
     with open(edited / "linear_ce.cpp", "a") as f:
         f.write("\n// edited\n")
     assert _native.build_dir(edited) != here  # an edited source never loads a stale build
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()),
+    reason="torch here does not parallelise with OpenMP",
+)
+def test_the_ops_run_on_torch_openmp_threads(ops):
+    # at::parallel_for is a header template: built without -fopenmp it runs every range on the calling thread.
+    # The library must call into OpenMP (GOMP_parallel in its dynamic symbols), and the process must hold one
+    # OpenMP runtime, torch's, so torch.set_num_threads governs the ops too.
+    lib = _native._library_path(_native.build_dir(_native.source_dir()))
+    assert b"GOMP_parallel" in lib.read_bytes(), "the native ops were built without OpenMP: single-threaded"
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes

@@ -72,12 +72,21 @@ def _x86_avx2() -> bool:
     )
 
 
+def _openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch's own parallel backend is OpenMP (Linux wheels). ``at::parallel_for`` is a
+    header template: compiled without OpenMP it runs every range on the calling thread, so the ops would use
+    one core whatever ``torch.set_num_threads`` says. The OpenMP runtime is torch's, already loaded."""
+    if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        return ["-fopenmp"]
+    return []
+
+
 def compile_flags() -> list[str]:
     """Compiler flags. -ffp-contract=off keeps z·(1/T) + g two roundings, as in torch, so tokens match the
     reference. On CPUs where torch itself dispatches AVX-512 kernels the ATen vector types are 16-wide
     (``DMPO_FAST_AVX512=0`` builds the AVX2 variant instead), with AVX2 8-wide; either way exp / log are SLEEF's
     1-ulp routines, the same torch's CPU kernels call, in a renamed namespace so they never clash with torch's."""
-    flags = ["-O3", "-ffp-contract=off"]
+    flags = ["-O3", "-ffp-contract=off"] + _openmp_flags()
     if _x86_avx2() and torch.backends.cpu.get_cpu_capability() == "AVX512" and os.environ.get("DMPO_FAST_AVX512") != "0":
         flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                   "-DCPU_CAPABILITY=dmpo_fast_avx512", "-DCPU_CAPABILITY_AVX512"]  # fmt: skip
@@ -167,6 +176,7 @@ def _load_library(build: bool) -> bool:
         name=LIB_NAME,
         sources=[str(src / s) for s in SOURCES],
         extra_cflags=compile_flags(),
+        extra_ldflags=_openmp_flags(),
         extra_include_paths=[str(src)],
         build_directory=str(directory),
         is_python_module=False,
