@@ -72,7 +72,11 @@ def test_weighted_linear_ce_matches_fp64(n, h, v, peaked):
         assert loss.dim() == 0 and loss.dtype == torch.float32
         # Rows with weight 0 get exactly zero gradient.
         assert torch.all(h32.grad[w == 0] == 0)
-        errs[impl] = [abs(loss.item() - truth.item()), _max_err(h32.grad, hd.grad), _max_err(W32.grad, Wd.grad)]
+        errs[impl] = [
+            abs(loss.item() - truth.item()),
+            _max_err(h32.grad, hd.grad),
+            _max_err(W32.grad, Wd.grad),
+        ]
     scale = [abs(truth.item()) + 1, hd.grad.abs().max().item() + 1, Wd.grad.abs().max().item() + 1]
     for e_eager, e_chunked, sc in zip(errs["eager"], errs["chunked"], scale):
         assert e_eager <= 1e-4 * sc, errs  # fp32 math is accurate here
@@ -201,14 +205,18 @@ def test_chunked_peak_memory_is_bounded_as_rows_grow():
         for impl in ("eager", "chunked"):
 
             def step():
-                loss = dmpo_fast.weighted_linear_ce(hidden, weight, targets, w, impl=impl, chunk_elements=chunk)
+                loss = dmpo_fast.weighted_linear_ce(
+                    hidden, weight, targets, w, impl=impl, chunk_elements=chunk
+                )
                 loss.backward()
 
             peaks[impl, n] = peak_memory(step)[1]
         _, peaks["logprob", n] = peak_memory(
-            lambda: dmpo_fast.linear_logprob(hidden, weight, targets, impl="chunked", chunk_elements=chunk)
-            .sum()
-            .backward()
+            lambda: (
+                dmpo_fast.linear_logprob(hidden, weight, targets, impl="chunked", chunk_elements=chunk)
+                .sum()
+                .backward()
+            )
         )
     logits_bytes_4096 = 4096 * V * 4
     # Chunked: a few chunk-sized buffers + O(N·H + V·H) gradients, nowhere near N·V.
@@ -219,3 +227,70 @@ def test_chunked_peak_memory_is_bounded_as_rows_grow():
     # Eager materialises the full logits (sanity check that the measurement sees them).
     assert peaks["eager", 4096] >= logits_bytes_4096
     assert peaks["eager", 4096] >= 6 * peaks["eager", 512]
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.autocast: the projection in the autocast dtype, as F.linear; fp32 master weights get fp32 grads
+# --------------------------------------------------------------------------------------------------
+
+
+def _autocast_case(op, impl, backward_inside):
+    n, h, v = 19, 24, 101
+    hidden, weight, targets, w = _inputs(n, h, v, torch.float32, zero_every=4)
+    g = torch.randn(n)
+
+    def run(hdn, wt, autocast):
+        hdn, wt = hdn.detach().requires_grad_(), wt.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if op == "logprob":
+                out = (dmpo_fast.linear_logprob(hdn, wt, targets, impl=impl) * g).sum()
+            elif op == "wce":
+                out = dmpo_fast.weighted_linear_ce(hdn, wt, targets, w.float(), impl=impl)
+            else:  # wdce_loss on [R, L, H] rows
+                mask = torch.arange(n) % 3 != 0
+                out = dmpo_fast.wdce_loss(
+                    hdn.reshape(1, n, h),
+                    wt,
+                    targets.reshape(1, n),
+                    mask.reshape(1, n),
+                    torch.ones(1),
+                    impl=impl,
+                )
+            if backward_inside:
+                out.backward()
+        if not backward_inside:
+            out.backward()
+        return out.detach(), hdn.grad, wt.grad
+
+    # The model's last norm in fp32 and the head in bf16: mixed operand dtypes are what autocast produces.
+    out, dh, dw = run(hidden, weight.bfloat16(), autocast=True)
+    want, dh_want, dw_want = run(hidden.bfloat16(), weight.bfloat16(), autocast=False)
+    assert out.dtype == torch.float32 and dh.dtype == torch.float32 and dw.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(dh, dh_want.float(), rtol=0, atol=0)
+    torch.testing.assert_close(dw, dw_want, rtol=0, atol=0)
+    # fp32 master weights: cast to bf16 for the product, the gradient arrives in fp32.
+    out32, _, dw32 = run(hidden, weight, autocast=True)
+    torch.testing.assert_close(out32, want, rtol=0, atol=0)
+    assert dw32.dtype == torch.float32
+    torch.testing.assert_close(dw32, dw_want.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["logprob", "wce", "wdce"])
+@pytest.mark.parametrize(
+    "impl,backward_inside",
+    # eager is plain autograd, whose backward follows the autocast state at backward() time (torch advises
+    # against backward inside autocast); the chunked custom backward switches autocast off itself.
+    [("eager", False), ("chunked", False), ("chunked", True)],
+    ids=["eager", "chunked", "chunked-backward_inside_autocast"],
+)
+def test_ops_under_autocast_compute_in_the_autocast_dtype(op, impl, backward_inside):
+    _autocast_case(op, impl, backward_inside)
+
+
+def test_fp64_operands_are_left_alone_under_autocast():
+    hidden, weight, targets, w = _inputs(9, 16, 53)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dmpo_fast.weighted_linear_ce(hidden, weight, targets, w, impl="chunked")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, weighted_linear_ce_ref(hidden, weight, targets, w))

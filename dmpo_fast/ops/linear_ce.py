@@ -27,6 +27,8 @@ Gradients, with p_i = softmax(h_i · Wᵀ) and e_y the one-hot of the target:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from dmpo_fast.ops._common import (
@@ -45,6 +47,31 @@ CHUNK_ELEMENTS = 1 << 24
 def chunk_rows(vocab: int, chunk_elements: int | None = None) -> int:
     """Rows per chunk so that one [rows, vocab] fp32 block stays within ``chunk_elements``."""
     return max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, vocab))
+
+
+def autocast_operands(hidden: torch.Tensor, weight: torch.Tensor):
+    """``(hidden, weight, context)`` for a projection under ``torch.autocast``.
+
+    Inside an autocast region ``F.linear`` would multiply in the autocast dtype; the fused ops do the same:
+    fp32 / fp16 / bf16 operands are cast to that dtype (fp64 is left alone, as autocast leaves it), and the op
+    then runs inside ``context``, which switches autocast off so the op's own fp32 accumulation and custom
+    backward see the dtypes they were given. Outside autocast: the operands unchanged and a no-op context.
+    The casts are differentiable, so fp32 master weights still receive fp32 gradients.
+    """
+    device_type = hidden.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return hidden, weight, contextlib.nullcontext()
+    dt = torch.get_autocast_dtype(device_type)
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    hidden = hidden.to(dt) if hidden.dtype in castable else hidden
+    weight = weight.to(dt) if weight.dtype in castable else weight
+    return hidden, weight, _autocast_off(device_type)
+
+
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,9 +139,9 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         for s in range(0, n, chunk):
             logits = hidden[s : s + chunk].to(dt) @ w.T  # [c, V]
             lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
-            logp[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None].long()).squeeze(1) - lse[
-                s : s + chunk
-            ]
+            logp[s : s + chunk] = (
+                logits.gather(1, targets[s : s + chunk, None].long()).squeeze(1) - lse[s : s + chunk]
+            )
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
         return logp
@@ -122,6 +149,11 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, targets, lse = ctx.saved_tensors
+        with _autocast_off(hidden.device.type):  # backward() may be called inside an autocast region
+            return _ChunkedLinearLogprob._backward(ctx, grad_logp, hidden, weight, targets, lse)
+
+    @staticmethod
+    def _backward(ctx, grad_logp, hidden, weight, targets, lse):
         dt = lse.dtype
         chunk = ctx.chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -236,18 +268,24 @@ def linear_logprob(
         impl: "auto" | "triton" | "chunked" | "eager".
         chunk_elements: chunked path only, the most logits held at once (default 2**24).
         options: triton path only, a ``dmpo_fast.kernels.linear_ce.LinearCEOptions`` (chunk size, ...).
+
+    Under ``torch.autocast`` the projection runs in the autocast dtype, as ``F.linear`` would (hidden and
+    weight may then differ in dtype); see ``autocast_operands``.
+
     Returns:
         logp: [N] fp32 (fp64 for fp64 inputs), differentiable in ``hidden`` and ``weight``.
     """
+    hidden, weight, no_autocast = autocast_operands(hidden, weight)
     _check_linear(hidden, weight, targets)
     impl = resolve_impl(impl, hidden.device)
-    if impl == "eager":
-        return linear_logprob_ref(hidden, weight, targets)
-    if impl == "triton":
-        from dmpo_fast.kernels.linear_ce import linear_logprob_triton
+    with no_autocast:
+        if impl == "eager":
+            return linear_logprob_ref(hidden, weight, targets)
+        if impl == "triton":
+            from dmpo_fast.kernels.linear_ce import linear_logprob_triton
 
-        return linear_logprob_triton(hidden, weight, targets, options=options)
-    return linear_logprob_chunked(hidden, weight, targets, chunk_elements=chunk_elements)
+            return linear_logprob_triton(hidden, weight, targets, options=options)
+        return linear_logprob_chunked(hidden, weight, targets, chunk_elements=chunk_elements)
 
 
 def weighted_linear_ce(
@@ -278,19 +316,25 @@ def weighted_linear_ce(
         options: triton path only, a ``dmpo_fast.kernels.linear_ce.LinearCEOptions`` (chunk size, dW
             accumulation in fp32 or in the weight dtype, ...). The triton backward scales gradients
             saved by the forward, so it can run once per forward (no ``retain_graph`` reuse).
+
+    Under ``torch.autocast`` the projection runs in the autocast dtype, as ``F.linear`` would (hidden and
+    weight may then differ in dtype); see ``autocast_operands``.
+
     Returns:
         A 0-dim fp32 tensor (fp64 for fp64 inputs).
     """
+    hidden, weight, no_autocast = autocast_operands(hidden, weight)
     _check_linear(hidden, weight, targets, token_weights)
     impl = resolve_impl(impl, hidden.device, has_native=True)
-    if impl == "eager":
-        return weighted_linear_ce_ref(hidden, weight, targets, token_weights)
-    if impl == "triton":
-        from dmpo_fast.kernels.linear_ce import weighted_linear_ce_triton
+    with no_autocast:
+        if impl == "eager":
+            return weighted_linear_ce_ref(hidden, weight, targets, token_weights)
+        if impl == "triton":
+            from dmpo_fast.kernels.linear_ce import weighted_linear_ce_triton
 
-        return weighted_linear_ce_triton(
-            hidden, weight, targets, token_weights, deterministic=deterministic, options=options
+            return weighted_linear_ce_triton(
+                hidden, weight, targets, token_weights, deterministic=deterministic, options=options
+            )
+        return weighted_linear_ce_chunked(
+            hidden, weight, targets, token_weights, chunk_elements=chunk_elements, native=impl == "native"
         )
-    return weighted_linear_ce_chunked(
-        hidden, weight, targets, token_weights, chunk_elements=chunk_elements, native=impl == "native"
-    )

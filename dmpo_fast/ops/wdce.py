@@ -22,7 +22,7 @@ from dmpo_fast.ops._common import (
     compute_dtype,
     resolve_impl,
 )
-from dmpo_fast.ops.linear_ce import weighted_linear_ce
+from dmpo_fast.ops.linear_ce import autocast_operands, weighted_linear_ce
 
 
 def _check(hidden, head_weight, targets, loss_mask, row_weights):
@@ -75,25 +75,31 @@ def wdce_loss(
         row_weights: [R] float, per-row weights (importance weight / replicate count); any sign.
         impl: "auto" | "triton" | "native" | "chunked" | "eager".
         deterministic: triton only, see ``weighted_linear_ce``.
+
+    Under ``torch.autocast`` the head runs in the autocast dtype, as ``F.linear`` would (hidden and
+    head_weight may then differ in dtype).
+
     Returns:
         A 0-dim fp32 tensor (fp64 for fp64 inputs).
     """
     _check(hidden, head_weight, targets, loss_mask, row_weights)
+    hidden, head_weight, no_autocast = autocast_operands(hidden, head_weight)
     if head_weight.dtype != hidden.dtype:
         raise ValueError(f"head_weight dtype {head_weight.dtype} must equal hidden dtype {hidden.dtype}")
     impl = resolve_impl(impl, hidden.device, has_native=True)
-    if impl == "eager":
-        return wdce_loss_ref(hidden, head_weight, targets, loss_mask, row_weights)
-    R, L, H = hidden.shape
-    token_weights = token_weights_from_rows(loss_mask, row_weights).reshape(-1)  # [R*L]
-    rows = (token_weights != 0).nonzero().squeeze(1)  # masked positions of non-zero-weight rows
-    if rows.numel() == 0:
-        impl = "chunked"  # nothing to project: the chunked path returns an exact 0 with zero grads
-    return weighted_linear_ce(
-        hidden.reshape(R * L, H).index_select(0, rows),
-        head_weight,
-        targets.reshape(-1).index_select(0, rows),
-        token_weights.index_select(0, rows),
-        impl=impl,
-        deterministic=deterministic,
-    )
+    with no_autocast:
+        if impl == "eager":
+            return wdce_loss_ref(hidden, head_weight, targets, loss_mask, row_weights)
+        R, L, H = hidden.shape
+        token_weights = token_weights_from_rows(loss_mask, row_weights).reshape(-1)  # [R*L]
+        rows = (token_weights != 0).nonzero().squeeze(1)  # masked positions of non-zero-weight rows
+        if rows.numel() == 0:
+            impl = "chunked"  # nothing to project: the chunked path returns an exact 0 with zero grads
+        return weighted_linear_ce(
+            hidden.reshape(R * L, H).index_select(0, rows),
+            head_weight,
+            targets.reshape(-1).index_select(0, rows),
+            token_weights.index_select(0, rows),
+            impl=impl,
+            deterministic=deterministic,
+        )
