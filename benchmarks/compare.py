@@ -70,8 +70,13 @@ METHODS: dict[str, dict] = {
     # buffer 15, seed 0); in 12-buffer probes 1e-4 still drifted down (0.44 -> 0.38 on 50 puzzles) and 3e-5
     # held (0.44 -> 0.46). REINFORCE on every committed token moves this small model further per step than
     # DMPO's weighted denoising loss does.
-    "mro": {"algorithm": "mro", "num_iterations": 1, "mro_window": 4, "mro_verification": "final",
-            "learning_rate": 3e-5},
+    "mro": {
+        "algorithm": "mro",
+        "num_iterations": 1,
+        "mro_window": 4,
+        "mro_verification": "final",
+        "learning_rate": 3e-5,
+    },
 }
 # The tiny model and task options of each task. Sudoku rewards a solved grid, as the embedded run does.
 TASKS: dict[str, dict] = {
@@ -276,6 +281,19 @@ def _nondefault(cfg: TrainConfig) -> dict:
     return {k: v for k, v in now.items() if v != defaults[k] and k not in VOLATILE}
 
 
+def report_inputs(paths, out, device: str) -> list[Path]:
+    """The JSON files of the report, one per task in TASKS order: this sweep's own, and for every task it did
+    not run the newest ``compare-<task>-<device>-<date>.json`` already in ``out``, so sweeping one task
+    rewrites its section of the report and keeps the others'."""
+    paths = [Path(p) for p in paths]
+    chosen = []
+    for task in TASKS:
+        mine = [p for p in paths if p.name.startswith(f"compare-{task}-")]
+        earlier = sorted(Path(out).glob(f"compare-{task}-{device}-*.json"))  # ISO dates: newest last
+        chosen += mine or earlier[-1:]
+    return chosen
+
+
 def compare(tasks, methods, seeds, *, out: Path = RESULTS, runs: Path | None = None, quick: bool = False,
             device: str = "cpu", report: Path | None = None) -> list[Path]:  # fmt: skip
     """Run (or resume) the sweep, write the JSON rows and plots per task and the report. The JSON paths."""
@@ -311,7 +329,7 @@ def compare(tasks, methods, seeds, *, out: Path = RESULTS, runs: Path | None = N
         print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in pngs))
         paths.append(path)
     report = Path(report) if report is not None else (Path(out) / "comparison-quick.md" if quick else REPORT)
-    write_report(paths, report)
+    write_report(paths if quick else report_inputs(paths, out, device), report)
     print(f"wrote {report}")
     return paths
 

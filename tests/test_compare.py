@@ -188,6 +188,28 @@ def test_bad_arguments(monkeypatch, tmp_path):
         compare.parse_seeds("0,x")
 
 
+def test_a_sweep_of_one_task_keeps_the_other_tasks_in_the_report(monkeypatch, tmp_path, report_module):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import compare
+
+    for name in ("compare-sudoku-cpu-2026-01-05.json", "compare-sudoku-cpu-2026-02-01.json",
+                 "compare-sudoku-quick-2026-03-01.json", "compare-countdown-cpu-2026-01-05.json"):  # fmt: skip
+        (tmp_path / name).write_text("[]")
+    fresh = tmp_path / "compare-countdown-cpu-2026-04-01.json"
+    # Sudoku: the newest full sweep (neither an older one nor a quick one); countdown: this sweep's file.
+    assert compare.report_inputs([fresh], tmp_path, "cpu") == [
+        tmp_path / "compare-sudoku-cpu-2026-02-01.json",
+        fresh,
+    ]
+    assert compare.report_inputs([fresh], tmp_path, "cuda") == [fresh]
+    finals = {"base": [0.1, 0.2], "dmpo": [0.3, 0.4]}
+    (tmp_path / "compare-sudoku-cpu-2026-02-01.json").write_text(json.dumps(_rows("sudoku", finals)))
+    fresh.write_text(json.dumps(_rows("countdown", finals)))
+    report_module.write_report(compare.report_inputs([fresh], tmp_path, "cpu"), tmp_path / "report.md")
+    text = (tmp_path / "report.md").read_text()
+    assert text.index("## sudoku") < text.index("## countdown")
+
+
 # --------------------------------------------------------------------------------------------------
 # The tiny Countdown model
 # --------------------------------------------------------------------------------------------------
