@@ -7,6 +7,7 @@
     dmpo-fast eval --checkpoint runs/x --tts-k 4 eval_temperature=0.7   # MRO test-time scaling
     dmpo-fast config                                      # print every field and its default, as YAML
     dmpo-fast info                                        # versions and usable kernel backends
+    dmpo-fast build-native                                # compile the native CPU ops once (about a minute)
 
 Every ``TrainConfig`` field can be set as ``key=value`` after the options (values are YAML scalars:
 ``lora=true``, ``ess_target=null``, ``lora_target_modules=[q_proj,v_proj]``); overrides win over
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="a markdown table of the fields instead (docs/config.md)"
     )
     sub.add_parser("info", help="print versions and which kernel backends can run here")
+    sub.add_parser(
+        "build-native",
+        help="compile the native CPU ops into their cache now (about a minute), so impl='auto' uses them",
+    )
     return parser
 
 
@@ -147,6 +152,52 @@ def _info() -> int:
         print(f"triton    {triton.__version__} (kernels can run: {kernels.available()})")
     else:
         print(f"triton    not importable: {kernels.unavailable_reason()}")
+    print(f"native    {_native_status()}")
+    return 0
+
+
+def _native_status() -> str:
+    """One line on the native CPU ops: loaded from the cache, or why not (never compiles)."""
+    import os
+
+    from dmpo_fast.ops import _native
+
+    if os.environ.get(_native.ENV_SWITCH, "").strip() == "0":
+        return f"off ({_native.ENV_SWITCH}=0)"
+    src = _native.source_dir()
+    if src is None:
+        return "unavailable: the C++ sources (csrc/) are not installed with this copy"
+    if _native.load(build=False):
+        return f"built, used by impl='auto' on CPU ({_native.build_dir(src)})"
+    if _native._failure:
+        return f"unavailable: {_native._failure}"
+    return "not built yet: run 'dmpo-fast build-native' once (about a minute) so impl='auto' uses them"
+
+
+def _build_native() -> int:
+    import os
+    import time
+    import warnings
+
+    from dmpo_fast.ops import _native
+
+    if os.environ.get(_native.ENV_SWITCH, "").strip() == "0":
+        print(
+            f"dmpo-fast build-native: {_native.ENV_SWITCH}=0 forbids building the native ops", file=sys.stderr
+        )
+        return 1
+    if _native.load(build=False):
+        print(f"native ops already built: {_native.build_dir(_native.source_dir())}")
+        return 0
+    print("compiling the native CPU ops (about a minute on two cores) ...", flush=True)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the failure is reported below, once
+        ok = _native.load(build=True)
+    if not ok:
+        print(f"dmpo-fast build-native: the build failed: {_native._failure}", file=sys.stderr)
+        return 1
+    print(f"built in {time.perf_counter() - t:.0f} s: {_native.build_dir(_native.source_dir())}")
     return 0
 
 
@@ -162,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             return _print_config(args.markdown)
         if args.command == "info":
             return _info()
+        if args.command == "build-native":
+            return _build_native()
     except ValueError as e:  # a bad config field or argument: one clear line, no traceback
         import os
 
