@@ -185,7 +185,7 @@ def ensure_model(task: str, *, quick: bool) -> None:
 
 def train_run(cfg: TrainConfig) -> str | None:
     """Train unless the run directory holds a finished run (None); resume an interrupted one ("resumed")."""
-    from dmpo_fast.train import train
+    from dmpo_fast.trainer import train
 
     path = Path(cfg.output_dir)
     summary = path / "summary.json"
@@ -229,7 +229,7 @@ def _curve_rows(cfg: TrainConfig) -> list[dict]:
 def _eval_rows(cfg: TrainConfig, checkpoint: str | None) -> list[dict]:
     """The final model (or the base model) decoded greedily at STEPS_SWEEP steps, and greedy / sampled /
     test-time scaling at the run's steps."""
-    from dmpo_fast.train import evaluate_model
+    from dmpo_fast.trainer import evaluate_model
 
     def one(kind: str, c: TrainConfig, **labels) -> dict:
         ev = evaluate_model(c, checkpoint=checkpoint)[0]

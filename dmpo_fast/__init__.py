@@ -5,6 +5,7 @@ runs in fused Triton kernels on CUDA, with an eager PyTorch twin of every op for
 memory-lean chunked path for CPUs. See ``dmpo_fast.ops`` for the op contracts.
 """
 
+from dmpo_fast.config import TrainConfig
 from dmpo_fast.losses import DMPOLoss
 from dmpo_fast.ops import (
     DenoiseOutput,
@@ -20,17 +21,33 @@ from dmpo_fast.sampling import Rollout, generate
 
 __version__ = "0.1.0"
 
+# The trainer (dmpo_fast.trainer) imports the models, samplers and tasks: loaded on first use of these names.
+_TRAINER_NAMES = ("train", "TrainResult", "evaluate_model")
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_NAMES:
+        from dmpo_fast import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'dmpo_fast' has no attribute {name!r}")
+
+
 __all__ = [
     "DMPOLoss",
     "DenoiseOutput",
     "ImportanceWeights",
     "Rollout",
+    "TrainConfig",
+    "TrainResult",
     "__version__",
     "denoise_step",
+    "evaluate_model",
     "forward_mask",
     "generate",
     "importance_weights",
     "linear_logprob",
+    "train",
     "wdce_loss",
     "weighted_linear_ce",
 ]

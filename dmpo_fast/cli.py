@@ -88,7 +88,7 @@ def _config(args, **extra):
 
 
 def _train(args) -> int:
-    from dmpo_fast.train import train
+    from dmpo_fast.trainer import train
 
     cfg = _config(args, output_dir=args.output_dir, resume=True if args.resume else None)
     print(
@@ -105,7 +105,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from dmpo_fast.train import evaluate_model
+    from dmpo_fast.trainer import evaluate_model
 
     cfg = _config(args, model=args.model, task=args.task, sampler=args.sampler, eval_tts_k=args.tts_k)
     if args.checkpoint and args.model:

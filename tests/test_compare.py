@@ -22,7 +22,7 @@ import torch
 from dmpo_fast import assets
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.tokenizer import CharTokenizer
-from dmpo_fast.train import load_policy
+from dmpo_fast.trainer import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -53,7 +53,7 @@ def _distinct_paths():
 @pytest.mark.parametrize("path", _distinct_paths(), ids=lambda p: p.stem)
 def test_recipe_code_path_runs_on_the_tiny_model(path, tmp_path):
     pytest.importorskip("peft")
-    from dmpo_fast.train import train
+    from dmpo_fast.trainer import train
 
     cfg = TrainConfig.from_yaml(path).replace(
         model="tiny", trust_remote_code=False, dtype="float32", device="cpu", task="sudoku", task_kwargs={},

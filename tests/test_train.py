@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmpo_fast import train as train_mod
+from dmpo_fast import trainer as train_mod
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.run_io import RunDir
 
@@ -250,7 +250,9 @@ def test_two_processes_match_one(tmp_path, mode):
         torch.testing.assert_close(ca["model"][k], cb["model"][k], rtol=1e-4, atol=1e-5)
     if mode != "fsdp-zero3":
         return
-    resumed = _cli(["train", "--output-dir", str(tmp_path / "two"), "--resume", *args, "max_steps=4"], timeout=300)
+    resumed = _cli(
+        ["train", "--output-dir", str(tmp_path / "two"), "--resume", *args, "max_steps=4"], timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     b = [json.loads(ln) for ln in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in b] == [1, 2, 3, 4]
@@ -319,6 +321,7 @@ def test_drop_tied_groups_gives_tied_groups_no_weight(tmp_path, monkeypatch, dro
 def test_buffers_of_different_widths_merge_for_the_log():
     """Each process keeps its own buffer (its prompts' left padding sets its width); the log row merges the
     per-rollout values and adds up the counts."""
+
     def part(n, width, failed):
         return {"ids": torch.zeros(n, width, dtype=torch.long), "rewards": torch.rand(n), "weights": torch.rand(n),
                 "n_failed": failed, "dropped": 1, "tied_groups": 2, "first_row": 0}  # fmt: skip
@@ -350,3 +353,17 @@ def test_a_short_run_on_cuda_matches_the_chunked_path(tmp_path, algorithm):
         assert ra["reward_mean"] == pytest.approx(rb["reward_mean"], abs=0.25)  # a near-tie may flip a token
         if ra["reward_mean"] == rb["reward_mean"] and ra["accuracy"] == rb["accuracy"]:
             assert ra["loss"] == pytest.approx(rb["loss"], rel=0.05, abs=1e-3)
+
+
+def test_the_package_level_entry_point_the_readme_gives(tmp_path):
+    # README: dmpo_fast.train(dmpo_fast.TrainConfig()). The trainer module is dmpo_fast.trainer, so importing it
+    # never replaces the function with a module of the same name.
+    import dmpo_fast
+
+    assert dmpo_fast.train is train_mod.train and dmpo_fast.TrainConfig is TrainConfig
+    result = dmpo_fast.train(
+        dmpo_fast.TrainConfig(output_dir=str(tmp_path / "r"), **{**SMALL, "max_steps": 2})
+    )
+    assert isinstance(result, dmpo_fast.TrainResult) and result.steps == 2
+    with pytest.raises(AttributeError, match="no attribute 'trian'"):
+        dmpo_fast.trian  # noqa: B018

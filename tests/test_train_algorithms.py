@@ -14,7 +14,7 @@ import torch
 from toy_models import ToyDenoiser
 
 from dmpo_fast import grpo, mro
-from dmpo_fast import train as train_mod
+from dmpo_fast import trainer as train_mod
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.run_io import RunDir
 from dmpo_fast.sampling import llada
