@@ -58,6 +58,8 @@ def autocast_operands(hidden: torch.Tensor, weight: torch.Tensor):
     backward see the dtypes they were given. Outside autocast: the operands unchanged and a no-op context.
     The casts are differentiable, so fp32 master weights still receive fp32 gradients.
     """
+    if not (isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return hidden, weight, contextlib.nullcontext()  # the caller's checks name the bad argument
     device_type = hidden.device.type
     if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return hidden, weight, contextlib.nullcontext()
