@@ -3,6 +3,13 @@
 The hot loop (denoising cross-entropy over masked tokens, log-probs, noising, importance weights)
 runs in fused Triton kernels on CUDA, with an eager PyTorch twin of every op for verification and a
 memory-lean chunked path for CPUs. See ``dmpo_fast.ops`` for the op contracts.
+
+    import dmpo_fast
+    result = dmpo_fast.train(dmpo_fast.TrainConfig())   # = `dmpo-fast train`: DMPO on the tiny Sudoku model
+    loss = dmpo_fast.wdce_loss(hidden, head_weight, targets, loss_mask, row_weights)   # the loss alone
+
+The trainer lives in ``dmpo_fast.trainer`` (``train``, ``evaluate_model``, ``TrainResult``) and is imported on
+first use of those names, so ``import dmpo_fast`` stays light.
 """
 
 from dmpo_fast.config import TrainConfig
