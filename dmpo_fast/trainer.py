@@ -388,7 +388,7 @@ def make_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns
     weighted_rewards = torch.where(tied.repeat_interleave(G), float("nan"), rewards.float())
     # WDCE never reads the ELBO of a weightless rollout (WDDO's second term and the model baseline do).
     scored = (~tied).repeat_interleave(G) if cfg.loss == "wdce" and cfg.baseline != "model" else None
-    noise = dmpo.NoiseConfig(cfg.elbo_replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
+    noise = _noise(cfg, cfg.elbo_replicates)
     elbo_seed = _derive_seed(cfg.seed, "elbo", buffer_index)
     # The masks are keyed by (seed, global row): a process's rows get the masks of a one-process run.
     with torch.no_grad():
@@ -436,7 +436,7 @@ def loss_step(
     by its share of the ``total_rows`` rollouts of the step.
     """
     ids, am, maskable = buf["ids"].to(device), buf["attention_mask"].to(device), buf["maskable"].to(device)
-    noise = dmpo.NoiseConfig(cfg.num_replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
+    noise = _noise(cfg, cfg.num_replicates)
     seed, offset = _derive_seed(cfg.seed, "loss", step), buf["first_row"]
     if cfg.loss == "wddo":
         out = dmpo.wddo(
@@ -548,6 +548,11 @@ def algorithm_buffer(policy, reference, tokenizer, task, cfg: TrainConfig, rewar
     return buf
 
 
+def _noise(cfg: TrainConfig, replicates: int) -> dmpo.NoiseConfig:
+    """The forward-mask settings of the config with ``replicates`` noisy copies per rollout."""
+    return dmpo.NoiseConfig(replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
+
+
 def _maskable(out, eos_id: int | None, cfg: TrainConfig) -> torch.Tensor:
     """[N, L] bool: the completion positions a loss may mask (``dmpo.completion_mask``); never the prompt."""
     P = out.prompt_length
@@ -586,7 +591,7 @@ def algorithm_loss(policy, buf: dict, cfg: TrainConfig, step: int, device) -> dm
         out = mro.loss_step(policy, part, mro_config(cfg), step, impl=cfg.impl)
         stats = {k: out.stats[k] for k in ("masked_tokens", "states", "windows")}
     else:  # rejection_sft: fresh masks every step, as DMPO's loss
-        noise = dmpo.NoiseConfig(cfg.num_replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
+        noise = _noise(cfg, cfg.num_replicates)
         out = mro.rejection_sft_loss(
             policy, part["ids"], part["maskable"], noise=noise, attention_mask=part["attention_mask"],
             selected=part["selected"], total=part["selected_total"], seed=_derive_seed(cfg.seed, "loss", step),

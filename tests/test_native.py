@@ -380,10 +380,7 @@ def test_cache_location_and_one_directory_per_source_version(monkeypatch, tmp_pa
     assert _native.build_dir(edited) != here  # an edited source never loads a stale build
 
 
-@pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()),
-    reason="torch here does not parallelise with OpenMP",
-)
+@pytest.mark.skipif(not _native._openmp_flags(), reason="torch here does not parallelise with OpenMP")
 def test_the_ops_run_on_torch_openmp_threads(ops):
     # at::parallel_for is a header template: built without -fopenmp it runs every range on the calling thread.
     # The library must call into OpenMP (GOMP_parallel in its dynamic symbols), and the process must hold one

@@ -58,16 +58,25 @@ def autocast_operands(hidden: torch.Tensor, weight: torch.Tensor):
     backward see the dtypes they were given. Outside autocast: the operands unchanged and a no-op context.
     The casts are differentiable, so fp32 master weights still receive fp32 gradients.
     """
-    if not (isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor)):
+    if not isinstance(weight, torch.Tensor):
         return hidden, weight, contextlib.nullcontext()  # the caller's checks name the bad argument
-    device_type = hidden.device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    dt = autocast_dtype(hidden)
+    if dt is None:
         return hidden, weight, contextlib.nullcontext()
-    dt = torch.get_autocast_dtype(device_type)
     castable = (torch.float32, torch.float16, torch.bfloat16)
     hidden = hidden.to(dt) if hidden.dtype in castable else hidden
     weight = weight.to(dt) if weight.dtype in castable else weight
-    return hidden, weight, _autocast_off(device_type)
+    return hidden, weight, _autocast_off(hidden.device.type)
+
+
+def autocast_dtype(t) -> torch.dtype | None:
+    """The dtype autocast computes in on ``t``'s device, or None when autocast is off there."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    device_type = t.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def _autocast_off(device_type: str):

@@ -22,7 +22,7 @@ from dmpo_fast.ops._common import (
     compute_dtype,
     resolve_impl,
 )
-from dmpo_fast.ops.linear_ce import autocast_operands, weighted_linear_ce
+from dmpo_fast.ops.linear_ce import autocast_dtype, autocast_operands, weighted_linear_ce
 
 
 def _check(hidden, head_weight, targets, loss_mask, row_weights):
@@ -83,23 +83,24 @@ def wdce_loss(
         A 0-dim fp32 tensor (fp64 for fp64 inputs).
     """
     _check(hidden, head_weight, targets, loss_mask, row_weights)
-    hidden, head_weight, no_autocast = autocast_operands(hidden, head_weight)
-    if head_weight.dtype != hidden.dtype:
+    if head_weight.dtype != hidden.dtype and autocast_dtype(hidden) is None:
         raise ValueError(f"head_weight dtype {head_weight.dtype} must equal hidden dtype {hidden.dtype}")
     impl = resolve_impl(impl, hidden.device, has_native=True)
-    with no_autocast:
-        if impl == "eager":
+    if impl == "eager":
+        hidden, head_weight, no_autocast = autocast_operands(hidden, head_weight)
+        with no_autocast:
             return wdce_loss_ref(hidden, head_weight, targets, loss_mask, row_weights)
-        R, L, H = hidden.shape
-        token_weights = token_weights_from_rows(loss_mask, row_weights).reshape(-1)  # [R*L]
-        rows = (token_weights != 0).nonzero().squeeze(1)  # masked positions of non-zero-weight rows
-        if rows.numel() == 0:
-            impl = "chunked"  # nothing to project: the chunked path returns an exact 0 with zero grads
-        return weighted_linear_ce(
-            hidden.reshape(R * L, H).index_select(0, rows),
-            head_weight,
-            targets.reshape(-1).index_select(0, rows),
-            token_weights.index_select(0, rows),
-            impl=impl,
-            deterministic=deterministic,
-        )
+    R, L, H = hidden.shape
+    token_weights = token_weights_from_rows(loss_mask, row_weights).reshape(-1)  # [R*L]
+    rows = (token_weights != 0).nonzero().squeeze(1)  # masked positions of non-zero-weight rows
+    if rows.numel() == 0:
+        impl = "chunked"  # nothing to project: the chunked path returns an exact 0 with zero grads
+    # Under autocast weighted_linear_ce casts the gathered rows only, never the whole [R, L, H].
+    return weighted_linear_ce(
+        hidden.reshape(R * L, H).index_select(0, rows),
+        head_weight,
+        targets.reshape(-1).index_select(0, rows),
+        token_weights.index_select(0, rows),
+        impl=impl,
+        deterministic=deterministic,
+    )
