@@ -70,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
         "build-native",
         help="compile the native CPU ops into their cache now (about a minute), so impl='auto' uses them",
     )
+    from dmpo_fast.kernels.compile_check import ARCH_LIMITS
+
+    ck = sub.add_parser(
+        "check-kernels",
+        help="compile every Triton kernel for a GPU architecture (no GPU needed) and check its "
+        "registers, spills and shared memory",
+        description="Compile every Triton kernel specialisation the launchers use for sm_<arch> with "
+        "Triton's CUDA toolchain (no GPU needed; a few minutes the first time, cached after) and check "
+        "registers, spills and shared memory against the architecture's limits. Exit status 1 when a "
+        "kernel does not compile or does not fit (with --strict: also when one spills registers).",
+    )
+    ck.add_argument(
+        "--arch", type=int, nargs="+", default=[90], choices=sorted(ARCH_LIMITS),
+        help="compute capabilities (default: 90, H100/H200)",
+    )  # fmt: skip
+    ck.add_argument("--json", dest="json_out", help="also write the reports to this JSON file")
+    ck.add_argument("--strict", action="store_true", help="fail on register spills too")
+    ck.add_argument("--quiet", action="store_true", help="no per-call progress lines")
     return parser
 
 
@@ -201,6 +219,19 @@ def _build_native() -> int:
     return 0
 
 
+def _check_kernels(args) -> int:
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "dmpo_fast.kernels.compile_check", "--arch", *map(str, args.arch)]
+    cmd += ["--json", args.json_out] if args.json_out else []
+    cmd += ["--strict"] if args.strict else []
+    cmd += ["--quiet"] if args.quiet else []
+    # A fresh interpreter without TRITON_INTERPRET: @triton.jit picks the interpreter at import time.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.call(cmd, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -215,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             return _info()
         if args.command == "build-native":
             return _build_native()
+        if args.command == "check-kernels":
+            return _check_kernels(args)
     except ValueError as e:  # a bad config field or argument: one clear line, no traceback
         import os
 
