@@ -67,8 +67,15 @@ _GPU_LOGITS = _Tiles(128, 256, 64, 8, 3)
 # per thread) and the tile read back for the cross-chunk read-modify-write (64 more) fit without
 # spilling; 4 stages of 2 x 64x128 bf16 operands take 128 KB of shared memory.
 _GPU_DW = _Tiles(64, 128, 128, 8, 4)
-# fp32 dots in full precision run on the CUDA cores: smaller tiles.
+# fp32 dots in full precision run on the CUDA cores: smaller tiles. dW on 8 warps: on 4, ptxas
+# spills up to 800 B per thread on sm_80 (``dmpo-fast check-kernels``).
 _GPU_FP32 = _Tiles(64, 64, 32, 4, 2)
+_GPU_FP32_DW = _Tiles(64, 64, 32, 8, 2)
+# A hidden size that is not a multiple of 16 (tiny models) leaves the rows of hidden and weight
+# unaligned for asynchronous copies, so the pipelined operand tiles sit in registers: the tiles above
+# spill up to 1.2 KB per thread on sm_90 and 12 KB on sm_80; these are the largest that do not.
+_GPU_LOGITS_UNALIGNED = _Tiles(64, 128, 32, 4, 3)
+_GPU_DW_UNALIGNED = _Tiles(64, 128, 64, 8, 3)
 _LOGITS_CANDIDATES = (
     _Tiles(128, 256, 64, 8, 3),
     _Tiles(128, 256, 64, 8, 4),
@@ -90,11 +97,17 @@ _STATS_BYTES = 64 << 20  # bound of the per-tile (max, Σexp) statistics of a no
 _TUNED: dict[tuple, _Tiles] = {}
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get("DMPO_FAST_AUTOTUNE", "0") == "1" and not interpreting()
+def _autotune_enabled(dtype: torch.dtype) -> bool:
+    """DMPO_FAST_AUTOTUNE=1 on a GPU, for 16-bit inputs: the candidates are 16-bit tiles (in fp32 their
+    operands would need up to twice the shared memory; fp32 keeps its fixed tiles)."""
+    return (
+        os.environ.get("DMPO_FAST_AUTOTUNE", "0") == "1"
+        and not interpreting()
+        and dtype in (torch.float16, torch.bfloat16)
+    )
 
 
-def _pick(key: tuple, candidates: tuple[_Tiles, ...], run) -> _Tiles:
+def _pick(key: tuple, candidates: tuple[_Tiles, ...], run) -> _Tiles | None:
     """Time ``run(tiles)`` for each candidate once per key (median of do_bench) and keep the fastest.
 
     ``run`` must be idempotent (it writes outputs, never accumulates into them).
@@ -110,20 +123,24 @@ def _pick(key: tuple, candidates: tuple[_Tiles, ...], run) -> _Tiles:
                 continue
             if best is None or t < best[0]:
                 best = (t, tiles)
-        _TUNED[key] = best[1] if best is not None else candidates[-1]
+        _TUNED[key] = best[1] if best is not None else None  # none fits this GPU: keep the default
     return _TUNED[key]
 
 
-def _logits_tiles(dtype: torch.dtype) -> _Tiles:
+def _logits_tiles(dtype: torch.dtype, hidden_size: int) -> _Tiles:
     if interpreting():
         return _INTERP_LOGITS
-    return _GPU_FP32 if dtype == torch.float32 else _GPU_LOGITS
+    if dtype == torch.float32:
+        return _GPU_FP32
+    return _GPU_LOGITS if hidden_size % 16 == 0 else _GPU_LOGITS_UNALIGNED
 
 
-def _dw_tiles(dtype: torch.dtype) -> _Tiles:
+def _dw_tiles(dtype: torch.dtype, hidden_size: int) -> _Tiles:
     if interpreting():
         return _INTERP_DW
-    return _GPU_FP32 if dtype == torch.float32 else _GPU_DW
+    if dtype == torch.float32:
+        return _GPU_FP32_DW
+    return _GPU_DW if hidden_size % 16 == 0 else _GPU_DW_UNALIGNED
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:

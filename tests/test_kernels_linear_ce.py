@@ -424,3 +424,44 @@ def test_gpu_extra_memory_is_bounded_by_a_chunk(dw_accumulate):
     extra = torch.cuda.max_memory_allocated() - base - grads
     bound = (350 << 20) + (w.numel() * 4 if dw_accumulate == "fp32" else 0)  # + the fp32 dW accumulator
     assert extra <= bound, f"extra peak memory {extra / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+
+
+def test_autotuning_is_for_16bit_inputs_on_a_gpu(monkeypatch):
+    from dmpo_fast.kernels import linear_ce_config as cfg
+
+    monkeypatch.setenv("DMPO_FAST_AUTOTUNE", "1")
+    assert not cfg._autotune_enabled(torch.bfloat16)  # the interpreter never times
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at call time: the kernels stay interpreted
+    assert cfg._autotune_enabled(torch.bfloat16) and cfg._autotune_enabled(torch.float16)
+    # The candidates are 16-bit tiles: in fp32 their operands need up to twice the shared memory.
+    assert not cfg._autotune_enabled(torch.float32)
+
+
+def test_autotuning_keeps_the_default_tiles_when_no_candidate_fits(monkeypatch):
+    import triton
+    import triton.testing
+    from dmpo_fast.kernels import linear_ce_config as cfg
+
+    def out_of_shared_memory(fn, **kwargs):
+        raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(triton.testing, "do_bench", out_of_shared_memory)
+    monkeypatch.setattr(cfg, "_TUNED", {})
+    assert cfg._pick(("lse", "test"), cfg._LOGITS_CANDIDATES, lambda t: None) is None
+    assert cfg._TUNED[("lse", "test")] is None  # remembered: not re-timed on every call
+
+    times = iter([3.0, 1.0, 2.0, 5.0, 4.0])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: next(times))
+    assert cfg._pick(("lse", "other"), cfg._LOGITS_CANDIDATES, lambda t: None) == cfg._LOGITS_CANDIDATES[1]
+
+
+def test_gpu_tiles_follow_the_dtype_and_the_alignment_of_the_hidden_size(monkeypatch):
+    from dmpo_fast.kernels import linear_ce_config as cfg
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cfg._logits_tiles(torch.bfloat16, 4096) == cfg._GPU_LOGITS
+    assert cfg._logits_tiles(torch.bfloat16, 200) == cfg._GPU_LOGITS_UNALIGNED
+    assert cfg._dw_tiles(torch.float16, 3584) == cfg._GPU_DW
+    assert cfg._dw_tiles(torch.float16, 200) == cfg._GPU_DW_UNALIGNED
+    assert cfg._logits_tiles(torch.float32, 200) == cfg._GPU_FP32
+    assert cfg._dw_tiles(torch.float32, 4096) == cfg._GPU_FP32_DW
