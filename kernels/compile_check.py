@@ -64,6 +64,7 @@ class KernelReport:
     spill_stores: int  # bytes
     spill_loads: int  # bytes
     shared: int  # dynamic shared memory, bytes
+    tensor_cores: str  # matrix instruction in the PTX: "wgmma" (Hopper), "mma" (Ampere-style) or "-"
     compile_s: float
     problems: list[str] = field(default_factory=list)  # over a hard limit: the launch would fail
     warnings: list[str] = field(default_factory=list)  # spills: it runs, slower
@@ -337,6 +338,12 @@ def _ptxas_usage(ptx: str, ptxas: str) -> dict:
     }
 
 
+def _tensor_cores(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma" if re.search(r"\bmma\.sync", ptx) else "-"
+
+
 def _config_of(kwargs: dict, compiled) -> dict:
     conf = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
     conf.setdefault("num_warps", compiled.metadata.num_warps)
@@ -389,6 +396,7 @@ def check(arch: int = 90, *, progress: bool = True) -> ArchReport:
                 spill_stores=usage["spill_stores"],
                 spill_loads=usage["spill_loads"],
                 shared=int(compiled.metadata.shared),
+                tensor_cores=_tensor_cores(compiled.asm["ptx"]),
                 compile_s=round(seconds, 2),
             )
             if rep.shared > limit:
@@ -416,13 +424,13 @@ def format_report(rep: ArchReport) -> str:
     lines = [
         f"sm_{rep.arch} ({lim['name']}; target {rep.target}, triton {rep.triton}, {rep.ptxas}): "
         f"{len(rep.kernels)} kernel specialisations, {len(rep.failures)} failed launcher calls",
-        f"{'kernel':28s} {'regs':>4s} {'spill':>6s} {'shared KiB':>10s}  config",
+        f"{'kernel':28s} {'regs':>4s} {'spill':>6s} {'shared KiB':>10s} {'mma':>5s}  config",
     ]
     for k in sorted(rep.kernels, key=lambda k: (k.kernel, -k.shared)):
         conf = ", ".join(f"{a}={b}" for a, b in k.config.items() if a not in ("DOT_FP32",))
         flag = "  <-- " + "; ".join(k.problems + k.warnings) if k.problems or k.warnings else ""
         lines.append(
-            f"{k.kernel:28s} {k.registers:4d} {k.spill_stores:6d} {k.shared / 1024:10.1f}  "
+            f"{k.kernel:28s} {k.registers:4d} {k.spill_stores:6d} {k.shared / 1024:10.1f} {k.tensor_cores:>5s}  "
             f"[{'/'.join(sorted(set(k.dtypes)))}] {conf}"
             + (f", not a multiple of 16: {'/'.join(k.not_16)}" if k.not_16 else "")
             + flag
@@ -435,13 +443,24 @@ def format_report(rep: ArchReport) -> str:
 _SHAPE_ARGS = {"V", "H", "stride_hn", "stride_wv", "stride_gn", "stride_en", "stride_dv"}
 
 
+def _mma_summary(ks: list[KernelReport]) -> str:
+    """Which matrix instructions the 16-bit and the fp32 specialisations of a kernel use."""
+    parts = []
+    for label, sel in (("16-bit", lambda k: {"bfloat16", "float16"} & set(k.dtypes)), ("fp32", None)):
+        group = [k for k in ks if (sel(k) if sel else not {"bfloat16", "float16"} & set(k.dtypes))]
+        kinds = sorted({k.tensor_cores for k in group})
+        if group and kinds != ["-"]:
+            parts.append(f"{label}: {'/'.join(kinds)}")
+    return ", ".join(parts) or "-"
+
+
 def format_markdown(reports: list[ArchReport]) -> str:
     """Per kernel and architecture: specialisations, peak registers and shared memory, and the worst
     spill, split by whether the model's hidden and vocabulary sizes are multiples of 16."""
     lines = [
-        "| kernel | arch | specialisations | max registers | max shared KiB | worst spill, H and V multiples "
-        "of 16 (B) | worst spill, otherwise (B) |",
-        "|---|---|---|---|---|---|---|",
+        "| kernel | arch | specialisations | matrix instructions | max registers | max shared KiB | worst spill, "
+        "H and V multiples of 16 (B) | worst spill, otherwise (B) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted({k.kernel for r in reports for k in r.kernels}):
         for r in reports:
@@ -451,7 +470,7 @@ def format_markdown(reports: list[ArchReport]) -> str:
             aligned = [k.spill_stores for k in ks if not _SHAPE_ARGS & set(k.not_16)]
             odd = [k.spill_stores for k in ks if _SHAPE_ARGS & set(k.not_16)]
             lines.append(
-                f"| `{name}` | sm_{r.arch} | {len(ks)} | {max(k.registers for k in ks)} | "
+                f"| `{name}` | sm_{r.arch} | {len(ks)} | {_mma_summary(ks)} | {max(k.registers for k in ks)} | "
                 f"{max(k.shared for k in ks) / 1024:.0f} | {max(aligned, default=0)} | {max(odd, default=0)} |"
             )
     return "\n".join(lines)
