@@ -56,8 +56,11 @@ Trade-offs and bounds (LLaDA-8B: N = 4506, H = 4096, V = 126464, bf16):
   path). fp16 stores G = w·(p − e_y) in fp16: |w| beyond 65504 overflows and |w·p| below 6e-8
   flushes to zero. fp64 falls back to the chunked torch path (documented, not an error).
 
-Verified: on CPU only, in Triton's interpreter, at small prime shapes against the fp64 truth
-(tests/test_kernels_linear_ce.py). Not yet verified: that the kernels compile for a GPU, their speed
+Verified: on CPU only. The arithmetic in Triton's interpreter, at small prime shapes against the fp64
+truth (tests/test_kernels_linear_ce.py); that every specialisation compiles for sm_90 and sm_80 with
+the tiles above, on tensor cores (wgmma on sm_90), within the shared memory and registers
+(``dmpo-fast check-kernels``, tests/test_kernels_compile.py, docs/kernels.md). Not yet verified: their
+results on a GPU, their speed
 (target at LLaDA-8B shapes: forward + backward within 1.25× of the 3-GEMM floor 3·2·N·H·V =
 14.0 TFLOP at the bf16 matmul rate) and the peak memory; the ``gpu``-marked tests and the benchmark
 must be run on an H100 / H200. Tile sizes are heuristics for Hopper; ``DMPO_FAST_AUTOTUNE=1`` times
