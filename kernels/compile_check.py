@@ -65,6 +65,7 @@ class KernelReport:
     spill_loads: int  # bytes
     shared: int  # dynamic shared memory, bytes
     tensor_cores: str  # matrix instruction in the PTX: "wgmma" (Hopper), "mma" (Ampere-style) or "-"
+    ptxas_warnings: list[str]
     compile_s: float
     problems: list[str] = field(default_factory=list)  # over a hard limit: the launch would fail
     warnings: list[str] = field(default_factory=list)  # spills: it runs, slower
@@ -332,6 +333,8 @@ def _ptxas_usage(ptx: str, ptxas: str) -> dict:
 
     return {
         "target": target,
+        # e.g. "wgmma.mma_async instructions are serialized ...": a silent loss of most of the GEMM rate
+        "ptxas_warnings": sorted({ln.strip() for ln in log.splitlines() if "warning" in ln.lower()}),
         "registers": num(r"Used (\d+) registers"),
         "spill_stores": num(r"(\d+) bytes spill stores"),
         "spill_loads": num(r"(\d+) bytes spill loads"),
@@ -397,12 +400,14 @@ def check(arch: int = 90, *, progress: bool = True) -> ArchReport:
                 spill_loads=usage["spill_loads"],
                 shared=int(compiled.metadata.shared),
                 tensor_cores=_tensor_cores(compiled.asm["ptx"]),
+                ptxas_warnings=usage["ptxas_warnings"],
                 compile_s=round(seconds, 2),
             )
             if rep.shared > limit:
                 rep.problems.append(f"shared memory {rep.shared} B > {limit} B of sm_{arch}")
             if rep.registers * threads > REGS_PER_SM:
                 rep.problems.append(f"{rep.registers} registers x {threads} threads > {REGS_PER_SM}")
+            rep.warnings += [f"ptxas: {w}" for w in rep.ptxas_warnings]
             if rep.spill_stores or rep.spill_loads:
                 rep.warnings.append(f"spills {rep.spill_stores} B stored / {rep.spill_loads} B loaded")
             reports[key] = rep
