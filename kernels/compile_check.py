@@ -46,6 +46,7 @@ ARCH_LIMITS = {
     86: {"name": "RTX 30xx / A10 / A40", "shared": 101376},
     89: {"name": "L4 / L40 / RTX 40xx", "shared": 101376},
     90: {"name": "H100 / H200", "shared": 232448},
+    100: {"name": "B200 / GB200", "shared": 232448},
 }
 REGS_PER_SM = 65536
 MAX_REGS_PER_THREAD = 255
@@ -64,7 +65,7 @@ class KernelReport:
     spill_stores: int  # bytes
     spill_loads: int  # bytes
     shared: int  # dynamic shared memory, bytes
-    tensor_cores: str  # matrix instruction in the PTX: "wgmma" (Hopper), "mma" (Ampere-style) or "-"
+    tensor_cores: str  # matrix instruction in the PTX: tcgen05 (Blackwell), wgmma (Hopper), mma or "-"
     ptxas_warnings: list[str]
     compile_s: float
     problems: list[str] = field(default_factory=list)  # over a hard limit: the launch would fail
@@ -342,6 +343,8 @@ def _ptxas_usage(ptx: str, ptxas: str) -> dict:
 
 
 def _tensor_cores(ptx: str) -> str:
+    if "tcgen05.mma" in ptx:
+        return "tcgen05"  # Blackwell
     if "wgmma.mma_async" in ptx:
         return "wgmma"
     return "mma" if re.search(r"\bmma\.sync", ptx) else "-"

@@ -108,7 +108,7 @@ def test_the_check_refuses_to_run_under_the_interpreter(monkeypatch):
 def test_an_unknown_arch_is_a_clear_error():
     from dmpo_fast.kernels import compile_check
 
-    with pytest.raises(ValueError, match=r"arch must be one of \[80, 86, 89, 90\], got 75"):
+    with pytest.raises(ValueError, match=r"arch must be one of \[80, 86, 89, 90, 100\], got 75"):
         compile_check.check(75)
     proc = subprocess.run(
         [sys.executable, "-m", "dmpo_fast", "check-kernels", "--arch", "75"], capture_output=True, text=True
