@@ -22,7 +22,7 @@ with the configuration it launches with and fits its shared memory and registers
 prove: that the kernels run correctly or fast on that GPU.
 
 Run it in a process where ``TRITON_INTERPRET`` is unset (``@triton.jit`` picks the interpreter at import
-time); the command line and :func:`run_in_subprocess` take care of that.
+time); ``dmpo-fast check-kernels`` takes care of that.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ ARCH_LIMITS = {
     100: {"name": "B200 / GB200", "shared": 232448},
 }
 REGS_PER_SM = 65536
-MAX_REGS_PER_THREAD = 255
 
 
 @dataclass
@@ -119,13 +118,13 @@ class _CompileOnlyDriver:
 @contextlib.contextmanager
 def _compile_only(arch: int, sink: list):
     """Within the block every ``kernel[grid](...)`` compiles for ``sm_<arch>`` and appends
-    (kernel name, CompiledKernel, args, kwargs, seconds) to ``sink`` instead of launching."""
+    (kernel name, CompiledKernel, args, kwargs, names of its unaligned int arguments, seconds) to
+    ``sink`` instead of launching."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
     original = JITFunction.run
-    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # Triton 3.9's notice
 
     def run(self, *args, grid, warmup, **kwargs):
         t0 = time.perf_counter()
@@ -134,7 +133,7 @@ def _compile_only(arch: int, sink: list):
         # vectorised, asynchronous loads, so the report names them.
         odd = [
             p.name
-            for p, a in zip(self.params, args)
+            for p, a in zip(self.params, args, strict=False)  # constexprs come as keywords
             if isinstance(a, int) and not isinstance(a, bool) and a % 16 != 0 and a != 1
         ]
         sink.append((self.fn.__name__, compiled, args, kwargs, odd, time.perf_counter() - t0))
@@ -144,7 +143,9 @@ def _compile_only(arch: int, sink: list):
     driver.set_active(_CompileOnlyDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = run
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # Triton 3.9's notice
+            yield
     finally:
         JITFunction.run = original
         driver._active = previous
@@ -181,7 +182,7 @@ def _cases():
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         dn = str(dtype).removeprefix("torch.")
-        for shape_name, (H, V) in shapes.items():
+        for H, V in shapes.values():
             tag = f"{dn}, H={H}, V={V}"
 
             def logprob(dtype=dtype, H=H, V=V):
@@ -231,8 +232,10 @@ def _cases():
     # denoise_step: from logits (fp32 and 16-bit) and from hidden states + head (every dtype), at 8
     # active rows (one row block) and 256 (B = 8 x 32: the 128-row GEMM tile), greedy and sampled.
     for src in ("logits", "hidden"):
-        dtypes = (torch.float32, torch.bfloat16) if src == "logits" else (
-            torch.bfloat16, torch.float16, torch.float32
+        dtypes = (
+            (torch.float32, torch.bfloat16)
+            if src == "logits"
+            else (torch.bfloat16, torch.float16, torch.float32)
         )
         for dtype in dtypes:
             dn = str(dtype).removeprefix("torch.")
@@ -246,7 +249,9 @@ def _cases():
                             B, L = 8, 64
                             b_idx = torch.arange(rows) % B
                             l_idx = (torch.arange(rows) // B) % L
-                            counters = [torch.arange(rows, dtype=torch.int64) for _ in range(3)]  # pos, row, step
+                            counters = [
+                                torch.arange(rows, dtype=torch.int64) for _ in range(3)
+                            ]  # pos, row, step
                             if src == "logits":
                                 logits, hidden, head = torch.randn(B, L, V, generator=g).to(dtype), None, None
                             else:
@@ -260,7 +265,9 @@ def _cases():
 
                         t_name = "greedy" if inv_t is None else "T=0.7"
                         size = f"V={V}" if src == "logits" else f"H={H}, V={V}"
-                        cases.append((f"denoise_step from {src} ({dn}, {size}, {rows} rows, {t_name})", denoise))
+                        cases.append(
+                            (f"denoise_step from {src} ({dn}, {size}, {rows} rows, {t_name})", denoise)
+                        )
 
     for antithetic in (False, True):
 
@@ -289,7 +296,11 @@ def _cases():
 
                 dn = str(dtype).removeprefix("torch.")
                 cases.append(
-                    (f"importance_weights ({dn}, baseline={baseline}, alpha={alpha}, ess_target={ess_target})", iw)
+                    (
+                        f"importance_weights ({dn}, baseline={baseline}, alpha={alpha}, "
+                        f"ess_target={ess_target})",
+                        iw,
+                    )
                 )
     return cases
 
@@ -364,7 +375,7 @@ def check(arch: int = 90, *, progress: bool = True) -> ArchReport:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError(
             "compile_check must run with TRITON_INTERPRET unset: @triton.jit chose the interpreter "
-            "when the kernels were imported. Use run_in_subprocess() or the command line."
+            "when the kernels were imported. Run `dmpo-fast check-kernels`, which starts a clean process."
         )
     import torch
     import triton
@@ -438,7 +449,8 @@ def format_report(rep: ArchReport) -> str:
         conf = ", ".join(f"{a}={b}" for a, b in k.config.items() if a not in ("DOT_FP32",))
         flag = "  <-- " + "; ".join(k.problems + k.warnings) if k.problems or k.warnings else ""
         lines.append(
-            f"{k.kernel:28s} {k.registers:4d} {k.spill_stores:6d} {k.shared / 1024:10.1f} {k.tensor_cores:>5s}  "
+            f"{k.kernel:28s} {k.registers:4d} {k.spill_stores:6d} {k.shared / 1024:10.1f} "
+            f"{k.tensor_cores:>5s}  "
             f"[{'/'.join(sorted(set(k.dtypes)))}] {conf}"
             + (f", not a multiple of 16: {'/'.join(k.not_16)}" if k.not_16 else "")
             + flag
@@ -466,8 +478,8 @@ def format_markdown(reports: list[ArchReport]) -> str:
     """Per kernel and architecture: specialisations, peak registers and shared memory, and the worst
     spill, split by whether the model's hidden and vocabulary sizes are multiples of 16."""
     lines = [
-        "| kernel | arch | specialisations | matrix instructions | max registers | max shared KiB | worst spill, "
-        "H and V multiples of 16 (B) | worst spill, otherwise (B) |",
+        "| kernel | arch | specialisations | matrix instructions | max registers | max shared KiB "
+        "| worst spill, H and V multiples of 16 (B) | worst spill, otherwise (B) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted({k.kernel for r in reports for k in r.kernels}):
@@ -478,20 +490,11 @@ def format_markdown(reports: list[ArchReport]) -> str:
             aligned = [k.spill_stores for k in ks if not _SHAPE_ARGS & set(k.not_16)]
             odd = [k.spill_stores for k in ks if _SHAPE_ARGS & set(k.not_16)]
             lines.append(
-                f"| `{name}` | sm_{r.arch} | {len(ks)} | {_mma_summary(ks)} | {max(k.registers for k in ks)} | "
-                f"{max(k.shared for k in ks) / 1024:.0f} | {max(aligned, default=0)} | {max(odd, default=0)} |"
+                f"| `{name}` | sm_{r.arch} | {len(ks)} | {_mma_summary(ks)} "
+                f"| {max(k.registers for k in ks)} | {max(k.shared for k in ks) / 1024:.0f} "
+                f"| {max(aligned, default=0)} | {max(odd, default=0)} |"
             )
     return "\n".join(lines)
-
-
-def run_in_subprocess(archs=(90,), json_path: str | os.PathLike | None = None, timeout: float = 3600):
-    """Run the check in a fresh interpreter with TRITON_INTERPRET unset; returns (returncode, output)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "dmpo_fast.kernels.compile_check", "--arch", *map(str, archs)]
-    if json_path is not None:
-        cmd += ["--json", str(json_path)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    return out.returncode, out.stdout + out.stderr
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,7 +139,7 @@ def _lse_all_rows(h, w, y):
     tiles = _logits_tiles(h.dtype, h.shape[1])
     if _autotune_enabled(h.dtype) and n > 0:
         key = ("lse", h.dtype, h.shape[1], w.shape[0], h.device.index)
-        tiles = _pick(key, _LOGITS_CANDIDATES, lambda t: _lse_pass(h[:4096], w, y[:4096], t)) or tiles
+        tiles = _pick(key, _LOGITS_CANDIDATES, lambda t: _lse_pass(h[:4096], w, y[:4096], t), tiles)
     per_tile_row = 8 * triton.cdiv(w.shape[0], tiles.cols)  # bytes of (m, s) per row
     step = max(tiles.rows, _STATS_BYTES // per_tile_row // tiles.rows * tiles.rows)
     out = torch.empty(3, n, dtype=torch.float32, device=h.device)  # top, log_s, z_y
@@ -196,7 +196,7 @@ def _accumulate_dw(dw, g, h, *, first: bool, deterministic: bool, opts: LinearCE
     n = g.shape[0]
     V, H = dw.shape
     key = ("dw", h.dtype, V, H, h.device.index)
-    tiles = _TUNED.get(key) or _dw_tiles(h.dtype, H)
+    tiles = _TUNED.get(key, _dw_tiles(h.dtype, H))
     n_tiles = triton.cdiv(V, tiles.cols) * triton.cdiv(H, tiles.inner)
     splits = opts.dw_split
     if splits is None:  # split the row sum only when the output tiles alone cannot fill the GPU
@@ -206,7 +206,7 @@ def _accumulate_dw(dw, g, h, *, first: bool, deterministic: bool, opts: LinearCE
     splits = triton.cdiv(n, rows_per_split)
     if splits == 1:
         if first and _autotune_enabled(h.dtype):  # mode 0 overwrites: safe to time on the real output
-            tiles = _pick(key, _DW_CANDIDATES, lambda t: _launch_dw(dw, g, h, n, 1, 0, t)) or tiles
+            tiles = _pick(key, _DW_CANDIDATES, lambda t: _launch_dw(dw, g, h, n, 1, 0, t), tiles)
             rows_per_split = n
         _launch_dw(dw, g, h, rows_per_split, 1, 0 if first else 1, tiles)
     elif not deterministic:
@@ -260,10 +260,11 @@ def _weighted_ce_forward(
         step = _chunk_rows(V, hidden.dtype, tiles, opts)
         buf = _alloc((min(step, n), V), hidden.dtype, hidden.device)  # the bounded [C, V] buffer
         ce = _alloc((n,), torch.float32, hidden.device)
-        if _autotune_enabled(h.dtype) and n > 0:  # the pass only writes its outputs: safe to time on chunk 0
+        if _autotune_enabled(h.dtype) and n > 0:  # the pass only writes: safe to time on chunk 0
             h0, y0, e0 = h[:step], y[:step], buf
             key = ("lse_e", h.dtype, H, V, h.device.index)
-            tiles = _pick(key, _LOGITS_CANDIDATES, lambda t: _lse_pass(h0, weight, y0, t, e_buf=e0)) or tiles
+            run = lambda t: _lse_pass(h0, weight, y0, t, e_buf=e0)  # noqa: E731
+            tiles = _pick(key, _LOGITS_CANDIDATES, run, tiles)
         for s in range(0, n, step):
             hc, yc, cc = h[s : s + step], y[s : s + step], c[s : s + step]
             gc = buf[: hc.shape[0]]

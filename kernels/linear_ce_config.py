@@ -94,7 +94,7 @@ _DW_CANDIDATES = (
 )
 _CONVERT_ROWS = 16  # rows per program of the elementwise e -> G pass (16 x 256 values, 4 warps)
 _STATS_BYTES = 64 << 20  # bound of the per-tile (max, Σexp) statistics of a no-grad pass
-_TUNED: dict[tuple, _Tiles] = {}
+_TUNED: dict[tuple, _Tiles] = {}  # key -> the tiles _pick chose
 
 
 def _autotune_enabled(dtype: torch.dtype) -> bool:
@@ -107,8 +107,9 @@ def _autotune_enabled(dtype: torch.dtype) -> bool:
     )
 
 
-def _pick(key: tuple, candidates: tuple[_Tiles, ...], run) -> _Tiles | None:
-    """Time ``run(tiles)`` for each candidate once per key (median of do_bench) and keep the fastest.
+def _pick(key: tuple, candidates: tuple[_Tiles, ...], run, default: _Tiles) -> _Tiles:
+    """Time ``run(tiles)`` for each candidate once per key (median of do_bench) and keep the fastest;
+    ``default`` when none fits this GPU.
 
     ``run`` must be idempotent (it writes outputs, never accumulates into them).
     """
@@ -123,7 +124,7 @@ def _pick(key: tuple, candidates: tuple[_Tiles, ...], run) -> _Tiles | None:
                 continue
             if best is None or t < best[0]:
                 best = (t, tiles)
-        _TUNED[key] = best[1] if best is not None else None  # none fits this GPU: keep the default
+        _TUNED[key] = best[1] if best is not None else default
     return _TUNED[key]
 
 

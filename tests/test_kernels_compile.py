@@ -47,7 +47,8 @@ def sm90(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "sm90.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "dmpo_fast.kernels.compile_check", "--arch", "90", "--quiet", "--json", str(out)],
+        [sys.executable, "-m", "dmpo_fast.kernels.compile_check", "--arch", "90", "--quiet"]
+        + ["--json", str(out)],
         env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert out.exists(), proc.stdout + proc.stderr

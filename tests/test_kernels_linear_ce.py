@@ -447,12 +447,14 @@ def test_autotuning_keeps_the_default_tiles_when_no_candidate_fits(monkeypatch):
 
     monkeypatch.setattr(triton.testing, "do_bench", out_of_shared_memory)
     monkeypatch.setattr(cfg, "_TUNED", {})
-    assert cfg._pick(("lse", "test"), cfg._LOGITS_CANDIDATES, lambda t: None) is None
-    assert cfg._TUNED[("lse", "test")] is None  # remembered: not re-timed on every call
+    default = cfg._GPU_LOGITS_UNALIGNED
+    assert cfg._pick(("lse", "test"), cfg._LOGITS_CANDIDATES, lambda t: None, default) == default
+    assert cfg._TUNED[("lse", "test")] == default  # remembered: not re-timed on every call
 
     times = iter([3.0, 1.0, 2.0, 5.0, 4.0])
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: next(times))
-    assert cfg._pick(("lse", "other"), cfg._LOGITS_CANDIDATES, lambda t: None) == cfg._LOGITS_CANDIDATES[1]
+    best = cfg._pick(("lse", "other"), cfg._LOGITS_CANDIDATES, lambda t: None, cfg._GPU_LOGITS)
+    assert best == cfg._LOGITS_CANDIDATES[1]
 
 
 def test_gpu_tiles_follow_the_dtype_and_the_alignment_of_the_hidden_size(monkeypatch):
