@@ -160,7 +160,7 @@ def _info() -> int:
     import torch
 
     import dmpo_fast
-    from dmpo_fast import kernels
+    from dmpo_fast.kernels import runtime as kernels
 
     print(f"dmpo_fast {dmpo_fast.__version__}")
     print(f"torch     {torch.__version__} (cuda available: {torch.cuda.is_available()})")

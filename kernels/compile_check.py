@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         p.error("unset TRITON_INTERPRET: the check compiles for a GPU, not for the interpreter")
-    from dmpo_fast.kernels import HAS_TRITON, unavailable_reason
+    from dmpo_fast.kernels.runtime import HAS_TRITON, unavailable_reason
 
     if not HAS_TRITON:
         print(unavailable_reason(), file=sys.stderr)

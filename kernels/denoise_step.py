@@ -32,17 +32,11 @@ import math
 import os
 
 import torch
-from dmpo_fast.kernels import HAS_TRITON, interpreting
 
-if not HAS_TRITON:  # pragma: no cover - depends on the platform
-    raise ImportError(
-        "dmpo_fast.kernels.denoise_step needs Triton; use denoise_step(..., impl='chunked') without it"
-    )
+from dmpo_fast.kernels.runtime import interpreting, require
+from dmpo_fast.ops.denoise_step import STREAM_GUMBEL
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from dmpo_fast.ops.denoise_step import STREAM_GUMBEL  # noqa: E402
+triton, tl = require(__name__, "denoise_step(..., impl='chunked')")
 
 
 @triton.jit

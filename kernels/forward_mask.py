@@ -14,10 +14,11 @@ uniforms, the comparison and the writes are fused here. U = top 24 bits of the f
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from dmpo_fast.kernels.runtime import require
 from dmpo_fast.ops.forward_mask import STREAM_POSITION, mask_rates
+
+triton, tl = require(__name__, "forward_mask(..., impl='eager')")
 
 
 @triton.jit

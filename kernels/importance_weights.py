@@ -9,10 +9,11 @@ and no host sync: the whole op is one launch instead of ~200 small torch kernels
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from dmpo_fast.kernels.runtime import require
 from dmpo_fast.ops.importance_weights import BISECTION_STEPS, COEFF_MAX, COEFF_MIN, ImportanceWeights
+
+triton, tl = require(__name__, "importance_weights(..., impl='eager')")
 
 
 @triton.jit

@@ -71,7 +71,7 @@ descriptors, no warp specialisation): the first place to look if the measured ti
 from __future__ import annotations
 
 import torch
-from dmpo_fast.kernels import interpreting
+from dmpo_fast.kernels.runtime import interpreting
 from dmpo_fast.kernels.linear_ce_config import (
     _CONVERT_ROWS,
     _DW_CANDIDATES,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from dmpo_fast.kernels import interpreting
+from dmpo_fast.kernels.runtime import interpreting
 from dmpo_fast.kernels.linear_ce_kernels import triton
 
 

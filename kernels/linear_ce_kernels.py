@@ -22,16 +22,9 @@ with fp32 accumulation, which is the same products.
 
 from __future__ import annotations
 
-from dmpo_fast.kernels import HAS_TRITON
+from dmpo_fast.kernels.runtime import require
 
-if not HAS_TRITON:  # pragma: no cover - depends on the platform
-    raise ImportError(
-        "dmpo_fast.kernels.linear_ce needs Triton (pip install triton); "
-        "use weighted_linear_ce(..., impl='chunked') without it"
-    )
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+triton, tl = require("dmpo_fast.kernels.linear_ce", "weighted_linear_ce(..., impl='chunked')")
 
 
 @triton.jit

@@ -2,6 +2,11 @@
 
 TRITON_INTERPRET must be set before Triton is first imported, so this runs before any test module
 imports dmpo_fast. Tests marked ``gpu`` are skipped on CPU-only machines.
+
+Every test runs with a fresh temporary folder as the working directory, so neither the tests nor the
+subprocesses they start depend on where pytest was started (from the repository root, ``python -c`` and
+``python -m`` would put the root, and its ``kernels/`` folder, on ``sys.path``). Tests that mean to run
+from the root (``python -m benchmarks``, the import guard) say so with ``cwd=ROOT``.
 """
 
 import os
@@ -20,6 +25,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _away_from_the_repository(tmp_path_factory):
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
 
 
 @pytest.fixture(autouse=True)

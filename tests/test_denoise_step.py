@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from dmpo_fast import kernels
+from dmpo_fast.kernels import runtime as kernels
 from dmpo_fast.ops.denoise_step import (
     commit_mask,
     denoise_step,

@@ -6,7 +6,8 @@ import pytest
 import torch
 from toy_models import ToyDenoiser
 
-from dmpo_fast import grpo, kernels
+from dmpo_fast import grpo
+from dmpo_fast.kernels import runtime as kernels
 from dmpo_fast.sampling import llada
 
 V, MASK = 13, 12

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from dmpo_fast.kernels import available
+from dmpo_fast.kernels.runtime import available
 
 pytestmark = pytest.mark.skipif(not available(), reason="Triton kernels cannot run here")
 

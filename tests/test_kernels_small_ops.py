@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dmpo_fast
-from dmpo_fast import kernels
+from dmpo_fast.kernels import runtime as kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="Triton kernels cannot run here")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

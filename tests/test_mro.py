@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from toy_models import ToyDenoiser
 
-from dmpo_fast import dmpo, kernels, mro
+from dmpo_fast import dmpo, mro
+from dmpo_fast.kernels import runtime as kernels
 from dmpo_fast.sampling import llada
 from dmpo_fast.tokenizer import CharTokenizer
 

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from dmpo_fast import kernels
+from dmpo_fast.kernels import runtime as kernels
 from dmpo_fast.ops import _native
 from dmpo_fast.ops._common import resolve_impl
 from dmpo_fast.ops.denoise_step import denoise_step

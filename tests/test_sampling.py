@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from toy_models import ToyDenoiser
 
-from dmpo_fast import kernels
+from dmpo_fast.kernels import runtime as kernels
 from dmpo_fast.models import build_tiny
 from dmpo_fast.sampling import fast_dllm, generate, llada, roar, transfer_schedule
 

@@ -81,7 +81,7 @@ def resolve_impl(
     ``"chunked"`` (after one warning per process) when the native ops cannot be built or loaded.
     """
     check_impl(impl)
-    from dmpo_fast import kernels
+    from dmpo_fast.kernels import runtime as kernels
     from dmpo_fast.ops import _native
 
     if impl == "auto":

@@ -1,8 +1,16 @@
-"""Triton kernels of dmpo_fast, installed as ``dmpo_fast.kernels``.
+"""Whether the Triton kernels of dmpo_fast (``dmpo_fast.kernels``) can run, and the one import of Triton.
 
-Triton is imported here and nowhere else. The rest of the package asks one question,
-:func:`available`, before dispatching ``impl="triton"``: kernels can run when Triton imports and
-either a CUDA device is present or ``TRITON_INTERPRET=1`` (the CPU interpreter, used by the tests).
+The top-level ``kernels/`` folder is installed as ``dmpo_fast.kernels`` and has no ``__init__.py`` on
+purpose: a folder without one is only a namespace portion, and Python prefers a regular package of the
+same name anywhere on ``sys.path``. So with the repository root on ``sys.path`` (``python -c`` or
+``python -m`` started there), ``import kernels`` still finds Hugging Face's ``kernels`` package, which
+transformers imports, instead of this folder.
+
+Triton is imported here and the kernel modules take ``triton`` and ``triton.language`` from
+:func:`require`; only tooling imports more of Triton itself (``compile_check``'s compiler, the
+benchmarks' ``triton.testing``). The rest of the package asks one question, :func:`available`, before
+dispatching ``impl="triton"``: kernels can run when Triton imports and either a CUDA device is present or
+``TRITON_INTERPRET=1`` (the CPU interpreter, used by the tests).
 
 One op per file; each file holds the ``@triton.jit`` kernels, the launcher and the autograd
 function. The eager twin of every kernel lives in ``dmpo_fast.ops`` and is the test oracle.
@@ -13,14 +21,22 @@ from __future__ import annotations
 import os
 
 try:  # Triton is absent on macOS / Windows and optional everywhere.
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+    import triton
+    import triton.language as tl
 
     HAS_TRITON = True
     _IMPORT_ERROR: Exception | None = None
 except Exception as e:  # pragma: no cover - depends on the platform
+    triton = tl = None
     HAS_TRITON = False
     _IMPORT_ERROR = e
+
+
+def require(module: str, fallback: str):
+    """``(triton, triton.language)`` for a kernel module, or an ImportError naming the eager ``fallback``."""
+    if not HAS_TRITON:  # pragma: no cover - depends on the platform
+        raise ImportError(f"{module} needs Triton (pip install triton); use {fallback} without it")
+    return triton, tl
 
 
 def interpreting() -> bool:
