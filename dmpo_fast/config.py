@@ -7,11 +7,16 @@ raises ``ValueError`` naming the field and the allowed values. A config is never
 validation; ``replace`` returns a new, re-validated one.
 
 The defaults are the embedded run: DMPO on the built-in tiny model and the 4x4 Sudoku task, on CPU.
-Most DMPO fields follow the paper and its reference implementation (alpha 0.04, 4 antithetic mask
-replicates with rate in [0.1, 1.0]). Three differ, because the paper's values destabilise the
-0.8M-parameter model (its solve rate collapsed within 40 steps): the "group" weight baseline instead of
-"individual", F = 2 instead of 8, and 32 prompts per buffer so an update never rests on a handful of
-sequences. The recipes in configs/ carry the paper's values for the 7-8B models.
+DMPO's defaults are defined once, in ``dmpo_fast.algorithms.dmpo.DMPOOptions`` (which ``DMPOLoss`` and the
+TRL ``DMPOConfig`` share): alpha 0.04 and 4 antithetic mask replicates with rate in [0.1, 1.0) as in the
+paper and its reference code; no weight baseline ("none", where the paper uses "individual") and groups
+whose rollouts all scored the same dropped, because the paper's settings made the 0.8M-parameter model worse
+(docs/default_run.md). The run itself also differs: F = 2 instead of 8, and 32 prompts per buffer so an
+update never rests on a handful of sequences. The recipes in configs/ carry the paper's values for the 7-8B
+models.
+
+Each algorithm checks its own fields (``Algorithm.validate`` in ``dmpo_fast.algorithms``); the fields shared
+by every run are checked here.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from dmpo_fast.algorithms.dmpo import DEFAULTS as DMPO_DEFAULTS
+
+# The registry dmpo_fast.algorithms.ALGORITHMS holds exactly these names (tests/test_algorithms.py checks).
 Algorithm = Literal["dmpo", "mro", "diffu_grpo", "rejection_sft"]
 LossName = Literal["wdce", "wddo"]
 BaselineName = Literal["none", "group", "individual", "model"]
@@ -64,7 +72,7 @@ class TrainConfig:
     )
     reward_funcs: list = field(default_factory=list)  # extra TRL-style rewards by import path
     algorithm: Algorithm = "dmpo"
-    loss: LossName = "wdce"
+    loss: LossName = DMPO_DEFAULTS.loss
 
     # --- rollouts ------------------------------------------------------------------------------
     prompts_per_step: int = 32
@@ -80,21 +88,21 @@ class TrainConfig:
 
     # --- DMPO ----------------------------------------------------------------------------------
     num_iterations: int = 2  # F: optimizer steps per rollout buffer (off-policy reuse)
-    num_replicates: int = 4  # noisy copies per rollout in the loss
-    elbo_replicates: int = 4  # noisy copies per rollout for log p_ref / log p_old
-    antithetic: bool = True
-    mask_rate_min: float = 0.1
-    mask_rate_max: float = 1.0
-    alpha: float = 0.04
-    coeff: float = 1.0
-    ess_target: float | None = None
-    baseline: BaselineName = "none"
-    centering_strength: float = 1.0
-    include_eos_padding: bool = True
-    drop_tied_groups: bool = True  # weight 0 for groups whose rewards are all equal (DAPO's filter)
-    ddo_beta: float = 1.0
-    ddo_a: float = 1.0
-    ddo_independent_sets: bool = True
+    num_replicates: int = DMPO_DEFAULTS.num_replicates  # noisy copies per rollout in the loss
+    elbo_replicates: int = DMPO_DEFAULTS.elbo_replicates  # noisy copies per rollout for log p_ref / log p_old
+    antithetic: bool = DMPO_DEFAULTS.antithetic
+    mask_rate_min: float = DMPO_DEFAULTS.mask_rate_min
+    mask_rate_max: float = DMPO_DEFAULTS.mask_rate_max
+    alpha: float = DMPO_DEFAULTS.alpha
+    coeff: float = DMPO_DEFAULTS.coeff
+    ess_target: float | None = DMPO_DEFAULTS.ess_target
+    baseline: BaselineName = DMPO_DEFAULTS.baseline
+    centering_strength: float = DMPO_DEFAULTS.centering_strength
+    include_eos_padding: bool = DMPO_DEFAULTS.include_eos_padding
+    drop_tied_groups: bool = DMPO_DEFAULTS.drop_tied_groups  # weight 0 for all-tied groups (DAPO's filter)
+    ddo_beta: float = DMPO_DEFAULTS.ddo_beta
+    ddo_a: float = DMPO_DEFAULTS.ddo_a
+    ddo_independent_sets: bool = DMPO_DEFAULTS.ddo_independent_sets
     reference: Reference = "frozen_copy"
 
     # --- diffu-GRPO (algorithm: diffu_grpo; μ is num_iterations, the reference is `reference`) ----
@@ -178,33 +186,6 @@ class TrainConfig:
         blocks = self.gen_length // self.block_length
         if self.steps % blocks:
             raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks ({blocks})")
-        if self.antithetic and (self.num_replicates % 2 or self.elbo_replicates % 2):
-            raise ValueError(
-                "num_replicates and elbo_replicates must be even when antithetic=true, got "
-                f"{self.num_replicates} and {self.elbo_replicates}"
-            )
-        if not 0.0 <= self.mask_rate_min < self.mask_rate_max <= 1.0:
-            raise ValueError(
-                "mask_rate_min and mask_rate_max must satisfy 0 <= mask_rate_min < mask_rate_max <= 1, "
-                f"got {self.mask_rate_min} and {self.mask_rate_max}"
-            )
-        if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
-        if self.coeff <= 0:
-            raise ValueError(f"coeff must be > 0, got {self.coeff}")
-        if self.ess_target is not None and not 0.0 < self.ess_target <= 1.0:
-            raise ValueError(f"ess_target must be in (0, 1] or null, got {self.ess_target}")
-        if not 0.0 <= self.centering_strength <= 1.0:
-            raise ValueError(f"centering_strength must be in [0, 1], got {self.centering_strength}")
-        if self.algorithm == "dmpo" and self.alpha > 0 and self.reference == "none":
-            raise ValueError(
-                "reference must be 'adapter_disabled' or 'frozen_copy' when alpha > 0 (got 'none')"
-            )
-        if self.algorithm == "diffu_grpo" and self.grpo_beta > 0 and self.reference == "none":
-            raise ValueError(
-                "reference must be 'adapter_disabled' or 'frozen_copy' when algorithm='diffu_grpo' and "
-                "grpo_beta > 0 (got 'none'; grpo_beta=0 trains without a reference)"
-            )
         if self.reference == "adapter_disabled" and not self.lora:
             raise ValueError(
                 "reference='adapter_disabled' needs lora=true (the base model is the adapter-off policy)"
@@ -225,46 +206,10 @@ class TrainConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        self._check_grpo_and_mro()
+        from dmpo_fast.algorithms import ALGORITHMS
 
-    def _check_grpo_and_mro(self) -> None:
-        if self.algorithm in ("mro", "diffu_grpo", "rejection_sft") and self.num_generations < 2:
-            raise ValueError(
-                f"num_generations must be >= 2 for algorithm={self.algorithm!r} (it compares the rollouts "
-                f"of a group: one rollout has nothing to compare with), got {self.num_generations}"
-            )
-        if not self.grpo_epsilon > 0:
-            raise ValueError(f"grpo_epsilon must be > 0, got {self.grpo_epsilon}")
-        if self.grpo_beta < 0:
-            raise ValueError(f"grpo_beta must be >= 0, got {self.grpo_beta}")
-        if not 0.0 <= self.grpo_p_mask_prompt <= 1.0:
-            raise ValueError(f"grpo_p_mask_prompt must be in [0, 1], got {self.grpo_p_mask_prompt}")
-        for name in ("mro_tv_weight", "mro_ppl_weight", "mro_task_weight"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.mro_ppl_model is not None and not self.mro_ppl_model.strip():
-            raise ValueError("mro_ppl_model must be a model name, a directory or null, got ''")
-        if self.mro_ppl_weight and self.mro_ppl_model is None:
-            raise ValueError(
-                f"mro_ppl_weight={self.mro_ppl_weight} needs mro_ppl_model (a causal LM scoring the "
-                "perplexity reward, e.g. gpt2); set mro_ppl_weight=0 or null to go without"
-            )
-        rewards = (self.mro_tv_weight, self.effective_ppl_weight, self.mro_task_weight)
-        if self.algorithm == "mro" and not any(rewards):
-            raise ValueError(
-                "mro_tv_weight, mro_ppl_weight and mro_task_weight are all 0: algorithm='mro' has no reward"
-            )
-        if self.eval_tts_k:
-            if not (self.mro_tv_weight or self.effective_ppl_weight):
-                raise ValueError(
-                    "eval_tts_k > 0 ranks candidates by the MRO step rewards: it needs mro_tv_weight > 0 or "
-                    "mro_ppl_model (got mro_tv_weight=0 and no perplexity reward)"
-                )
-            if self.eval_temperature == 0 and self.remasking != "random" and self.sampler != "roar":
-                raise ValueError(
-                    "eval_tts_k > 0 needs eval_temperature > 0 (or remasking='random', or sampler='roar'): "
-                    "greedy low-confidence decoding gives k identical candidates"
-                )
+        for algorithm in ALGORITHMS.values():  # each checks its own fields, and its needs when chosen
+            algorithm.validate(self)
 
     # ---------------------------------------------------------------------------------------------
     @property

@@ -1,8 +1,9 @@
 """``DMPOLoss``: the DMPO loss as an ``nn.Module`` for plain PyTorch loops.
 
-A thin module over the pure functions (nothing here that ``dmpo_fast.dmpo`` does not already do): it holds the
-options, turns rewards and log-ratios into importance weights per prompt group (``importance_weights``), and
-calls ``dmpo.wdce`` — fresh masks, the policy's hidden states and the fused ``wdce_loss``:
+A thin module over the code the trainer runs (``dmpo_fast.algorithms.dmpo``: the same defaults, the same
+weights, the same loss): it holds the options, turns rewards and log-ratios into importance weights per
+prompt group (dropping all-tied groups with ``drop_tied_groups``), and calls the fused WDCE loss with fresh
+masks on the policy's hidden states:
 
     criterion = DMPOLoss(group_size=8, alpha=0.04)
     log_ratio = criterion.log_ratio(policy, reference, ids, maskable, attention_mask=am)   # before the update
@@ -12,7 +13,7 @@ calls ``dmpo.wdce`` — fresh masks, the policy's hidden states and the fused ``
 
 Rows are whole prompt groups: ``group_size`` consecutive rows are the rollouts of one prompt. Pass ``weights``
 instead of ``rewards`` when they were computed elsewhere (``importance_weights(...).weights``, or the raw
-weights with ``baseline="model"``).
+weights with ``baseline="model"``). The defaults are ``DMPOOptions``'s, those of ``dmpo-fast train``.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dmpo_fast import dmpo
-from dmpo_fast.dmpo import Baseline, LossOutput, NoiseConfig
-from dmpo_fast.ops import importance_weights
+from dmpo_fast.algorithms.dmpo import (
+    DEFAULTS,
+    Baseline,
+    DMPOOptions,
+    dmpo_loss,
+    dmpo_weights,
+    elbo_log_ratio,
+    loss_weights,
+)
+from dmpo_fast.dmpo import LossOutput, NoiseConfig
 from dmpo_fast.ops.philox import draw_seed
-
-_BASELINES = ("none", "group", "individual", "model")
-_NOISE = NoiseConfig()  # frozen: 4 antithetic replicates, rate in [0.1, 1.0)
 
 
 class DMPOLoss(nn.Module):
@@ -37,6 +42,7 @@ class DMPOLoss(nn.Module):
         alpha: temperature of the target p_ref·exp(r/alpha); 0 uses the rewards alone (no reference).
         coeff, ess_target, baseline, centering_strength: as ``importance_weights``; ``baseline="model"``
             subtracts s·softmax_group(ELBO_θ − log p_old) estimated in the loss's own forward pass.
+        drop_tied_groups: weight 0 for a prompt group whose rollouts all got the same reward.
         noise: masking of the loss (replicates R, antithetic, rate range); ``elbo_noise`` that of
             ``log_ratio`` (more replicates give a less noisy ratio).
         impl: backend of the ops ("auto", "triton", "native", "chunked", "eager").
@@ -46,34 +52,38 @@ class DMPOLoss(nn.Module):
         self,
         group_size: int,
         *,
-        alpha: float = 0.04,
-        coeff: float = 1.0,
-        ess_target: float | None = None,
-        baseline: Baseline = "individual",
-        centering_strength: float = 1.0,
-        noise: NoiseConfig = _NOISE,
-        elbo_noise: NoiseConfig = _NOISE,
+        alpha: float = DEFAULTS.alpha,
+        coeff: float = DEFAULTS.coeff,
+        ess_target: float | None = DEFAULTS.ess_target,
+        baseline: Baseline = DEFAULTS.baseline,
+        centering_strength: float = DEFAULTS.centering_strength,
+        drop_tied_groups: bool = DEFAULTS.drop_tied_groups,
+        noise: NoiseConfig = DEFAULTS.noise("loss"),
+        elbo_noise: NoiseConfig = DEFAULTS.noise("elbo"),
         impl: str = "auto",
     ):
         super().__init__()
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-        if baseline not in _BASELINES:
-            raise ValueError(f"baseline must be one of {_BASELINES}, got {baseline!r}")
         for name, value in (("noise", noise), ("elbo_noise", elbo_noise)):
             if not isinstance(value, NoiseConfig):
                 raise ValueError(f"{name} must be a dmpo_fast.dmpo.NoiseConfig, got {type(value).__name__}")
+        self.options = DMPOOptions(
+            alpha=float(alpha), coeff=coeff, ess_target=ess_target, baseline=baseline,
+            centering_strength=centering_strength, drop_tied_groups=drop_tied_groups,
+            num_replicates=noise.replicates, elbo_replicates=elbo_noise.replicates, antithetic=noise.antithetic,
+            mask_rate_min=noise.rate_min, mask_rate_max=noise.rate_max,
+        )  # fmt: skip
         self.group_size = group_size
-        self.alpha = float(alpha)
-        self.coeff = coeff
-        self.ess_target = ess_target
-        self.baseline = baseline
-        self.centering_strength = centering_strength
         self.noise = noise
         self.elbo_noise = elbo_noise
         self.impl = impl
+
+    def __getattr__(self, name):  # alpha, coeff, baseline, ... read from the options
+        options = self.__dict__.get("options")
+        if options is not None and name in DMPOOptions.__dataclass_fields__:
+            return getattr(options, name)
+        return super().__getattr__(name)
 
     @torch.no_grad()
     def log_ratio(
@@ -97,10 +107,10 @@ class DMPOLoss(nn.Module):
                 raise ValueError("reference must be a model when alpha > 0 (None only with alpha=0)")
             return torch.zeros(ids.shape[0], device=ids.device)
         seed = draw_seed() if seed is None else seed  # one seed: the same masks for both models
-        kw = dict(noise=self.elbo_noise, attention_mask=attention_mask, seed=seed, micro_batch=micro_batch)
-        log_p_ref = dmpo.elbo(reference, ids, maskable, impl=self.impl, **kw)
-        log_p_old = dmpo.elbo(policy, ids, maskable, impl=self.impl, **kw)
-        return log_p_ref - log_p_old
+        return elbo_log_ratio(
+            policy, reference, ids, maskable, self.options, seed=seed, attention_mask=attention_mask,
+            micro_batch=micro_batch, noise=self.elbo_noise, impl=self.impl,
+        )[1]  # fmt: skip
 
     def forward(
         self,
@@ -125,45 +135,26 @@ class DMPOLoss(nn.Module):
         """
         if (rewards is None) == (weights is None):
             raise ValueError("give exactly one of rewards (with log_ratio) or weights")
-        stats_extra = {}
+        stats_extra, keep = {}, None
         if rewards is not None:
             if log_ratio is None:
                 if self.alpha > 0:
                     raise ValueError("log_ratio is required with rewards when alpha > 0 (DMPOLoss.log_ratio)")
                 log_ratio = torch.zeros_like(rewards, dtype=torch.float32)
-            iw = importance_weights(
-                rewards,
-                log_ratio,
-                group_size=self.group_size,
-                alpha=self.alpha,
-                coeff=self.coeff,
-                # The model baseline is applied inside the loss, from the same forward pass.
-                baseline="none" if self.baseline == "model" else self.baseline,
-                centering_strength=self.centering_strength,
-                ess_target=self.ess_target,
-            )
-            weights = iw.raw if self.baseline == "model" else iw.weights
-            stats_extra["importance"] = iw
-        out = dmpo.wdce(
-            policy,
-            ids,
-            maskable,
-            weights,
-            group_size=self.group_size,
-            noise=self.noise,
-            attention_mask=attention_mask,
-            baseline=self.baseline,
-            log_p_old=log_p_old,
-            centering_strength=self.centering_strength,
-            seed=seed,
-            generator=generator,
+            iw, tied, keep = dmpo_weights(rewards, log_ratio, self.options, self.group_size)
+            weights = loss_weights(iw, self.options)
+            stats_extra.update(importance=iw, tied_groups=tied)
+        out = dmpo_loss(
+            policy, ids, maskable, weights, self.options, group_size=self.group_size, seed=seed,
+            attention_mask=attention_mask, log_p_old=log_p_old, keep=keep, noise=self.noise, generator=generator,
             impl=self.impl,
-        )
+        )  # fmt: skip
         out.stats.update(stats_extra)
         return out
 
     def extra_repr(self) -> str:
         return (
             f"group_size={self.group_size}, alpha={self.alpha}, baseline={self.baseline!r}, "
+            f"drop_tied_groups={self.drop_tied_groups}, "
             f"replicates={self.noise.replicates}, impl={self.impl!r}"
         )

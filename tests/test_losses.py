@@ -63,7 +63,7 @@ def test_readme_before_and_after_give_the_same_loss_and_gradients():
     g_after = _grads(policy, after)
 
     # and the module, from rewards (weights computed inside), on the same masks
-    criterion = DMPOLoss(G, alpha=0.5, noise=NoiseConfig(replicates=R))
+    criterion = DMPOLoss(G, alpha=0.5, baseline="individual", noise=NoiseConfig(replicates=R))  # the op's default
     out = criterion(policy, ids, maskable, rewards=rewards, log_ratio=torch.zeros_like(rewards), seed=seed)
     g_module = _grads(policy, out.loss)
 

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from dmpo_fast import trainer as train_mod
+from dmpo_fast.algorithms import DMPO
+from dmpo_fast.algorithms.base import merge_for_log
 from dmpo_fast.config import TrainConfig
+from dmpo_fast.policy import Reference
 from dmpo_fast.run_io import RunDir
 
 SMALL = dict(
@@ -123,17 +126,17 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    real = train_mod.loss_step
+    real = DMPO.loss
     calls = {"n": 0}
 
-    def poisoned(policy, buf, cfg, step, device, total_rows=None):
-        out = real(policy, buf, cfg, step, device, total_rows)
+    def poisoned(self, policy, buf, step):
+        out = real(self, policy, buf, step)
         if step >= 2:  # steps 3, 4, 5 (1-based) are non-finite
             calls["n"] += 1
             return type(out)(out.loss * float("nan"), out.stats)
         return out
 
-    monkeypatch.setattr(train_mod, "loss_step", poisoned)
+    monkeypatch.setattr(DMPO, "loss", poisoned)
     cfg = _cfg(tmp_path, max_steps=8)
     with pytest.warns(UserWarning, match="non-finite"):
         with pytest.raises(RuntimeError, match="three non-finite steps in a row .* intact"):
@@ -148,11 +151,11 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
 
 def test_one_skipped_step_leaves_the_parameters_alone(tmp_path, monkeypatch):
-    real = train_mod.loss_step
+    real = DMPO.loss
     snapshots = []
 
-    def poisoned(policy, buf, cfg, step, device, total_rows=None):
-        out = real(policy, buf, cfg, step, device, total_rows)
+    def poisoned(self, policy, buf, step):
+        out = real(self, policy, buf, step)
         if step == 1:
             snapshots.append({k: v.clone() for k, v in policy.state_dict().items()})
             return type(out)(out.loss * float("inf"), out.stats)
@@ -160,7 +163,7 @@ def test_one_skipped_step_leaves_the_parameters_alone(tmp_path, monkeypatch):
             snapshots.append({k: v.clone() for k, v in policy.state_dict().items()})
         return out
 
-    monkeypatch.setattr(train_mod, "loss_step", poisoned)
+    monkeypatch.setattr(DMPO, "loss", poisoned)
     with pytest.warns(UserWarning, match="step 2: non-finite"):
         train_mod.train(_cfg(tmp_path, max_steps=3))
     assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in snapshots[0])
@@ -302,8 +305,9 @@ def test_drop_tied_groups_gives_tied_groups_no_weight(tmp_path, monkeypatch, dro
     cfg = _cfg(tmp_path, baseline="none", drop_tied_groups=drop)
     policy, tok = train_mod.load_policy(cfg, torch.device("cpu"))
     task = get_task(cfg.task, **cfg.task_options())
-    buf = train_mod.make_buffer(policy, train_mod._Reference(cfg, policy), tok, task, cfg, [task.reward],
-                                task.train(seed=0)[:2], 0)  # fmt: skip
+    algo = DMPO(cfg)
+    reference = Reference(cfg, policy, uses=algo.needs_reference)
+    buf = train_mod.make_buffer(algo, policy, reference, tok, task, cfg, [task.reward], task.train(seed=0)[:2], 0)
     w = buf["weights"]
     assert buf["rewards"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     assert buf["tied_groups"] == int(drop) and buf["kept"].tolist() == [not drop] * 4 + [True] * 4
@@ -314,7 +318,7 @@ def test_drop_tied_groups_gives_tied_groups_no_weight(tmp_path, monkeypatch, dro
     torch.testing.assert_close(w[4:].sum(), torch.tensor(1.0))  # the solved rollouts take the weight
     assert w[[4, 6]].max() < 1e-6
     # The loss step runs on such a buffer and the dropped group contributes nothing.
-    out = train_mod.loss_step(policy, buf, cfg, step=0, device=torch.device("cpu"))
+    out = algo.loss(policy, buf, step=0)
     assert torch.isfinite(out.loss)
 
 
@@ -327,7 +331,9 @@ def test_buffers_of_different_widths_merge_for_the_log():
                 "n_failed": failed, "dropped": 1, "tied_groups": 2, "first_row": 0}  # fmt: skip
 
     a, b = part(4, 30, 1), part(4, 41, 2)
-    merged = train_mod._merge_rows([a, b])
+    # Saved buffers of format 1 held per-process counts; read back, every process's buffer holds the sums.
+    rows, totals = merge_for_log(DMPO(TrainConfig()).from_saved([a, b]))
+    merged = {**rows, **totals}
     assert torch.equal(merged["rewards"], torch.cat([a["rewards"], b["rewards"]]))
     assert (merged["n_failed"], merged["dropped"], merged["tied_groups"]) == (3, 2, 4)
     assert "ids" not in merged and "first_row" not in merged

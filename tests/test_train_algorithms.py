@@ -15,6 +15,7 @@ from toy_models import ToyDenoiser
 
 from dmpo_fast import grpo, mro
 from dmpo_fast import trainer as train_mod
+from dmpo_fast.algorithms import RejectionSFT, derive_seed
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.run_io import RunDir
 from dmpo_fast.sampling import llada
@@ -170,16 +171,16 @@ def test_rejection_sampling_trains_on_each_groups_best(toy_rollout, min_reward, 
     model, out, rewards = toy_rollout
     model.eos_id = TOK.eos_id
     cfg = TrainConfig(algorithm="rejection_sft", num_generations=2, rs_min_reward=min_reward, num_replicates=2)
-    buf = train_mod._rejection_buffer(model, out, rewards, cfg, None)
+    algo = RejectionSFT(cfg)
+    buf = algo.build(model, out, rewards, reference=None, scorer=None, buffer_index=0, first_row=0)
     assert buf["selected"].nonzero().squeeze(1).tolist() == best and buf["selected_total"] == len(best)
-    buf["first_row"] = 0
-    whole = train_mod.algorithm_loss(model, buf, cfg, 0, torch.device("cpu"))
-    halves = [train_mod._slice_buffer(buf, 0, 4), train_mod._slice_buffer(buf, 4, 8)]
-    parts = [train_mod.algorithm_loss(model, h, cfg, 0, torch.device("cpu")) for h in halves]
+    whole = algo.loss(model, buf, 0)
+    halves = [buf.slice(0, 4), buf.slice(4, 8)]
+    parts = [algo.loss(model, h, 0) for h in halves]
     torch.testing.assert_close(parts[0].loss + parts[1].loss, whole.loss, rtol=1e-5, atol=1e-6)
     # Unselected rows carry nothing: dropping them from the batch leaves the loss (same mask keys).
     noise = mro.NoiseConfig(cfg.num_replicates, cfg.antithetic, cfg.mask_rate_min, cfg.mask_rate_max)
-    seed = train_mod._derive_seed(cfg.seed, "loss", 0)
+    seed = derive_seed(cfg.seed, "loss", 0)
     alone = sum(
         mro.rejection_sft_loss(model, buf["ids"][r : r + 1], buf["maskable"][r : r + 1], noise=noise,
                                attention_mask=buf["attention_mask"][r : r + 1], total=len(best), seed=seed,

@@ -15,7 +15,9 @@ The DMPO loss needs the policy's hidden states on *noisy* copies of each rollout
 The model must be the ``DiffusionLM`` (``dmpo_fast.models.load`` / ``wrap``): its forward returns hidden
 states, never logits, so the ``[R*B, L, V]`` logits are never built. Each row carries its final weight: DMPO's
 weights are a softmax over the rollouts of one prompt, which the Trainer's shuffled batches cannot see, so
-compute them per group before building the dataset (``dmpo_fast.importance_weights``). The loss of a batch is
+compute them per group before building the dataset with the trainer's code
+(``dmpo_fast.algorithms.dmpo.dmpo_weights(rewards, log_ratio, DMPOOptions(), G)`` and ``loss_weights``, which
+drop all-tied groups as ``dmpo-fast train`` does). The loss of a batch is
 Σ_b w_b · mean over replicates of the per-token masked CE (as ``dmpo.wdce``); the Trainer sums it over
 gradient-accumulation steps without dividing (it never divides a ``compute_loss_func`` loss).
 """
@@ -24,10 +26,11 @@ from __future__ import annotations
 
 import torch
 
+from dmpo_fast.algorithms.dmpo import DEFAULTS
 from dmpo_fast.dmpo import NoiseConfig
 from dmpo_fast.ops import forward_mask, wdce_loss
 
-_NOISE = NoiseConfig()
+_NOISE = DEFAULTS.noise("loss")  # the trainer's masking (dmpo_fast.algorithms.dmpo.DMPOOptions)
 _LABELS = ("targets", "loss_mask", "row_weights")
 
 

@@ -72,8 +72,16 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.data_utils import is_conversational, maybe_apply_chat_template  # noqa: E402
 
 from dmpo_fast import dmpo  # noqa: E402
+from dmpo_fast.algorithms.dmpo import (  # noqa: E402
+    DEFAULTS,
+    DMPOOptions,
+    check_options,
+    dmpo_loss,
+    dmpo_weights,
+    elbo_log_ratio,
+    loss_weights,
+)
 from dmpo_fast.models import DiffusionLM, load, wrap  # noqa: E402
-from dmpo_fast.ops import importance_weights  # noqa: E402
 from dmpo_fast.ops._common import IMPLS  # noqa: E402
 from dmpo_fast.ops.denoise_step import REMASKING  # noqa: E402
 from dmpo_fast.sampling import CACHES, SAMPLERS, generate  # noqa: E402
@@ -98,20 +106,29 @@ class DMPOConfig(GRPOConfig):
     max_completion_length: int | None = field(
         default=256, **_help("Generated tokens per rollout (gen_length).")
     )
-    alpha: float = field(default=0.04, **_help("Target p_ref·exp(r/alpha); 0 uses the rewards alone."))
-    coeff: float = field(default=1.0, **_help("Softmax coefficient of the importance weights."))
-    ess_target: float | None = field(default=None, **_help("Target ESS in (0, 1]: coeff found per group."))
-    baseline: str = field(default="individual", **_help(f"Weight baseline, one of {_BASELINES}."))
-    centering_strength: float = field(default=1.0, **_help("Strength s of the baseline, in [0, 1]."))
-    num_replicates: int = field(default=4, **_help("Noisy copies of each rollout in the loss."))
-    elbo_replicates: int = field(default=4, **_help("Noisy copies of each rollout for log p_ref, log p_old."))
-    antithetic: bool = field(
-        default=True, **_help("Second half of the replicates = complements of the first.")
+    alpha: float = field(default=DEFAULTS.alpha, **_help("Target p_ref·exp(r/alpha); 0 uses the rewards alone."))
+    coeff: float = field(default=DEFAULTS.coeff, **_help("Softmax coefficient of the importance weights."))
+    ess_target: float | None = field(
+        default=DEFAULTS.ess_target, **_help("Target ESS in (0, 1]: coeff found per group.")
     )
-    mask_rate_min: float = field(default=0.1, **_help("Lowest masking rate of a noisy copy."))
-    mask_rate_max: float = field(default=1.0, **_help("Highest masking rate of a noisy copy."))
+    baseline: str = field(default=DEFAULTS.baseline, **_help(f"Weight baseline, one of {_BASELINES}."))
+    centering_strength: float = field(
+        default=DEFAULTS.centering_strength, **_help("Strength s of the baseline, in [0, 1].")
+    )
+    drop_tied_groups: bool = field(
+        default=DEFAULTS.drop_tied_groups, **_help("Weight 0 for prompt groups whose rewards are all equal.")
+    )
+    num_replicates: int = field(default=DEFAULTS.num_replicates, **_help("Noisy copies of each rollout in the loss."))
+    elbo_replicates: int = field(
+        default=DEFAULTS.elbo_replicates, **_help("Noisy copies of each rollout for log p_ref, log p_old.")
+    )
+    antithetic: bool = field(
+        default=DEFAULTS.antithetic, **_help("Second half of the replicates = complements of the first.")
+    )
+    mask_rate_min: float = field(default=DEFAULTS.mask_rate_min, **_help("Lowest masking rate of a noisy copy."))
+    mask_rate_max: float = field(default=DEFAULTS.mask_rate_max, **_help("Highest masking rate of a noisy copy."))
     include_eos_padding: bool = field(
-        default=True, **_help("Keep the EOS padding after the answer in the loss.")
+        default=DEFAULTS.include_eos_padding, **_help("Keep the EOS padding after the answer in the loss.")
     )
     sampler: str = field(default="fast_dllm", **_help(f"Diffusion sampler, one of {SAMPLERS}."))
     block_length: int | None = field(default=None, **_help("Semi-AR block length (None: one block)."))
@@ -134,20 +151,13 @@ class DMPOConfig(GRPOConfig):
             )
         if self.use_vllm:
             raise ValueError("use_vllm must be False: diffusion LMs are sampled by dmpo_fast's samplers")
-        if not self.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
-        if not self.coeff > 0:
-            raise ValueError(f"coeff must be > 0, got {self.coeff}")
-        if self.ess_target is not None and not 0.0 < self.ess_target <= 1.0:
-            raise ValueError(f"ess_target must be None or in (0, 1], got {self.ess_target}")
-        if not 0.0 <= self.centering_strength <= 1.0:
-            raise ValueError(f"centering_strength must be in [0, 1], got {self.centering_strength}")
         if self.baseline not in _BASELINES:
             extra = " ('model' needs whole prompt groups in each loss call; TRL's micro-batches are shuffled)"
             raise ValueError(
                 f"baseline must be one of {_BASELINES}, got {self.baseline!r}"
                 + extra * (self.baseline == "model")
             )
+        check_options(self.dmpo_options())
         for name, allowed in (
             ("sampler", SAMPLERS),
             ("cache", CACHES),
@@ -156,15 +166,6 @@ class DMPOConfig(GRPOConfig):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("num_replicates", "elbo_replicates"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1 or (self.antithetic and value % 2):
-                raise ValueError(f"{name} must be a positive int, even when antithetic=True, got {value!r}")
-        if not 0.0 <= self.mask_rate_min < self.mask_rate_max <= 1.0:
-            raise ValueError(
-                "mask_rate_min and mask_rate_max must satisfy 0 <= mask_rate_min < mask_rate_max <= 1, got "
-                f"{self.mask_rate_min} and {self.mask_rate_max}"
-            )
         gen = self.max_completion_length
         if not isinstance(gen, int) or gen < 1:
             raise ValueError(f"max_completion_length must be a positive int (the gen_length), got {gen!r}")
@@ -200,10 +201,27 @@ class DMPOConfig(GRPOConfig):
             kw["steps"] = self.denoising_steps
         return kw
 
+    def dmpo_options(self) -> DMPOOptions:
+        """DMPO's options of this config: the ones ``dmpo-fast train`` and ``DMPOLoss`` read."""
+        return DMPOOptions.from_config(_WithLoss(self))
+
     def noise(self, kind: str) -> dmpo.NoiseConfig:
         """The masking of the loss (``"loss"``) or of the log-ratio ELBOs (``"elbo"``)."""
-        replicates = self.num_replicates if kind == "loss" else self.elbo_replicates
-        return dmpo.NoiseConfig(replicates, self.antithetic, self.mask_rate_min, self.mask_rate_max)
+        return self.dmpo_options().noise(kind)
+
+
+class _WithLoss:
+    """A DMPOConfig seen with DMPO's own fields: TRL's ``loss_type`` is GRPO's; DMPO here is always WDCE."""
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+
+    def __getattr__(self, name):
+        if name == "loss":
+            return "wdce"
+        if name.startswith("ddo_"):
+            return getattr(DEFAULTS, name)
+        return getattr(self._cfg, name)
 
 
 def _seed(*parts) -> int:
@@ -348,11 +366,10 @@ class DMPOTrainer(GRPOTrainer):
             if torch.is_autocast_enabled(device_type):  # mixed precision: accelerate autocasts the forward
                 policy = _AutocastHidden(policy, device_type, torch.get_autocast_dtype(device_type))
                 outside = torch.autocast(device_type, enabled=False)
-            with outside:
-                out = dmpo.wdce(
-                    policy, inputs["ids"], inputs["maskable"], inputs["weights"], group_size=1,
-                    noise=self.args.noise("loss"), attention_mask=inputs["attention_mask"], seed=seed,
-                    impl=self.args.impl,
+            with outside:  # the trainer's DMPO loss, on rows whose final weights were computed per group
+                out = dmpo_loss(
+                    policy, inputs["ids"], inputs["maskable"], inputs["weights"], self.args.dmpo_options(),
+                    group_size=1, seed=seed, attention_mask=inputs["attention_mask"], impl=self.args.impl,
                 )  # fmt: skip
             return out.loss, out.stats["masked_tokens"]
 
@@ -411,22 +428,20 @@ class DMPOTrainer(GRPOTrainer):
         rewards = (rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: weight 0 below
 
-        noise, elbo_seed = args.noise("elbo"), _seed(*tag, "elbo", rank)
-        elbo_kw = dict(noise=noise, attention_mask=out.attention_mask, seed=elbo_seed, impl=args.impl,
-                       micro_batch=args.per_device_train_batch_size * noise.replicates)  # fmt: skip
-        with torch.no_grad(), _eval_mode(self.model):
-            log_p_old = dmpo.elbo(self.policy, out.ids, maskable, **elbo_kw)
-            log_ratio = torch.zeros_like(log_p_old)
-            if args.alpha > 0:
-                with self._reference_model() as ref:  # same seed: the same masks as the policy
-                    log_ratio = dmpo.elbo(ref, out.ids, maskable, **elbo_kw) - log_p_old
+        options = args.dmpo_options()
+        log_ratio = torch.zeros(out.ids.shape[0], device=device)
+        if args.alpha > 0:  # the trainer's ELBO log-ratio: policy and reference on the same masks
+            with _eval_mode(self.model):
+                _, log_ratio = elbo_log_ratio(
+                    self.policy, self._reference_model, out.ids, maskable, options, seed=_seed(*tag, "elbo", rank),
+                    attention_mask=out.attention_mask, impl=args.impl,
+                    micro_batch=args.per_device_train_batch_size * options.elbo_replicates,
+                )  # fmt: skip
         log_ratio = self.accelerator.gather(log_ratio)  # [N], rows in the order of rewards_per_func
-        iw = importance_weights(
-            rewards, log_ratio, group_size=group, alpha=args.alpha, coeff=args.coeff, baseline=args.baseline,
-            centering_strength=args.centering_strength, ess_target=args.ess_target,
-        )  # fmt: skip
+        iw, tied, _ = dmpo_weights(rewards, log_ratio, options, group)  # the trainer's weights
         n = len(prompts)
-        weights = iw.weights[rank * n : (rank + 1) * n]
+        weights = loss_weights(iw, options)[rank * n : (rank + 1) * n]
+        self._metrics[mode]["dmpo/tied_groups"].append(float(tied.sum()))
         self._log_rollouts(mode, prompts, completions, rewards_per_func, rewards, iw, log_ratio, out)
         return {
             "ids": out.ids,

@@ -1,0 +1,114 @@
+"""Evaluation: the held-out solve rate and mean reward of a policy, before, during and after training,
+and of a model or checkpoint (``dmpo-fast eval``)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dmpo_fast import mro
+from dmpo_fast.algorithms import derive_seed
+from dmpo_fast.algorithms.mro import mro_config
+from dmpo_fast.config import TrainConfig
+from dmpo_fast.policy import load_policy, load_scorer
+from dmpo_fast.processes import Processes
+from dmpo_fast.rollouts import rollout
+from dmpo_fast.run_io import RunDir
+
+
+def evaluate(policy, tokenizer, task, rows, cfg: TrainConfig, reward_fns: list, *, procs: Processes | None = None,
+             batch_size: int = 64, gen_length: int | None = None, progress: bool = False,
+             scorer=None) -> dict:  # fmt: skip
+    """Held-out solve rate and mean reward with the run's sampler at ``eval_temperature``.
+
+    The same rows, seed and decoding before and after training, so the two numbers compare.
+    With several processes each takes every world-th batch and the sums are combined.
+    With ``cfg.eval_tts_k`` > 0 each prompt is decoded by test-time scaling (``eval_tts_k`` candidates,
+    branching every ``eval_tts_window`` model calls, ranked by the MRO step rewards of ``cfg``; ``scorer``
+    is the perplexity model, loaded here when needed and not given).
+    """
+    rank, world = (procs.rank, procs.world) if procs is not None else (0, 1)
+    tts = None
+    if cfg.eval_tts_k:
+        if scorer is None and cfg.effective_ppl_weight:
+            scorer = load_scorer(cfg, tokenizer, policy.head_weight.device)
+        fn = mro.tts_reward_fn(
+            policy, mro_config(cfg), scorer=scorer, window=cfg.eval_tts_window, impl=cfg.impl
+        )
+        tts = dict(k=cfg.eval_tts_k, window=cfg.eval_tts_window, reward_fn=fn)
+    acc, rew, n = 0.0, 0.0, 0
+    starts = list(range(0, len(rows), batch_size))[rank::world]
+    from tqdm.auto import tqdm
+
+    for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+        chunk = rows[s : s + batch_size]
+        _, _, rewards, _, solved = rollout(
+            policy, tokenizer, task, chunk, repeat=1, cfg=cfg, temperature=cfg.eval_temperature,
+            seed=derive_seed(cfg.seed, "eval"), reward_fns=reward_fns, first_row=s, gen_length=gen_length,
+            tts=tts,
+        )  # fmt: skip
+        acc += solved.sum().item()
+        rew += torch.nan_to_num(rewards, nan=0.0).sum().item()
+        n += len(chunk)
+    if procs is not None:
+        acc, rew, n = procs.sum([acc, rew, float(n)])
+    return {"accuracy": acc / max(n, 1), "reward_mean": rew / max(n, 1), "n": int(n)}
+
+
+def resolve_checkpoint(path: str):
+    """A checkpoint directory from a run directory (its newest checkpoint) or a checkpoint directory."""
+    from pathlib import Path
+
+    p = Path(path)
+    if (p / "state.pt").is_file():
+        return p
+    if (p / "checkpoints").is_dir():
+        latest = RunDir(p, resume=True, main=False).latest_checkpoint()
+        if latest is not None:
+            return latest
+    raise ValueError(
+        f"checkpoint {path!r} is neither a run directory with checkpoints nor a checkpoint directory"
+    )
+
+
+def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengths: list[int] | None = None,
+                   n: int | None = None) -> list[dict]:  # fmt: skip
+    """Solve rate and mean reward of cfg.model (or a trainer checkpoint) on cfg.task's held-out rows,
+    one row per generation length, with cfg's sampler and ``eval_temperature`` (and test-time scaling with
+    ``eval_tts_k`` > 0)."""
+    from dmpo_fast.tasks import get_task, resolve_reward
+
+    if checkpoint is not None:
+        ckpt_dir = resolve_checkpoint(checkpoint)
+        state = RunDir.load_checkpoint(ckpt_dir)
+        saved = TrainConfig.from_dict(state["config"])
+        # The model comes from the checkpoint's run; decoding and task options come from cfg.
+        cfg = cfg.replace(model=saved.model, dtype=saved.dtype, lora=saved.lora, lora_r=saved.lora_r,
+                          lora_alpha=saved.lora_alpha, lora_target_modules=saved.lora_target_modules)  # fmt: skip
+    procs = Processes(cfg)
+    policy, tokenizer = load_policy(cfg, procs.device)
+    if checkpoint is not None:
+        policy.load_state_dict(state["model"])
+    policy.eval()
+    task = get_task(cfg.task, **cfg.task_options())
+    reward_fns = [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]
+    rows = task.test(n or cfg.eval_size, seed=cfg.seed)
+    scorer = (
+        load_scorer(cfg, tokenizer, procs.device) if cfg.eval_tts_k and cfg.effective_ppl_weight else None
+    )
+    results = []
+    for g in gen_lengths or [cfg.gen_length]:
+        if g % min(cfg.block_length, g):
+            raise ValueError(f"gen_lengths: {g} is not a multiple of block_length ({cfg.block_length})")
+        t = time.time()
+        ev = evaluate(
+            policy, tokenizer, task, rows, cfg, reward_fns, procs=procs, gen_length=g, progress=cfg.progress,
+            scorer=scorer,
+        )  # fmt: skip
+        ev.update(gen_length=g, sampler=cfg.sampler, tts_k=cfg.eval_tts_k, seconds=round(time.time() - t, 2),
+                  task=cfg.task,
+                  model=cfg.model if checkpoint is None else str(checkpoint))  # fmt: skip
+        results.append(ev)
+    procs.close()
+    return results
