@@ -31,7 +31,7 @@ from typing import Any, Literal
 from dmpo_fast.algorithms.dmpo import DEFAULTS as DMPO_DEFAULTS
 
 # The registry dmpo_fast.algorithms.ALGORITHMS holds exactly these names (tests/test_algorithms.py checks).
-Algorithm = Literal["dmpo", "mro", "diffu_grpo", "rejection_sft"]
+Algorithm = Literal["dmpo", "mro", "diffu_grpo", "rejection_sft", "wd1"]
 LossName = Literal["wdce", "wddo"]
 BaselineName = Literal["none", "group", "individual", "model"]
 SamplerName = Literal["llada", "fast_dllm", "roar"]
@@ -129,6 +129,11 @@ class TrainConfig:
     mro_windows_per_rollout: int = 4
     # --- rejection sampling (algorithm: rejection_sft; MRO's SFT on each group's best rollout) ----
     rs_min_reward: float | None = None  # keep a group's best only when its reward is at least this
+    # --- wd1 (algorithm: wd1; ratio-free weighted likelihood, μ is num_iterations) ---------------------
+    wd1_psi: float = 1.0
+    wd1_negative_weight: float = 1.0
+    wd1_p_mask_prompt: float = 0.15
+    wd1_random_masking: bool = True
 
     # --- optimisation --------------------------------------------------------------------------
     learning_rate: float = 3e-4
@@ -362,8 +367,9 @@ FIELD_DOCS: dict[str, str] = {
     "chat_template": "wrap prompts in the tokenizer's chat template when it has one (instruct models)",
     "reward_funcs": 'extra TRL-style rewards fn(prompts, completions, **columns) by import path "module:function", summed with the task reward',
     "algorithm": (
-        "dmpo, mro (step rewards + SGRO, docs/mro.md), diffu_grpo (d1's clipped GRPO) or rejection_sft "
-        "(masked-diffusion SFT on each group's best rollout, MRO's rejection sampling)"
+        "dmpo, mro (step rewards + SGRO, docs/mro.md), diffu_grpo (d1's clipped GRPO), rejection_sft "
+        "(masked-diffusion SFT on each group's best rollout, MRO's rejection sampling) or wd1 (ratio-free "
+        "weighted likelihood, arXiv 2507.08838)"
     ),
     "loss": "wdce (weighted denoising cross-entropy) or wddo (weighted direct discriminative optimisation)",
     "prompts_per_step": "prompts per rollout buffer, all processes together (a multiple of the process count)",
@@ -430,6 +436,10 @@ FIELD_DOCS: dict[str, str] = {
         "rejection_sft: train on a group's best rollout only when its reward is at least this (e.g. 1.0 for "
         "solved); null: every group's best"
     ),
+    "wd1_psi": "wd1: inverse temperature ψ of the group softmax of ±advantages (the paper's code: 1)",
+    "wd1_negative_weight": "wd1: weight λ of the negative term λ·softmax(−ψA) (the paper's code: 1)",
+    "wd1_p_mask_prompt": "wd1: probability of masking each prompt token in the one-step log-likelihood",
+    "wd1_random_masking": "wd1: a fresh prompt mask for each of the μ steps on a buffer (false: one mask)",
     "learning_rate": "AdamW learning rate",
     "lr_scheduler": "constant, constant_with_warmup, cosine or linear",
     "warmup_steps": "linear warm-up steps",

@@ -152,3 +152,51 @@ def test_trainer_dmpoloss_and_trl_compute_one_loss(dmpo_buffer, monkeypatch):
     for a, b, c in zip(g_trainer, g_module, g_trl, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8)
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------------
+# wd1
+# --------------------------------------------------------------------------------------------------
+
+
+def test_wd1_weights_are_group_softmaxes_of_the_advantages():
+    from dmpo_fast.algorithms.wd1 import wd1_weights
+
+    r = torch.tensor([1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 2.0, float("nan"), 0.0])
+    w_pos, w_neg, adv = wd1_weights(r, 3, psi=2.0)
+    a = torch.tensor([2 / 3, -1 / 3, -1 / 3])
+    torch.testing.assert_close(w_pos[:3], torch.softmax(2.0 * a, 0))
+    torch.testing.assert_close(w_neg[:3], torch.softmax(-2.0 * a, 0))
+    torch.testing.assert_close(w_pos[3:6], w_neg[3:6])  # a tied group: no gradient with λ = 1
+    assert w_pos[7] == 0 and w_neg[7] == 0 and adv[7] == 0  # a failed reward carries nothing
+    torch.testing.assert_close(w_pos[6:].sum(), torch.tensor(1.0))
+
+
+def test_wd1_loss_is_the_weighted_log_likelihood_and_slices_add_up():
+    """L = Σ (λ·w⁻ − w⁺)·log π(o) / groups with d1's one-step log π; two micro-batches give the whole."""
+    from dmpo_fast import grpo
+    from dmpo_fast.algorithms import WD1
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(algorithm="wd1", num_generations=4, prompts_per_step=2, wd1_negative_weight=0.5, impl="chunked")
+    policy = build_tiny(TOK.vocab_size, TOK.mask_id, TOK.eos_id, seed=0, n_layers=1)
+    prompts, am = TOK.batch_encode(["12+3=", "7*2="], pad_left=True)
+    out = generate(policy, prompts[[0, 0, 0, 0, 1, 1, 1, 1]], am[[0, 0, 0, 0, 1, 1, 1, 1]], sampler="llada",
+                   gen_length=8, block_length=8, steps=4, temperature=1.0, seed=1)  # fmt: skip
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0])
+    algo = WD1(cfg)
+    buf = algo.build(policy, out, rewards, reference=None, scorer=None, buffer_index=0, first_row=0)
+    whole = algo.loss(policy, buf, step=1)
+    parts = [algo.loss(policy, buf.slice(0, 4), step=1), algo.loss(policy, buf.slice(4, 8), step=1)]
+    torch.testing.assert_close(parts[0].loss + parts[1].loss, whole.loss)
+
+    P = out.prompt_length
+    logp = grpo.diffu_grpo_logprobs(
+        policy, out.ids, P, attention_mask=out.attention_mask, p_mask_prompt=cfg.wd1_p_mask_prompt,
+        seed=buf["mask_seeds"][1], score_mask=buf["completion_mask"], impl="eager",
+    )  # fmt: skip
+    a = rewards.view(2, 4) - rewards.view(2, 4).mean(1, keepdim=True)
+    coef = (0.5 * torch.softmax(-a, 1) - torch.softmax(a, 1)).reshape(-1)
+    expected = (coef * logp.sum(1)).sum() / 2
+    torch.testing.assert_close(whole.loss, expected, rtol=1e-5, atol=1e-6)
+    assert int(whole.stats["masked_tokens"]) == int(out.completion_mask.sum())

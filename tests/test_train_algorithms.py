@@ -34,11 +34,13 @@ ALGORITHMS = {
     "diffu_grpo": dict(algorithm="diffu_grpo", grpo_beta=0.04),
     "mro": dict(algorithm="mro", mro_window=4, mro_importance="advantage", gradient_accumulation_steps=2),
     "rejection_sft": dict(algorithm="rejection_sft", gradient_accumulation_steps=2),
+    "wd1": dict(algorithm="wd1", gradient_accumulation_steps=2),
 }
 COLUMNS = {
     "diffu_grpo": ("kl", "clip_ratio", "ratio_mean", "advantage_abs_mean"),
     "mro": ("states", "windows", "steps_mean", "tv_reward_mean"),
     "rejection_sft": ("selected",),
+    "wd1": ("advantage_abs_mean", "w_pos_max_mean", "logp_token_mean"),
 }
 VOLATILE = {"seconds", "tokens_per_s"}
 
@@ -191,10 +193,11 @@ def test_rejection_sampling_trains_on_each_groups_best(toy_rollout, min_reward, 
     assert whole.stats["masked_tokens"] > 0
 
 
-def test_two_processes_match_one(tmp_path):
-    """diffu-GRPO on 2 CPU processes (gloo), one prompt group each: the buffers are built apart (with the
-    all-reduced token count) and gathered whole; losses and the updated model equal the one-process run."""
-    args = [f"{k}={v}" for k, v in {**TINY, **ALGORITHMS["diffu_grpo"], "device": "cpu"}.items()]
+@pytest.mark.parametrize("algorithm, keys", [("diffu_grpo", ("kl", "ratio_mean")), ("wd1", ("logp_token_mean",))])
+def test_two_processes_match_one(tmp_path, algorithm, keys):
+    """diffu-GRPO and wd1 on 2 CPU processes (gloo), one prompt group each: the buffers are built apart (with
+    the all-reduced totals) and gathered whole; losses and the updated model equal the one-process run."""
+    args = [f"{k}={v}" for k, v in {**TINY, **ALGORITHMS[algorithm], "device": "cpu"}.items()]
     one = _cli(["train", "--output-dir", str(tmp_path / "one"), *args], timeout=300)
     assert one.returncode == 0, one.stderr
     env = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
@@ -214,7 +217,7 @@ def test_two_processes_match_one(tmp_path):
     a = RunDir(tmp_path / "one", resume=True).read_metrics()
     b = RunDir(tmp_path / "two", resume=True).read_metrics()
     for ra, rb in zip(a, b, strict=True):
-        for k in ("loss", "reward_mean", "accuracy", "kl", "ratio_mean", "masked_tokens"):
+        for k in ("loss", "reward_mean", "accuracy", *keys, "masked_tokens"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
     wa = RunDir.load_checkpoint(tmp_path / "one" / "checkpoints" / "step-000002")["model"]
     wb = RunDir.load_checkpoint(tmp_path / "two" / "checkpoints" / "step-000002")["model"]
