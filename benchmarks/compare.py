@@ -1,6 +1,6 @@
-"""The method comparison: base vs DMPO vs diffu-GRPO vs MRO on the tiny models, equal rollout budget, seeds.
+"""The method comparison: base vs DMPO vs diffu-GRPO vs MRO vs wd1 on the tiny models, equal rollout budget, seeds.
 
-    python -m benchmarks compare                          # 2 tasks x 4 methods x 3 seeds (hours on a CPU)
+    python -m benchmarks compare                          # 2 tasks x 5 methods x 3 seeds (hours on a CPU)
     python -m benchmarks compare --tasks sudoku --methods base,dmpo --seeds 0 --quick    # the plumbing
 
 For every task x method x seed it trains the task's tiny model (``TASKS``) with the method's settings
@@ -13,7 +13,8 @@ at 4, 8, 12 and 24 steps. "base" is the untrained model through the same evaluat
 depend on the seed (``task.test(eval_size, seed)``), so methods are compared seed by seed.
 
 Output: one JSON file of rows per task, ``<out>/compare-<task>-<device>-<date>.json`` (``quick`` instead of
-the device for --quick rows, which measure nothing), PNG plots next to it, and the markdown report
+the device for --quick rows, which measure nothing; the rows of methods the sweep did not run are carried
+over from the task's newest earlier file, so sweeping one method keeps the others'), PNG plots next to it, and the markdown report
 (``write_report``, default ``docs/comparison.md``; --quick writes ``<out>/comparison-quick.md``).
 
 Resumable: each run lives in ``<runs>/<task>/<method>/seed<k>`` (default ``runs/compare``). A run whose
@@ -78,6 +79,10 @@ METHODS: dict[str, dict] = {
         "mro_verification": "final",
         "learning_rate": 3e-5,
     },
+    # wd1 (arXiv 2507.08838): its code's settings (psi = lambda = 1, prompt masking 0.15, a fresh prompt mask
+    # per update) with mu = 2 updates per buffer, so it takes DMPO's optimizer steps; the shared rate 3e-4
+    # (its loss sums token log-probs, so gradients are large: clipping at max_grad_norm 1 bounds each step).
+    "wd1": {"algorithm": "wd1", "num_iterations": 2},
 }
 # The tiny model and task options of each task. Sudoku rewards a solved grid, as the embedded run does.
 TASKS: dict[str, dict] = {
@@ -282,6 +287,15 @@ def _nondefault(cfg: TrainConfig) -> dict:
     return {k: v for k, v in now.items() if v != defaults[k] and k not in VOLATILE}
 
 
+def _other_methods(task: str, methods: list[str], out, device: str) -> list[dict]:
+    """The rows of the methods this sweep did not run, from the newest earlier JSON of the task: sweeping
+    one method replaces its rows and keeps the others' (each row names the commit that measured it)."""
+    earlier = sorted(Path(out).glob(f"compare-{task}-{device}-*.json"))
+    if not earlier:
+        return []
+    return [r for r in json.loads(earlier[-1].read_text()) if r["method"] not in methods]
+
+
 def report_inputs(paths, out, device: str) -> list[Path]:
     """The JSON files of the report, one per task in TASKS order: this sweep's own, and for every task it did
     not run the newest ``compare-<task>-<device>-<date>.json`` already in ``out``, so sweeping one task
@@ -325,7 +339,8 @@ def compare(tasks, methods, seeds, *, out: Path = RESULTS, runs: Path | None = N
     for task in tasks:
         path = Path(out) / f"compare-{task}-{'quick' if quick else device}-{date}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(by_task[task], indent=1) + "\n")
+        kept = [] if quick else _other_methods(task, methods, out, device)
+        path.write_text(json.dumps(kept + by_task[task], indent=1) + "\n")
         pngs = plot_task(path)
         print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in pngs))
         paths.append(path)
