@@ -159,6 +159,7 @@ def _compile_only(arch: int, sink: list):
 def _cases():
     """(name, thunk) pairs; each thunk calls one launcher the way a GPU run would."""
     import torch
+
     from dmpo_fast.kernels import linear_ce as lce
     from dmpo_fast.kernels import linear_ce_config as cfg
     from dmpo_fast.kernels.denoise_step import denoise_rows_triton

@@ -29,11 +29,10 @@ computes 16-bit dots wrongly; on a GPU bf16 operands go to the tensor cores with
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from dmpo_fast.kernels.runtime import interpreting, require
+from dmpo_fast.kernels.runtime import alloc, interpreting, programs_per_wave, require
 from dmpo_fast.ops.denoise_step import STREAM_GUMBEL
 
 triton, tl = require(__name__, "denoise_step(..., impl='chunked')")
@@ -213,17 +212,9 @@ def _denoise_merge_kernel(
 # Launcher
 # --------------------------------------------------------------------------------------------------
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def _programs_target(device: torch.device) -> int:
     """Programs that fill the GPU about four waves deep (8 in the interpreter, to exercise the merge)."""
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 4 * _SM_COUNT[idx]
+    return programs_per_wave(device, 4)
 
 
 def _tiles(n_rows: int, dtype: torch.dtype, has_hidden: bool) -> dict:
@@ -244,16 +235,6 @@ def _tiles(n_rows: int, dtype: torch.dtype, has_hidden: bool) -> dict:
     if dtype == torch.float32:
         return dict(BLOCK_N=min(64, small_n), BLOCK_V=64, BLOCK_K=32, num_warps=8, num_stages=2)
     return dict(BLOCK_N=min(64, small_n), BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3)
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Uninitialised, or NaN/-1-filled in the interpreter and with DMPO_FAST_POISON=1 so that an element a
-    kernel forgets to write shows up."""
-    if interpreting() or os.environ.get("DMPO_FAST_POISON", "0") == "1":
-        return torch.full(
-            shape, -1 if not dtype.is_floating_point else float("nan"), dtype=dtype, device=device
-        )
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def denoise_rows_triton(
@@ -297,11 +278,11 @@ def denoise_rows_triton(
         tiles_per_split = min(tiles_per_split, 2)  # several tiles per program, several splits
     n_splits = triton.cdiv(n_tiles, tiles_per_split)
 
-    m = _alloc((n_splits, N), torch.float32, device)
-    s = _alloc((n_splits, N), torch.float32, device)
-    best = _alloc((n_splits, N), torch.float32, device)
-    col = _alloc((n_splits, N), torch.int64, device)
-    z_best = _alloc((n_splits, N), torch.float32, device)
+    m = alloc((n_splits, N), torch.float32, device)
+    s = alloc((n_splits, N), torch.float32, device)
+    best = alloc((n_splits, N), torch.float32, device)
+    col = alloc((n_splits, N), torch.int64, device)
+    z_best = alloc((n_splits, N), torch.float32, device)
     dot_fp32 = interpreting()
     precision = "ieee" if (dot_fp32 or src.dtype == torch.float32) else "tf32"
     _denoise_partial_kernel[(n_rb, n_splits)](
@@ -325,8 +306,8 @@ def denoise_rows_triton(
         num_warps=tiles["num_warps"],
         num_stages=tiles["num_stages"],
     )  # fmt: skip
-    token = _alloc((N,), torch.int64, device)
-    conf = _alloc((N,), torch.float32, device)
+    token = alloc((N,), torch.int64, device)
+    conf = alloc((N,), torch.float32, device)
     MERGE_BLOCK = 16 if interpreting() else 128
     _denoise_merge_kernel[(triton.cdiv(N, MERGE_BLOCK),)](
         m, s, best, col, z_best, token, conf, N, n_splits, BLOCK=MERGE_BLOCK

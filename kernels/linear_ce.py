@@ -70,8 +70,11 @@ descriptors, no warp specialisation): the first place to look if the measured ti
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from dmpo_fast.kernels.runtime import interpreting
+from torch.autograd.function import once_differentiable
+
 from dmpo_fast.kernels.linear_ce_config import (
     _CONVERT_ROWS,
     _DW_CANDIDATES,
@@ -79,7 +82,6 @@ from dmpo_fast.kernels.linear_ce_config import (
     _STATS_BYTES,
     _TUNED,
     LinearCEOptions,
-    _alloc,
     _autotune_enabled,
     _chunk_rows,
     _dot_flags,
@@ -96,7 +98,7 @@ from dmpo_fast.kernels.linear_ce_kernels import (
     _probs_to_grad_kernel,
     triton,
 )
-from torch.autograd.function import once_differentiable
+from dmpo_fast.kernels.runtime import alloc, interpreting
 
 __all__ = ["LinearCEOptions", "linear_logprob_triton", "weighted_linear_ce_triton"]
 
@@ -115,8 +117,8 @@ def _lse_pass(h, w, y, tiles: _Tiles, e_buf=None):
     n, H = h.shape
     V = w.shape[0]
     n_tiles = triton.cdiv(V, tiles.cols)
-    m = _alloc((n_tiles, n), torch.float32, h.device)
-    s = _alloc((n_tiles, n), torch.float32, h.device)
+    m = alloc((n_tiles, n), torch.float32, h.device)
+    s = alloc((n_tiles, n), torch.float32, h.device)
     zy = torch.full((n,), float("nan"), dtype=torch.float32, device=h.device)  # NaN for a target ∉ [0, V)
     grid = (triton.cdiv(n, tiles.rows) * n_tiles,)
     _lse_kernel[grid](
@@ -214,7 +216,7 @@ def _accumulate_dw(dw, g, h, *, first: bool, deterministic: bool, opts: LinearCE
             dw.zero_()
         _launch_dw(dw, g, h, rows_per_split, splits, 2, tiles)
     else:
-        work = _alloc((splits, V, H), torch.float32, dw.device)  # bounded: only small V·H is split
+        work = alloc((splits, V, H), torch.float32, dw.device)  # bounded: only small V·H is split
         _launch_dw(work, g, h, rows_per_split, splits, 0, tiles)
         if first:
             dw.copy_(work[0])
@@ -228,13 +230,24 @@ def _new_dw(weight, opts: LinearCEOptions, n_rows: int):
     dtype = torch.float32 if opts.dw_accumulate == "fp32" else weight.dtype
     if n_rows == 0:  # no chunk will write it
         return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-    return _alloc(weight.shape, dtype, weight.device)
+    return alloc(weight.shape, dtype, weight.device)
 
 
-def _weighted_ce_forward(
-    hidden, weight, targets, token_weights, need_h, need_w, need_tw, deterministic, opts
-):
+@dataclass(frozen=True)
+class _Call:
+    """The non-tensor arguments of one ``weighted_linear_ce`` call, passed through autograd as one value:
+    which gradients the forward computes (dH, dW, and the per-row CE for d/dw), and how."""
+
+    need_h: bool
+    need_w: bool
+    need_tw: bool
+    deterministic: bool
+    options: LinearCEOptions
+
+
+def _weighted_ce_forward(hidden, weight, targets, token_weights, call: _Call):
     """Loss, per-row CE and (when asked) dH, dW of Σ w_i·CE_i, in three GEMM passes."""
+    need_h, need_w, need_tw, opts = call.need_h, call.need_w, call.need_tw, call.options
     N, H = hidden.shape
     V = weight.shape[0]
     tw = token_weights.to(torch.float32)
@@ -250,7 +263,7 @@ def _weighted_ce_forward(
     n = h.shape[0]
     dh = None
     if need_h:  # dead rows get exact zeros; live rows are written chunk by chunk
-        dh = torch.zeros_like(hidden) if live is not None else _alloc((N, H), hidden.dtype, hidden.device)
+        dh = torch.zeros_like(hidden) if live is not None else alloc((N, H), hidden.dtype, hidden.device)
     dw = _new_dw(weight, opts, n) if need_w else None
     if not (need_h or need_w):
         top, log_s, zy = _lse_all_rows(h, weight, y)
@@ -258,8 +271,8 @@ def _weighted_ce_forward(
     else:
         tiles = _logits_tiles(hidden.dtype, hidden.shape[1])
         step = _chunk_rows(V, hidden.dtype, tiles, opts)
-        buf = _alloc((min(step, n), V), hidden.dtype, hidden.device)  # the bounded [C, V] buffer
-        ce = _alloc((n,), torch.float32, hidden.device)
+        buf = alloc((min(step, n), V), hidden.dtype, hidden.device)  # the bounded [C, V] buffer
+        ce = alloc((n,), torch.float32, hidden.device)
         if _autotune_enabled(h.dtype) and n > 0:  # the pass only writes: safe to time on chunk 0
             h0, y0, e0 = h[:step], y[:step], buf
             key = ("lse_e", h.dtype, H, V, h.device.index)
@@ -276,7 +289,7 @@ def _weighted_ce_forward(
             elif need_h:
                 dh.index_copy_(0, live[s : s + step], torch.mm(gc, weight))
             if need_w:
-                _accumulate_dw(dw, gc, hc, first=s == 0, deterministic=deterministic, opts=opts)  # pass 3
+                _accumulate_dw(dw, gc, hc, first=s == 0, deterministic=call.deterministic, opts=opts)  # pass 3
     loss = (c * ce).sum()
     return loss, ce, dh, dw
 
@@ -308,8 +321,8 @@ class _LinearLogprob(torch.autograd.Function):
         coef = grad_logp.to(torch.float32).neg().contiguous()
         tiles = _logits_tiles(hidden.dtype, hidden.shape[1])
         step = _chunk_rows(V, hidden.dtype, tiles, opts)
-        buf = _alloc((min(step, n), V), hidden.dtype, hidden.device)
-        dh = _alloc(hidden.shape, hidden.dtype, hidden.device) if need_h else None
+        buf = alloc((min(step, n), V), hidden.dtype, hidden.device)
+        dh = alloc(hidden.shape, hidden.dtype, hidden.device) if need_h else None
         dw = _new_dw(weight, opts, n) if need_w else None
         for s in range(0, n, step):
             hc = hidden[s : s + step]
@@ -327,13 +340,11 @@ class _LinearLogprob(torch.autograd.Function):
 
 class _WeightedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, need_h, need_w, need_tw, deterministic, opts):
-        loss, ce, dh, dw = _weighted_ce_forward(
-            hidden, weight, targets, token_weights, need_h, need_w, need_tw, deterministic, opts
-        )
+    def forward(ctx, hidden, weight, targets, token_weights, call: _Call):
+        loss, ce, dh, dw = _weighted_ce_forward(hidden, weight, targets, token_weights, call)
         # Saved on ctx (not save_for_backward): they are made here, not inputs, and the backward
         # scales them in place and drops them, so their memory is returned as early as possible.
-        ctx.grads = (dh, dw, ce if need_tw else None)
+        ctx.grads = (dh, dw, ce if call.need_tw else None)
         ctx.dtypes = (weight.dtype, token_weights.dtype)
         return loss
 
@@ -357,7 +368,7 @@ class _WeightedLinearCE(torch.autograd.Function):
             else:  # fp32 accumulator: scale and round into a new tensor of the weight's dtype
                 dw = torch.mul(dw, g, out=torch.empty(dw.shape, dtype=w_dtype, device=dw.device))
         dtw = (ce * g).to(tw_dtype) if ce is not None else None  # dL/dw_i = CE_i
-        return dh, dw, None, dtw, None, None, None, None, None
+        return dh, dw, None, dtw, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +408,5 @@ def weighted_linear_ce_triton(
     need_h = grad_on and hidden.requires_grad
     need_w = grad_on and weight.requires_grad
     need_tw = grad_on and token_weights.requires_grad
-    return _WeightedLinearCE.apply(
-        hidden, weight, targets, token_weights, need_h, need_w, need_tw, bool(deterministic),
-        options or LinearCEOptions(),
-    )  # fmt: skip
+    call = _Call(need_h, need_w, need_tw, bool(deterministic), options or LinearCEOptions())
+    return _WeightedLinearCE.apply(hidden, weight, targets, token_weights, call)

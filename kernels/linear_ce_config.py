@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from dmpo_fast.kernels.runtime import interpreting
+
 from dmpo_fast.kernels.linear_ce_kernels import triton
+from dmpo_fast.kernels.runtime import interpreting, programs_per_wave
 
 
 @dataclass(frozen=True)
@@ -151,25 +152,9 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     return {"DOT_FP32": dot_fp32, "PRECISION": precision}
 
 
-def _alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An uninitialised buffer; NaN-filled in the interpreter or with DMPO_FAST_POISON=1, so that an
-    element a kernel forgets to write shows up as NaN in the results instead of passing silently."""
-    if interpreting() or os.environ.get("DMPO_FAST_POISON", "0") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
 def _parallel_target(device: torch.device) -> int:
     """Programs that keep the GPU busy: 2 per SM (8 in the interpreter, to exercise the split path)."""
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 2 * _SM_COUNT[idx]
+    return programs_per_wave(device, 2)
 
 
 def _chunk_rows(V: int, dtype: torch.dtype, tiles: _Tiles, opts: LinearCEOptions) -> int:

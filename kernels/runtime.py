@@ -65,3 +65,35 @@ def unavailable_reason(device=None) -> str:
         f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (got device {device}); "
         "use impl='chunked' or impl='eager' on CPU"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch helpers shared by the kernel modules
+# --------------------------------------------------------------------------------------------------
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def programs_per_wave(device, waves: int) -> int:
+    """Programs that fill ``device`` ``waves`` deep: ``waves`` x its SM count on CUDA; 8 elsewhere (the
+    interpreter), so that test shapes still exercise the split and merge paths."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return waves * _SM_COUNT[idx]
+
+
+def alloc(shape, dtype, device):
+    """An uninitialised buffer; in the interpreter and with DMPO_FAST_POISON=1 filled with NaN (floats) or
+    -1 (ints), so that an element a kernel forgets to write shows up instead of passing silently."""
+    import torch
+
+    if interpreting() or os.environ.get("DMPO_FAST_POISON", "0") == "1":
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
