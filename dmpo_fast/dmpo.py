@@ -25,7 +25,20 @@ Where this departs from the reference implementation (and why):
   softmax weights over the local batch, i.e. scales the first term by 1/G relative to the second
   (``ddo_a`` reproduces any ratio);
 - the EOS padding after the answer is in the loss and the ELBO by default, as in the reference
-  (``completion_mask(..., include_eos_padding=True)``); ``False`` keeps only tokens up to the first EOS.
+  (``completion_mask(..., include_eos_padding=True)``); ``False`` keeps only tokens up to the first EOS;
+- the reference's ``loss_mask_non_eos`` indexes with an int mask, which clears whole rows of the loss mask
+  instead of the positions after the first EOS; ``include_eos_padding=False`` here clears only those
+  positions (a bool mask per position);
+- WDDO with ``ddo_indep_set`` false: the reference sums the ELBO over the R replicates; here both gaps use
+  the mean over the R replicates (``_elbo_from_sums``), the same estimator as with independent sets, so
+  ``ddo_beta`` means the same in both modes (the reference's sum scales the gap, and so β, by R);
+- ESS targeting: the reference's ``find_coeff`` runs L-BFGS-B from coeff 0.5, which stalls when the
+  softmax is saturated (a gradient of ~0) and returns a coeff whose ESS misses the target; here a
+  bisection on log coeff (``importance_weights``, 32 halvings in [COEFF_MIN, COEFF_MAX]) reaches the
+  target ESS whenever one exists;
+- a reward function that returns None (or raises) scores the sample 0 in the reference, which then takes
+  part in the group softmax as a wrong answer; here it is NaN and the sample is dropped (weight 0, counted
+  in ``reward_failures``), so a grader's failure never counts as the model's.
 """
 
 from __future__ import annotations
