@@ -213,10 +213,11 @@ def load_policy(cfg: TrainConfig, device: torch.device):
     from dmpo_fast.assets import TINY_MODELS, load_tiny
 
     dtype = getattr(torch, cfg.dtype)
+    quant = dict(load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)  # QLoRA: models.quantization
     if cfg.model in TINY_MODELS:
-        lm, tokenizer = load_tiny(dtype=dtype, device=device, name=TINY_MODELS[cfg.model])
+        lm, tokenizer = load_tiny(dtype=dtype, device=device, name=TINY_MODELS[cfg.model], **quant)
     else:
-        lm = models.load(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+        lm = models.load(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code, **quant)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -1059,7 +1060,8 @@ def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengt
         saved = TrainConfig.from_dict(state["config"])
         # The model comes from the checkpoint's run; decoding and task options come from cfg.
         cfg = cfg.replace(model=saved.model, dtype=saved.dtype, lora=saved.lora, lora_r=saved.lora_r,
-                          lora_alpha=saved.lora_alpha, lora_target_modules=saved.lora_target_modules)  # fmt: skip
+                          lora_alpha=saved.lora_alpha, lora_target_modules=saved.lora_target_modules,
+                          load_in_4bit=saved.load_in_4bit, load_in_8bit=saved.load_in_8bit)  # fmt: skip
     procs = Processes(cfg)
     policy, tokenizer = load_policy(cfg, procs.device)
     if checkpoint is not None:
