@@ -1,0 +1,232 @@
+"""QLoRA: a 4-bit (or 8-bit) base from bitsandbytes, LoRA on top, the fused loss reading a 16-bit head.
+
+bitsandbytes (0.50) runs NF4 and LLM.int8 on CPU, so everything here runs on the CI machine, which installs it
+with the ``dev`` extra; without it the bitsandbytes tests skip and the validation tests still run.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmpo_fast import dmpo
+from dmpo_fast import trainer as train_mod
+from dmpo_fast.assets import TINY_SUDOKU
+from dmpo_fast.config import TrainConfig
+from dmpo_fast.models import LLaDAModelLM, load, tiny_config
+from dmpo_fast.models import quantization as quant
+from dmpo_fast.run_io import RunDir
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (pip install 'dmpo-fast[quant]')")
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+
+SMALL = dict(
+    prompts_per_step=2, num_generations=4, num_iterations=2, eval_size=4, progress=False, save_every=2,
+    num_replicates=2, elbo_replicates=2, impl="chunked", tensorboard=False, plot=False, lora=True,
+    reference="adapter_disabled", lora_target_modules=["q_proj", "v_proj", "attn_out", "ff_proj", "up_proj"],
+)  # fmt: skip
+TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj"]
+
+
+# ---- configuration -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"load_in_4bit": True, "load_in_8bit": True, "lora": True}, "load_in_4bit and load_in_8bit are exclusive"),
+        ({"load_in_4bit": True}, "load_in_4bit=true needs lora=true"),
+        ({"load_in_8bit": True}, "load_in_8bit=true needs lora=true"),
+        ({"load_in_4bit": True, "lora": True, "fsdp": True}, "does not work with fsdp=true"),
+        ({"load_in_4bit": "yes", "lora": True}, "load_in_4bit must be true or false"),
+    ],
+)
+def test_bad_quantization_configs_are_refused_with_the_field_names(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**fields)
+
+
+def test_a_quantized_lora_config_is_accepted_and_overridable():
+    cfg = TrainConfig().with_overrides(["lora=true", "load_in_4bit=true"])
+    assert cfg.load_in_4bit and not cfg.load_in_8bit
+
+
+def test_missing_bitsandbytes_names_the_install_command_before_any_work(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    # The path does not exist: the bitsandbytes error comes first, before any file or hub access.
+    with pytest.raises(ValueError, match=r"load_in_4bit=true needs the bitsandbytes package: pip install 'dmpo-fast\[quant\]'"):
+        load("no/such-model-anywhere", load_in_4bit=True)
+    with pytest.raises(ValueError, match=r"load_in_8bit=true needs the bitsandbytes package"):
+        load("no/such-model-anywhere", load_in_8bit=True)
+    with pytest.raises(ValueError, match="exclusive"):
+        load("no/such-model-anywhere", load_in_4bit=True, load_in_8bit=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [({}, ["model.transformer.ff_out"]), ({"weight_tying": True}, ["model.transformer.wte"])],
+    ids=["separate-head", "tied-head"],
+)
+def test_skip_modules_name_the_output_layer_only(overrides, expected):
+    with torch.device("meta"):
+        model = LLaDAModelLM(tiny_config(40, **overrides))
+    names = quant.skip_modules(model)
+    assert names == expected
+    # transformers matches skip names as prefixes and suffixes: the blocks' own ff_out must stay out of it.
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    assert should_convert_module("model.transformer.blocks.0.ff_out", names)
+    assert not should_convert_module(expected[0], names)
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+@needs_bnb
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_llada_keeps_its_head_in_16_bit(bits):
+    plain = load(str(TINY_SUDOKU), dtype="bfloat16")
+    lm = load(str(TINY_SUDOKU), dtype="bfloat16", **{f"load_in_{bits}bit": True})
+    found = quant.quantized_modules(lm)
+    blocks = lm.config.n_layers
+    assert len(found) == 7 * blocks and set(found.values()) == {f"{bits}bit"}
+    assert "model.model.transformer.ff_out" not in found
+    assert any(name.endswith("blocks.0.ff_out") for name in found)  # the MLP's ff_out is quantized
+    assert lm.head_weight.dtype == torch.bfloat16
+    assert torch.equal(lm.head_weight, plain.head_weight)  # the 16-bit matrix, untouched
+    ids = torch.randint(0, lm.vocab_size - 2, (2, 12))
+    with torch.no_grad():
+        assert torch.isfinite(lm.logits(ids)).all()
+
+
+@needs_bnb
+def test_quantized_hf_model_through_the_adapter(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, mask_token_id=39, eos_token_id=38)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path))
+    lm = load(str(tmp_path), dtype="float32", load_in_4bit=True)
+    found = quant.quantized_modules(lm)
+    assert "model.lm_head" not in found and len(found) == 2 * 7
+    plain = load(str(tmp_path), dtype="float32")
+    assert torch.equal(lm.head_weight, plain.head_weight)
+
+
+# ---- the loss on a 4-bit base -----------------------------------------------------------------------------
+def _with_lora(lm, seed=0):
+    from dmpo_fast.models.peft_support import add_lora
+
+    lm = add_lora(lm, r=4, alpha=8, dropout=0.0, target_modules=TARGETS)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # B = 0 at init: give the adapter a value so its gradient path is exercised
+        for name, p in sorted(lm.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.05)
+    return lm
+
+
+def _loss_and_grads(lm):
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, lm.vocab_size - 2, (4, 30), generator=gen)
+    maskable = torch.zeros_like(ids, dtype=torch.bool)
+    maskable[:, 10:] = True
+    weights = torch.tensor([0.7, -0.2, 0.4, 0.1])
+    noise = dmpo.NoiseConfig(replicates=2)
+    out = dmpo.wdce(lm, ids, maskable, weights, group_size=2, noise=noise, seed=11, impl="chunked")
+    out.loss.backward()
+    grads = {n: p.grad.detach().double() for n, p in lm.named_parameters() if p.requires_grad}
+    return out.loss.detach().double(), grads
+
+
+@needs_bnb
+@needs_peft
+def test_4bit_loss_and_gradients_are_the_dequantized_weights_loss(one_thread):
+    """The 4-bit model computes exactly the loss of its dequantized weights (to float32 rounding, judged by
+    the float32 error of that same model), and differs from the unquantized model by that much, no more."""
+    import bitsandbytes as bnb
+
+    q4 = load(str(TINY_SUDOKU), dtype="float32", load_in_4bit=True).train()
+    dequantized = {}
+    for name, module in q4.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            dequantized[name + ".weight"] = w.double()
+
+    def plain(dtype, weights=None):
+        lm = load(str(TINY_SUDOKU), dtype=dtype).train()
+        if weights is not None:
+            state = lm.state_dict()
+            assert set(weights) <= set(state)
+            lm.load_state_dict({**state, **{k: v.to(dtype) for k, v in weights.items()}})
+        return lm
+
+    original = plain(torch.float64)
+    weight_err = max(
+        (dequantized[k] - original.state_dict()[k]).abs().max().item() for k in dequantized
+    )  # NF4's rounding of the weights themselves
+    assert weight_err > 0
+
+    truth, truth_g = _loss_and_grads(_with_lora(plain(torch.float64, dequantized)))  # dequantized, fp64
+    fp32, fp32_g = _loss_and_grads(_with_lora(plain(torch.float32, dequantized)))  # same weights, fp32
+    q4_loss, q4_g = _loss_and_grads(_with_lora(q4))  # the 4-bit model, fp32 compute
+    full, _ = _loss_and_grads(_with_lora(original))  # the unquantized model, fp64
+
+    eps = torch.finfo(torch.float32).eps
+    fp32_err = (fp32 - truth).abs().item()
+    q4_err = (q4_loss - truth).abs().item()
+    assert q4_err <= 4 * fp32_err + 8 * eps * truth.abs().item(), (q4_err, fp32_err)
+    for name, g in truth_g.items():
+        ref_err = (fp32_g[name] - g).abs().max().item()
+        err = (q4_g[name] - g).abs().max().item()
+        assert err <= 4 * ref_err + 64 * eps * g.abs().max().item(), (name, err, ref_err)
+    # Against the unquantized model: the gap is the quantization's (the dequantized model has the same gap),
+    # and it is far above the compute rounding, so the comparisons above are not vacuous.
+    gap = (q4_loss - full).abs().item()
+    assert gap == pytest.approx((truth - full).abs().item(), abs=4 * fp32_err + 8 * eps * truth.abs().item())
+    assert gap > 100 * (q4_err + eps * truth.abs().item())
+
+
+# ---- the trainer ------------------------------------------------------------------------------------------
+def _metrics(run_dir):
+    rows = RunDir(run_dir, resume=True, main=False).read_metrics()
+    return [{k: v for k, v in r.items() if k not in ("seconds", "tokens_per_s")} for r in rows]
+
+
+@needs_bnb
+@needs_peft
+def test_qlora_run_trains_resumes_and_repeats_itself(tmp_path, one_thread):
+    cfg = TrainConfig(output_dir=str(tmp_path / "a"), load_in_4bit=True, max_steps=4, **SMALL)
+    first = train_mod.train(cfg)
+    again = train_mod.train(cfg.replace(output_dir=str(tmp_path / "b")))
+    assert _metrics(first.output_dir) == _metrics(again.output_dir)  # a QLoRA run is deterministic
+    train_mod.train(cfg.replace(output_dir=str(tmp_path / "c"), max_steps=2))
+    resumed = train_mod.train(cfg.replace(output_dir=str(tmp_path / "c"), resume=True))
+    assert _metrics(resumed.output_dir) == _metrics(first.output_dir)  # resumed == uninterrupted
+    end = [RunDir.load_checkpoint(Path(r.output_dir) / "checkpoints" / "step-000004")["model"] for r in (first, resumed)]
+    lora = [k for k in end[0] if "lora_" in k]
+    assert lora and all(torch.equal(end[0][k], end[1][k]) for k in end[0])
+    assert any(end[0][k].abs().sum() > 0 for k in lora if "lora_B" in k), "the adapter never moved"
+    assert any(k.endswith("q_proj.base_layer.weight.absmax") for k in end[0])  # the base is saved 4-bit
+
+
+@needs_bnb
+@needs_peft
+def test_8bit_lora_run_trains(tmp_path, one_thread):
+    result = train_mod.train(TrainConfig(output_dir=str(tmp_path / "r"), load_in_8bit=True, max_steps=2, **SMALL))
+    state = RunDir.load_checkpoint(Path(result.output_dir) / "checkpoints" / "step-000002")["model"]
+    assert any(state[k].abs().sum() > 0 for k in state if "lora_B" in k)
+    assert any(k.endswith("q_proj.base_layer.weight") and state[k].dtype == torch.int8 for k in state)
+
+
+@needs_bnb
+@needs_peft
+def test_a_checkpoint_of_another_4bit_base_is_refused():
+    cfg = TrainConfig(load_in_4bit=True, **{**SMALL, "output_dir": "unused"})
+    policy, _ = train_mod.load_policy(cfg, torch.device("cpu"))
+    state = policy.state_dict()
+    policy.load_state_dict(state)  # its own state loads back (the quantization state is consumed)
+    key = next(k for k in state if k.endswith("q_proj.base_layer.weight.absmax"))
+    state[key] = state[key] + 1
+    with pytest.raises(ValueError, match="differs from the loaded model's"):
+        policy.load_state_dict(state)
