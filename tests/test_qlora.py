@@ -230,3 +230,144 @@ def test_a_checkpoint_of_another_4bit_base_is_refused():
     state[key] = state[key] + 1
     with pytest.raises(ValueError, match="differs from the loaded model's"):
         policy.load_state_dict(state)
+
+
+# ---- the memory table (dmpo_fast.models.memory, docs/memory.md) ---------------------------------------------
+from dmpo_fast.models import memory  # noqa: E402
+
+SMALL_SHAPES = dict(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=96)
+
+
+def test_memory_doc_is_generated_from_the_module():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "memory.md").read_text()
+    assert memory.markdown() in doc, "docs/memory.md is stale: regenerate it with python -m dmpo_fast.models.memory"
+
+
+def test_llada_8b_parameter_and_adapter_counts():
+    config = memory.llada_8b()
+    with torch.device("meta"):
+        model = LLaDAModelLM(config)
+    counts = memory.parameter_counts(config)
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    assert counts["head"] == counts["embedding"] == 126464 * 4096
+    # r·(in + out) over q, k, v, attn_out (4096 -> 4096) and ff_proj, up_proj (4096 -> 12288), 32 blocks
+    assert memory.adapter_parameters(config, 128) == 32 * 128 * (4 * 8192 + 2 * 16384)
+    full = memory.Step(mode="full")
+    assert memory.weight_bytes(config, "full") == 2 * sum(counts.values())
+    assert memory.trainable_bytes(config, full) == 6 * sum(counts.values())
+    nf4 = memory.weight_bytes(config, "qlora")
+    assert nf4 == pytest.approx(counts["blocks_linear"] * (0.5 + 1 / 64 + 1 / 4096) + 2 * (counts["embedding"] + counts["head"] + counts["other"]))
+
+
+@needs_peft
+def test_adapter_count_is_what_peft_trains():
+    from dmpo_fast.models import build_tiny
+    from dmpo_fast.models.peft_support import add_lora
+
+    shapes = {**SMALL_SHAPES, "n_kv_heads": 2}  # grouped k/v: narrower k_proj and v_proj
+    lm = add_lora(build_tiny(40, 39, 38, **shapes), r=8, alpha=16, dropout=0.0, target_modules=list(TARGETS))
+    trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    assert trained == memory.adapter_parameters(tiny_config(40, **shapes), 8, TARGETS)
+
+
+@needs_bnb
+def test_nf4_weight_bytes_are_what_bitsandbytes_holds(tmp_path):
+    import bitsandbytes as bnb
+
+    from dmpo_fast.models import build_tiny, save_llada
+
+    shapes = dict(d_model=128, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=384)
+    save_llada(build_tiny(64, 63, 62, **shapes).model.to(torch.bfloat16), str(tmp_path))
+    lm = load(str(tmp_path), dtype="bfloat16", load_in_4bit=True)
+    held, layers = 0, 0
+    for module in lm.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            qs = module.weight.quant_state
+            tensors = [module.weight.data, qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+            held += sum(t.numel() * t.element_size() for t in tensors)
+            layers += 1
+        else:
+            held += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    expected = memory.weight_bytes(tiny_config(64, **shapes), "qlora")
+    # The formula leaves out per-layer constants: the NF4 and the scale code books (16 + 256 float32), the
+    # offset, and rounding the scales' blocks up to whole blocks of 256.
+    assert expected <= held <= expected + layers * (4 * (16 + 256) + 4 + 4)
+
+
+def _saved_bytes(lm, ids):
+    """Bytes of the distinct storages autograd saves in ``lm.hidden(ids)``'s forward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in lm.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm.hidden(ids)
+    return sum(seen.values())
+
+
+@needs_peft
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+def test_activation_bytes_are_what_autograd_saves(mode, tmp_path, one_thread):
+    """The per-block derivation of the module docstring, against the tensors autograd really keeps (bf16,
+    SDPA's flash path on CPU as on GPU; lora_dropout 0: CPU dropout keeps a float mask, CUDA a bool one)."""
+    from dmpo_fast.models import build_tiny, save_llada
+    from dmpo_fast.models.peft_support import add_lora
+
+    if mode == "qlora" and not HAS_BNB:
+        pytest.skip("bitsandbytes is not installed")
+    save_llada(build_tiny(64, 63, 62, **SMALL_SHAPES).model.to(torch.bfloat16), str(tmp_path))
+    lm = load(str(tmp_path), dtype="bfloat16", load_in_4bit=mode == "qlora").train()
+    if mode != "full":
+        lm = add_lora(lm, r=8, alpha=16, dropout=0.0, target_modules=list(TARGETS))
+    rows, length, gen = 3, 40, 24
+    ids = torch.randint(0, 60, (rows, length), generator=torch.Generator().manual_seed(0))
+    step = memory.Step(mode=mode, replicates=1, sequences=rows, prompt_length=length - gen, gen_length=gen,
+                       lora_r=8, lora_dropout=0.0, gradient_checkpointing=False)  # fmt: skip
+    assert _saved_bytes(lm, ids) == memory.activation_bytes(tiny_config(64, **SMALL_SHAPES), step)
+
+
+@pytest.mark.gpu
+@needs_peft
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_memory_estimate_matches_cuda_peak(mode, tmp_path):
+    """A scaled-down LLaDA (d_model 1024, 4 blocks, MLP 3072, vocab 32000) on CUDA: weights as loaded, and the
+    peak of one loss forward + backward above them, against the estimate. The estimate leaves out allocator
+    rounding and kernel workspaces, hence the 15% band."""
+    from dmpo_fast.models import build_tiny, save_llada
+    from dmpo_fast.models.peft_support import add_lora
+
+    if mode == "qlora" and not HAS_BNB:
+        pytest.skip("bitsandbytes is not installed")
+    shapes = dict(d_model=1024, n_heads=16, n_kv_heads=16, n_layers=4, mlp_hidden_size=3072, max_sequence_length=1024)
+    V = 32000
+    save_llada(build_tiny(V, V - 1, V - 2, **shapes).model.to(torch.bfloat16), str(tmp_path))
+    config = tiny_config(V, **shapes)
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated()
+    lm = load(str(tmp_path), dtype="bfloat16", device="cuda", load_in_4bit=mode == "qlora").train()
+    weights = torch.cuda.memory_allocated() - start
+    assert weights == pytest.approx(memory.weight_bytes(config, mode), rel=0.02)
+    lm = add_lora(lm, r=16, alpha=32, dropout=0.05, target_modules=list(TARGETS))
+    step = memory.Step(mode=mode, replicates=4, sequences=2, prompt_length=128, gen_length=256, lora_r=16,
+                       gradient_checkpointing=False)  # fmt: skip
+    N, L = step.sequences, step.prompt_length + step.gen_length
+    ids = torch.randint(0, V - 2, (N, L), device="cuda")
+    maskable = torch.zeros_like(ids, dtype=torch.bool)
+    maskable[:, step.prompt_length :] = True
+    weights_w = torch.tensor([0.6, -0.4], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = dmpo.wdce(lm, ids, maskable, weights_w, group_size=2, noise=dmpo.NoiseConfig(replicates=4), seed=0)
+    out.loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    e = memory.estimate(config, step)
+    adapter_grads = 4 * memory.adapter_parameters(config, step.lora_r)
+    expected = e["activations"] + e["loss"] + e["workspace"] + adapter_grads
+    assert 0.85 * expected <= peak <= 1.15 * expected, (peak / 2**20, expected / 2**20)
