@@ -232,6 +232,34 @@ def test_a_checkpoint_of_another_4bit_base_is_refused():
         policy.load_state_dict(state)
 
 
+# ---- the recipes ------------------------------------------------------------------------------------------
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_recipes_state_their_quantization(path):
+    cfg = TrainConfig.from_yaml(path)
+    text = path.read_text()
+    if path.stem.startswith("llada8b"):  # the reference recipe: a 4-bit base, LoRA r=128
+        assert cfg.load_in_4bit and cfg.lora and cfg.lora_r == 128 and not cfg.load_in_8bit
+    else:  # said explicitly, with the reason in a comment
+        assert "load_in_4bit: false" in text and "# bf16 base:" in text
+
+
+@needs_bnb
+@needs_peft
+def test_the_llada_recipe_runs_its_qlora_path_on_the_tiny_model(tmp_path, one_thread):
+    cfg = TrainConfig.from_yaml(next(p for p in CONFIGS if p.stem == "llada8b_sudoku")).replace(
+        model="tiny", dtype="float32", device="cpu", task="sudoku", task_kwargs={}, prompts_per_step=2,
+        num_generations=2, gen_length=24, block_length=8, steps=6, num_iterations=1, lora_r=4,
+        gradient_accumulation_steps=2, max_steps=1, eval_size=2, progress=False, tensorboard=False, plot=False,
+        output_dir=str(tmp_path / "run"), impl="chunked",
+    )  # fmt: skip
+    assert cfg.load_in_4bit and cfg.gradient_checkpointing and cfg.lora_dropout > 0
+    result = train_mod.train(cfg)
+    assert len(result.metrics) == 1 and result.metrics[0]["skipped"] is False
+
+
 # ---- the memory table (dmpo_fast.models.memory, docs/memory.md) ---------------------------------------------
 from dmpo_fast.models import memory  # noqa: E402
 
