@@ -217,7 +217,9 @@ def load_policy(cfg: TrainConfig, device: torch.device):
     if cfg.model in TINY_MODELS:
         lm, tokenizer = load_tiny(dtype=dtype, device=device, name=TINY_MODELS[cfg.model], **quant)
     else:
-        lm = models.load(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code, **quant)
+        lm = models.load(
+            cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code, **quant
+        )
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)

@@ -19,7 +19,9 @@ from dmpo_fast.models import quantization as quant
 from dmpo_fast.run_io import RunDir
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
-needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes is not installed (pip install 'dmpo-fast[quant]')")
+needs_bnb = pytest.mark.skipif(
+    not HAS_BNB, reason="bitsandbytes is not installed (pip install 'dmpo-fast[quant]')"
+)
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 
 SMALL = dict(
@@ -34,7 +36,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj"]
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"load_in_4bit": True, "load_in_8bit": True, "lora": True}, "load_in_4bit and load_in_8bit are exclusive"),
+        (
+            {"load_in_4bit": True, "load_in_8bit": True, "lora": True},
+            "load_in_4bit and load_in_8bit are exclusive",
+        ),
         ({"load_in_4bit": True}, "load_in_4bit=true needs lora=true"),
         ({"load_in_8bit": True}, "load_in_8bit=true needs lora=true"),
         ({"load_in_4bit": True, "lora": True, "fsdp": True}, "does not work with fsdp=true"),
@@ -53,9 +58,14 @@ def test_a_quantized_lora_config_is_accepted_and_overridable():
 
 def test_missing_bitsandbytes_names_the_install_command_before_any_work(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     # The path does not exist: the bitsandbytes error comes first, before any file or hub access.
-    with pytest.raises(ValueError, match=r"load_in_4bit=true needs the bitsandbytes package: pip install 'dmpo-fast\[quant\]'"):
+    with pytest.raises(
+        ValueError,
+        match=r"load_in_4bit=true needs the bitsandbytes package: pip install 'dmpo-fast\[quant\]'",
+    ):
         load("no/such-model-anywhere", load_in_4bit=True)
     with pytest.raises(ValueError, match=r"load_in_8bit=true needs the bitsandbytes package"):
         load("no/such-model-anywhere", load_in_8bit=True)
@@ -103,8 +113,10 @@ def test_quantized_hf_model_through_the_adapter(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, mask_token_id=39, eos_token_id=38)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, mask_token_id=39, eos_token_id=38,
+    )  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(str(tmp_path))
     lm = load(str(tmp_path), dtype="float32", load_in_4bit=True)
     found = quant.quantized_modules(lm)
@@ -120,7 +132,7 @@ def _with_lora(lm, seed=0):
     lm = add_lora(lm, r=4, alpha=8, dropout=0.0, target_modules=TARGETS)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # B = 0 at init: give the adapter a value so its gradient path is exercised
-        for name, p in sorted(lm.named_parameters()):
+        for _, p in sorted(lm.named_parameters()):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.05)
     return lm
@@ -203,17 +215,27 @@ def test_qlora_run_trains_resumes_and_repeats_itself(tmp_path, one_thread):
     train_mod.train(cfg.replace(output_dir=str(tmp_path / "c"), max_steps=2))
     resumed = train_mod.train(cfg.replace(output_dir=str(tmp_path / "c"), resume=True))
     assert _metrics(resumed.output_dir) == _metrics(first.output_dir)  # resumed == uninterrupted
-    end = [RunDir.load_checkpoint(Path(r.output_dir) / "checkpoints" / "step-000004")["model"] for r in (first, resumed)]
+    end = [
+        RunDir.load_checkpoint(Path(r.output_dir) / "checkpoints" / "step-000004")["model"]
+        for r in (first, resumed)
+    ]
     lora = [k for k in end[0] if "lora_" in k]
     assert lora and all(torch.equal(end[0][k], end[1][k]) for k in end[0])
     assert any(end[0][k].abs().sum() > 0 for k in lora if "lora_B" in k), "the adapter never moved"
     assert any(k.endswith("q_proj.base_layer.weight.absmax") for k in end[0])  # the base is saved 4-bit
+    # Evaluating the checkpoint loads the base 4-bit again, as the run did.
+    rows = train_mod.evaluate_model(
+        TrainConfig(progress=False, impl="chunked"), checkpoint=first.output_dir, n=4
+    )
+    assert rows[0]["n"] == 4 and 0.0 <= rows[0]["accuracy"] <= 1.0
 
 
 @needs_bnb
 @needs_peft
 def test_8bit_lora_run_trains(tmp_path, one_thread):
-    result = train_mod.train(TrainConfig(output_dir=str(tmp_path / "r"), load_in_8bit=True, max_steps=2, **SMALL))
+    result = train_mod.train(
+        TrainConfig(output_dir=str(tmp_path / "r"), load_in_8bit=True, max_steps=2, **SMALL)
+    )
     state = RunDir.load_checkpoint(Path(result.output_dir) / "checkpoints" / "step-000002")["model"]
     assert any(state[k].abs().sum() > 0 for k in state if "lora_B" in k)
     assert any(k.endswith("q_proj.base_layer.weight") and state[k].dtype == torch.int8 for k in state)
@@ -252,7 +274,8 @@ def test_the_llada_recipe_runs_its_qlora_path_on_the_tiny_model(tmp_path, one_th
     cfg = TrainConfig.from_yaml(next(p for p in CONFIGS if p.stem == "llada8b_sudoku")).replace(
         model="tiny", dtype="float32", device="cpu", task="sudoku", task_kwargs={}, prompts_per_step=2,
         num_generations=2, gen_length=24, block_length=8, steps=6, num_iterations=1, lora_r=4,
-        gradient_accumulation_steps=2, max_steps=1, eval_size=2, progress=False, tensorboard=False, plot=False,
+        gradient_accumulation_steps=2, max_steps=1, eval_size=2, progress=False, tensorboard=False,
+        plot=False,
         output_dir=str(tmp_path / "run"), impl="chunked",
     )  # fmt: skip
     assert cfg.load_in_4bit and cfg.gradient_checkpointing and cfg.lora_dropout > 0
@@ -260,7 +283,7 @@ def test_the_llada_recipe_runs_its_qlora_path_on_the_tiny_model(tmp_path, one_th
     assert len(result.metrics) == 1 and result.metrics[0]["skipped"] is False
 
 
-# ---- the memory table (dmpo_fast.models.memory, docs/memory.md) ---------------------------------------------
+# ---- the memory table (dmpo_fast.models.memory, docs/memory.md) -------------------------------------------
 from dmpo_fast.models import memory  # noqa: E402
 
 SMALL_SHAPES = dict(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=96)
@@ -268,7 +291,9 @@ SMALL_SHAPES = dict(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_
 
 def test_memory_doc_is_generated_from_the_module():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "memory.md").read_text()
-    assert memory.markdown() in doc, "docs/memory.md is stale: regenerate it with python -m dmpo_fast.models.memory"
+    assert memory.markdown() in doc, (
+        "docs/memory.md is stale: regenerate it with python -m dmpo_fast.models.memory"
+    )
 
 
 def test_llada_8b_parameter_and_adapter_counts():
@@ -284,7 +309,10 @@ def test_llada_8b_parameter_and_adapter_counts():
     assert memory.weight_bytes(config, "full") == 2 * sum(counts.values())
     assert memory.trainable_bytes(config, full) == 6 * sum(counts.values())
     nf4 = memory.weight_bytes(config, "qlora")
-    assert nf4 == pytest.approx(counts["blocks_linear"] * (0.5 + 1 / 64 + 1 / 4096) + 2 * (counts["embedding"] + counts["head"] + counts["other"]))
+    assert nf4 == pytest.approx(
+        counts["blocks_linear"] * (0.5 + 1 / 64 + 1 / 4096)
+        + 2 * (counts["embedding"] + counts["head"] + counts["other"])
+    )
 
 
 @needs_peft
@@ -371,7 +399,9 @@ def test_memory_estimate_matches_cuda_peak(mode, tmp_path):
 
     if mode == "qlora" and not HAS_BNB:
         pytest.skip("bitsandbytes is not installed")
-    shapes = dict(d_model=1024, n_heads=16, n_kv_heads=16, n_layers=4, mlp_hidden_size=3072, max_sequence_length=1024)
+    shapes = dict(
+        d_model=1024, n_heads=16, n_kv_heads=16, n_layers=4, mlp_hidden_size=3072, max_sequence_length=1024
+    )
     V = 32000
     save_llada(build_tiny(V, V - 1, V - 2, **shapes).model.to(torch.bfloat16), str(tmp_path))
     config = tiny_config(V, **shapes)

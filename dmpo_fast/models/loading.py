@@ -164,7 +164,11 @@ def _load_llada_quantized(path, dtype, device, load_in_4bit, load_in_8bit) -> LL
         load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, compute_dtype=dtype, skip=skip_modules(skeleton)
     )
     model = LLaDAModelLM.from_pretrained(
-        path, config=config, quantization_config=quantization, device_map={"": str(device)}, **_dtype_kwargs(dtype)
+        path,
+        config=config,
+        quantization_config=quantization,
+        device_map={"": str(device)},
+        **_dtype_kwargs(dtype),
     )
     return prepare(model).eval()
 
@@ -230,7 +234,9 @@ def _load_hf(path, model_type, dtype, device, trust_remote_code, mask_id, quant)
     errors = []
     for cls in classes:
         try:
-            extra = _hf_quantization(cls, config, dtype, device, trust_remote_code, quant) if quantized else {}
+            extra = (
+                _hf_quantization(cls, config, dtype, device, trust_remote_code, quant) if quantized else {}
+            )
             model = cls.from_pretrained(path, **kwargs, **extra)
         except (ValueError, KeyError, OSError) as err:
             errors.append(f"{cls.__name__}: {err}")

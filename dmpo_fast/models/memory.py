@@ -1,6 +1,7 @@
 """GPU memory of one DMPO training step on a LLaDA-shaped model, computed from its shapes.
 
-``docs/memory.md`` is this module's output (``python -m dmpo_fast.models.memory``; a test checks it is current).
+``docs/memory.md`` is this module's output (``python -m dmpo_fast.models.memory``; a test checks it is
+current).
 Every term is bytes, derived from what the code keeps, not fitted:
 
 weights      bf16: 2 bytes per parameter. NF4 with double quantization (``load_in_4bit``): 4 bits per weight
@@ -141,13 +142,16 @@ def block_activation_bytes(config: LLaDAConfig, step: Step, first: bool = False)
     if step.mode == "full":
         return 2 * (4 * h + 4 + 2 * h) + 2 * 2 * h + attention + 4 * 2 * F
     shapes = linear_shapes(config)
-    adapters = sum(4 * shapes[t][0] + 4 * r + (shapes[t][0] if step.lora_dropout > 0 else 0) for t in step.lora_targets)
+    adapters = sum(
+        4 * shapes[t][0] + 4 * r + (shapes[t][0] if step.lora_dropout > 0 else 0) for t in step.lora_targets
+    )
     norms = (1 if first else 2) * (4 * h + 4)
     return norms + attention + 3 * 2 * F + adapters
 
 
 def activation_bytes(config: LLaDAConfig, step: Step, gradient_checkpointing: bool | None = None) -> float:
-    """Saved activations of the training forward over ``step.rows`` rows (peak, with or without checkpointing)."""
+    """Saved activations of the training forward over ``step.rows`` rows (peak, with or
+    without checkpointing)."""
     gc = step.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     T, L, n, h = step.tokens, step.prompt_length + step.gen_length, config.n_layers, config.d_model
     once = T * (4 * h + 4) + 2 * L * config.head_dim * 4 + ((2 * h + 8) * T if step.mode == "full" else 0)
@@ -177,7 +181,9 @@ def estimate(config: LLaDAConfig, step: Step) -> dict[str, float]:
         "loss": loss_bytes(config, step),
         "loss_unfused": loss_bytes(config, step, fused=False),
         # bitsandbytes dequantizes one weight at a time for its matmul (forward and backward)
-        "workspace": 2 * config.effective_mlp_hidden_size * config.d_model if step.mode in ("qlora", "qlora8") else 0,
+        "workspace": 2 * config.effective_mlp_hidden_size * config.d_model
+        if step.mode in ("qlora", "qlora8")
+        else 0,
     }
     act = out["activations_gc"] if step.gradient_checkpointing else out["activations"]
     out["total"] = out["weights"] + out["trainable"] + act + out["loss"] + out["workspace"]
@@ -185,7 +191,8 @@ def estimate(config: LLaDAConfig, step: Step) -> dict[str, float]:
 
 
 def llada_8b() -> LLaDAConfig:
-    """LLaDA-8B-Instruct's shapes (its config.json): d_model 4096, 32 layers x 32 heads, MLP 12288, vocab 126464."""
+    """LLaDA-8B-Instruct's shapes (its config.json): d_model 4096, 32 layers x 32 heads, MLP 12288,
+    vocabulary 126464."""
     return LLaDAConfig(
         d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288, vocab_size=126464,
         embedding_size=126464, weight_tying=False, max_sequence_length=4096, mask_token_id=126336,
@@ -196,7 +203,7 @@ _LABELS = {"full": "bf16, full", "lora": "bf16 + LoRA r=128", "qlora": "NF4 + Lo
 
 
 def markdown(config: LLaDAConfig | None = None, prompt_length: int = 128) -> str:
-    """The table of docs/memory.md: GiB per term, for each mode x replicates (1, 4) x gen length (256, 512)."""
+    """docs/memory.md's table: GiB per term, for each mode x replicates (1, 4) x gen length (256, 512)."""
     config = config or llada_8b()
     lines = [
         "| model | replicates | gen length | weights | adapter + grads + AdamW | activations | activations, "
@@ -210,7 +217,11 @@ def markdown(config: LLaDAConfig | None = None, prompt_length: int = 128) -> str
                 e = estimate(config, step)
                 cells = [e[k] / GIB for k in ("weights", "trainable", "activations", "activations_gc", "loss",
                                               "loss_unfused", "total")]  # fmt: skip
-                lines.append(f"| {_LABELS[mode]} | {replicates} | {gen} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+                lines.append(
+                    f"| {_LABELS[mode]} | {replicates} | {gen} | "
+                    + " | ".join(f"{c:.2f}" for c in cells)
+                    + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -225,7 +236,8 @@ def recipe_markdown(config: LLaDAConfig | None = None, prompt_length: int = 128)
     ]
     for mode in ("full", "lora", "qlora"):
         cells = [
-            estimate(config, Step(mode=mode, sequences=n, prompt_length=prompt_length))["total"] / GIB for n, _ in micro
+            estimate(config, Step(mode=mode, sequences=n, prompt_length=prompt_length))["total"] / GIB
+            for n, _ in micro
         ]
         lines.append(f"| {_LABELS[mode]} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,12 +1,12 @@
 """A quantized base model for QLoRA: 4-bit NF4 or 8-bit weights (bitsandbytes), LoRA on top.
 
 The DMPO reference recipe for LLaDA-8B-Instruct (and d1's) loads the base in 4-bit NF4 with double
-quantization and trains a LoRA adapter over it, as QLoRA does; the frozen 8B base then costs about 4.5 GB
-instead of 16 GB (``docs/memory.md``). Quantization happens at load time through transformers'
-``BitsAndBytesConfig`` (``from_pretrained(quantization_config=...)``): each ``nn.Linear`` of the network becomes a
-``bitsandbytes`` ``Linear4bit`` / ``Linear8bitLt`` whose weight is quantized as it reaches the device, and PEFT
-wraps those layers with its bitsandbytes LoRA layers. ``load(..., load_in_4bit=True)`` does this for the
-built-in LLaDA (a ``PreTrainedModel``) and for Dream / other models through the adapter.
+quantization and trains a LoRA adapter over it, as QLoRA does; the 8B base then takes 5.3 GiB instead of
+14.9 (``docs/memory.md``). Quantization happens at load time through transformers' ``BitsAndBytesConfig``
+(``from_pretrained(quantization_config=...)``): each ``nn.Linear`` of the network becomes a bitsandbytes
+``Linear4bit`` / ``Linear8bitLt`` whose weight is quantized as it reaches the device, and PEFT wraps those
+layers with its bitsandbytes LoRA layers. ``load(..., load_in_4bit=True)`` does this for the built-in LLaDA
+(a ``PreTrainedModel``) and for Dream / other models through the adapter.
 
     4-bit: NF4, double quantization (the block scales quantized again), compute in the model's dtype
            (bfloat16 in the recipes); about 0.516 bytes per weight;
@@ -16,10 +16,10 @@ What stays in 16-bit (never quantized):
 
 - the output layer: its full name goes into ``llm_int8_skip_modules`` (``skip_modules``), so
   ``DiffusionLM.head_weight`` is the stored ``[V, H]`` matrix, and the fused losses (``wdce_loss``,
-  ``linear_logprob``) and ``denoise_step`` read it exactly as for an unquantized model; ``check_head`` refuses a
-  model whose head was quantized anyway. In LLaDA the head is ``model.transformer.ff_out`` while every block
-  has an ``ff_out`` too (its MLP down projection, which is quantized): the full name tells them apart, a bare
-  ``ff_out`` would match both (transformers matches skip names as suffixes);
+  ``linear_logprob``) and ``denoise_step`` read it exactly as for an unquantized model; ``check_head``
+  refuses a model whose head was quantized anyway. In LLaDA the head is ``model.transformer.ff_out`` while
+  every block has an ``ff_out`` too (its MLP down projection, which is quantized): the full name tells them
+  apart, a bare ``ff_out`` would match both (transformers matches skip names as suffixes);
 - the input embedding (``nn.Embedding``: bitsandbytes quantizes linear layers only) and the norms.
 
 Departures from PEFT's QLoRA recipe: ``peft.prepare_model_for_kbit_training`` is not called. Its work here is
@@ -29,11 +29,12 @@ checkpointing, which transformers' ``gradient_checkpointing_enable`` does (non-r
 (2 × 126464 × 4096) into 4.1 GB of float32 instead of 2.1 GB, and gives the fused loss a head in another dtype
 than the hidden states it multiplies; the 16-bit LoRA path keeps them in 16-bit, and so does this one.
 
-Checkpoints: the trainer saves the whole model's ``state_dict``, in which bitsandbytes stores each 4-bit weight
-as packed bytes plus its quantization state (``weight.absmax``, ``weight.quant_map``, ...). PyTorch cannot load
-those extra keys back into a model that was quantized at load time; ``load`` registers a hook on each 4-bit
-layer (``_check_quant_state``) that checks the saved state equals the layer's own (same base checkpoint, same
-settings) and then consumes it, so resuming a QLoRA run is ``load_state_dict`` as for any other run.
+Checkpoints: the trainer saves the whole model's ``state_dict``, in which bitsandbytes stores each 4-bit
+weight as packed bytes plus its quantization state (``weight.absmax``, ``weight.quant_map``, ...). PyTorch
+cannot load those extra keys back into a model that was quantized at load time; ``load`` registers a hook on
+each 4-bit layer (``_check_quant_state``) that checks the saved state equals the layer's own (same base
+checkpoint, same settings) and then consumes it, so resuming a QLoRA run is ``load_state_dict`` as for any
+other run.
 """
 
 from __future__ import annotations
@@ -79,12 +80,11 @@ def skip_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def bnb_config(
-    *, load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype | None, skip: list[str]
-):
+def bnb_config(*, load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype | None, skip: list[str]):
     """transformers' ``BitsAndBytesConfig``: NF4 + double quantization, or LLM.int8; ``skip`` stays 16-bit.
 
-    compute_dtype: the dtype the 4-bit matmuls run in (the model's dtype; None: float32, bitsandbytes' default).
+    compute_dtype: the dtype the 4-bit matmuls run in (the model's dtype; None: float32,
+    bitsandbytes' default).
     """
     check_flags(load_in_4bit, load_in_8bit)
     if not (load_in_4bit or load_in_8bit):
@@ -120,7 +120,7 @@ def quantized_modules(model: nn.Module) -> dict[str, str]:
 
 
 def check_head(model: nn.Module) -> None:
-    """``ValueError`` if the output layer of ``model`` was quantized (the fused losses read it as a matrix)."""
+    """``ValueError`` if the output layer of ``model`` was quantized (the fused losses read a matrix)."""
     names = skip_modules(model)
     quantized = quantized_modules(model)
     bad = [n for n in names if n in quantized]
@@ -132,7 +132,8 @@ def check_head(model: nn.Module) -> None:
 
 
 def prepare(model: nn.Module) -> nn.Module:
-    """After a quantized load: check the head is 16-bit, make 4-bit checkpoints reloadable; returns ``model``."""
+    """After a quantized load: check the head is 16-bit, make 4-bit checkpoints reloadable;
+    returns ``model``."""
     check_head(model)
     import bitsandbytes as bnb  # noqa: PLC0415
 
