@@ -150,6 +150,8 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "attn_out"])
+    load_in_4bit: bool = False  # QLoRA: the base in 4-bit NF4 (bitsandbytes), LoRA on top (needs lora)
+    load_in_8bit: bool = False  # the base in 8-bit LLM.int8 (bitsandbytes), LoRA on top (needs lora)
     gradient_checkpointing: bool = False
     fsdp: bool = False  # shard over the processes with FSDP2 (also on with accelerate's FSDP configs)
     fsdp_reshard_after_forward: bool = True  # ZeRO-3 (True) or ZeRO-2 (False) with fsdp
@@ -211,10 +213,28 @@ class TrainConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        self._check_quantization()
         from dmpo_fast.algorithms import ALGORITHMS
 
         for algorithm in ALGORITHMS.values():  # each checks its own fields, and its needs when chosen
             algorithm.validate(self)
+
+    def _check_quantization(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are exclusive: set at most one of them to true")
+        flag = "load_in_4bit" if self.load_in_4bit else "load_in_8bit" if self.load_in_8bit else None
+        if flag is None:
+            return
+        if not self.lora:
+            raise ValueError(
+                f"{flag}=true needs lora=true: a quantized base is frozen and cannot be trained in full "
+                f"(set lora=true to train an adapter on it, or {flag}=false)"
+            )
+        if self.fsdp:
+            raise ValueError(
+                f"{flag}=true does not work with fsdp=true: FSDP cannot shard bitsandbytes' quantized weights "
+                "(a 4-bit 8B base fits one GPU; use data parallelism, configs/accelerate/ddp.yaml)"
+            )
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -454,6 +474,14 @@ FIELD_DOCS: dict[str, str] = {
     "lora_alpha": "LoRA scaling numerator",
     "lora_dropout": "LoRA dropout (not allowed on the output head: the fused loss reads the head as one matrix)",
     "lora_target_modules": "module names that get adapters",
+    "load_in_4bit": (
+        "QLoRA: load the base in 4-bit NF4 with double quantization, computing in `dtype` (bitsandbytes, pip "
+        "install 'dmpo-fast[quant]'); the output head stays 16-bit; needs lora=true (docs/memory.md)"
+    ),
+    "load_in_8bit": (
+        "load the base in 8-bit LLM.int8 (bitsandbytes); the output head stays 16-bit; needs lora=true; exclusive "
+        "with load_in_4bit"
+    ),
     "gradient_checkpointing": "recompute each block in backward (less memory, ~30% more compute)",
     "fsdp": (
         "shard parameters, gradients and AdamW state over the processes (PyTorch FSDP2; on by itself under "

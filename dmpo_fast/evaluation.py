@@ -85,7 +85,8 @@ def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengt
         saved = TrainConfig.from_dict(state["config"])
         # The model comes from the checkpoint's run; decoding and task options come from cfg.
         cfg = cfg.replace(model=saved.model, dtype=saved.dtype, lora=saved.lora, lora_r=saved.lora_r,
-                          lora_alpha=saved.lora_alpha, lora_target_modules=saved.lora_target_modules)  # fmt: skip
+                          lora_alpha=saved.lora_alpha, lora_target_modules=saved.lora_target_modules,
+                          load_in_4bit=saved.load_in_4bit, load_in_8bit=saved.load_in_8bit)  # fmt: skip
     procs = Processes(cfg)
     policy, tokenizer = load_policy(cfg, procs.device)
     if checkpoint is not None:

@@ -19,10 +19,13 @@ def load_policy(cfg: TrainConfig, device: torch.device):
     from dmpo_fast.assets import TINY_MODELS, load_tiny
 
     dtype = getattr(torch, cfg.dtype)
+    quant = dict(load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)  # QLoRA: models.quantization
     if cfg.model in TINY_MODELS:
-        lm, tokenizer = load_tiny(dtype=dtype, device=device, name=TINY_MODELS[cfg.model])
+        lm, tokenizer = load_tiny(dtype=dtype, device=device, name=TINY_MODELS[cfg.model], **quant)
     else:
-        lm = models.load(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+        lm = models.load(
+            cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code, **quant
+        )
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)

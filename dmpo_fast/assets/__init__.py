@@ -43,8 +43,17 @@ def build_command(name: str) -> str:
     return f"python scripts/pretrain_tiny.py --task {TINY_ASSETS[name]}"
 
 
-def load_tiny(dtype: torch.dtype | str | None = torch.float32, device=None, *, name: str = "tiny_sudoku"):
+def load_tiny(
+    dtype: torch.dtype | str | None = torch.float32,
+    device=None,
+    *,
+    name: str = "tiny_sudoku",
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+):
     """``(DiffusionLM, CharTokenizer)`` of the built-in tiny model ``name``, in train mode.
+
+    ``load_in_4bit`` / ``load_in_8bit`` quantize it as ``dmpo_fast.models.load`` does (QLoRA tests on CPU).
 
     A model that is not there (``tiny_countdown`` until it is built) raises ``FileNotFoundError`` naming
     the command that builds it."""
@@ -57,7 +66,8 @@ def load_tiny(dtype: torch.dtype | str | None = torch.float32, device=None, *, n
             f"the tiny model {name!r} is not in this installation ({path}); build it from the repository "
             f"root with `{build_command(name)}` (about ten minutes on two CPU cores)"
         )
-    lm = load(str(path), dtype=dtype, device=device).train()
+    lm = load(str(path), dtype=dtype, device=device, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit)
+    lm = lm.train()
     return lm, CharTokenizer.load(str(path))
 
 

@@ -9,6 +9,9 @@
 
 A ``name_or_path`` that is not a local directory is taken as a hub id (``owner/name``) and downloaded — only
 then, only when a user asks for it. Every model comes back in eval mode, like ``from_pretrained``.
+
+``load_in_4bit`` / ``load_in_8bit`` quantize the base as it loads (bitsandbytes through transformers'
+``from_pretrained``, the output layer kept in 16-bit): see :mod:`.quantization`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .configuration_llada import LLaDAConfig
 from .hf_adapter import DreamAdapter, HFAdapter
 from .llada import LLaDAModelLM
 from .llada_lm import LLaDADiffusionLM
+from .quantization import bnb_config, check_flags, prepare, skip_modules
 
 _DTYPES = {
     "float32": torch.float32,
@@ -83,13 +87,19 @@ def load(
     trust_remote_code: bool = False,
     mask_id: int | None = None,
     revision: str | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
 ) -> DiffusionLM:
     """Load a checkpoint directory or hub id as a :class:`DiffusionLM` (eval mode).
 
     dtype: None (as stored), a torch.dtype or "float32"/"bfloat16"/"float16". device: where the weights go.
     trust_remote_code: required for models whose code lives in the checkpoint (Dream); never needed for LLaDA.
     mask_id: the [MASK] token id for models whose config does not name one (``mask_token_id``).
+    load_in_4bit / load_in_8bit: quantize the linear layers (NF4 with double quantization / LLM.int8), all but
+    the output layer; the 4-bit matmuls compute in ``dtype``. Needs bitsandbytes (``pip install
+    'dmpo-fast[quant]'``); a quantized model trains through a LoRA adapter only.
     """
+    check_flags(load_in_4bit, load_in_8bit)  # before any download
     dtype = _resolve_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     path = _resolve_dir(name_or_path, revision)
@@ -98,13 +108,26 @@ def load(
         raise ValueError(f"name_or_path {path!r} has no config.json")
     with open(config_file) as f:
         model_type = json.load(f).get("model_type")
+    quant = {"load_in_4bit": load_in_4bit, "load_in_8bit": load_in_8bit}
     if model_type == "llada":
-        return LLaDADiffusionLM(load_llada(path, dtype=dtype, device=device)).eval()
-    return _load_hf(path, model_type, dtype, device, trust_remote_code, mask_id)
+        return LLaDADiffusionLM(load_llada(path, dtype=dtype, device=device, **quant)).eval()
+    return _load_hf(path, model_type, dtype, device, trust_remote_code, mask_id, quant)
 
 
-def load_llada(path: str, *, dtype: torch.dtype | None = None, device=None) -> LLaDAModelLM:
-    """The ``LLaDAModelLM`` in directory ``path``, built on the meta device and filled from safetensors."""
+def load_llada(
+    path: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device=None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+) -> LLaDAModelLM:
+    """The ``LLaDAModelLM`` in directory ``path``, built on the meta device and filled from safetensors.
+
+    Quantized (``load_in_4bit`` / ``load_in_8bit``): through transformers' ``from_pretrained`` with a
+    ``BitsAndBytesConfig``, which quantizes each weight on its way to ``device``."""
+    if load_in_4bit or load_in_8bit:
+        return _load_llada_quantized(path, dtype, device, load_in_4bit, load_in_8bit)
     config = LLaDAConfig.from_pretrained(path)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
@@ -130,6 +153,24 @@ def load_llada(path: str, *, dtype: torch.dtype | None = None, device=None) -> L
         )
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def _load_llada_quantized(path, dtype, device, load_in_4bit, load_in_8bit) -> LLaDAModelLM:
+    config = LLaDAConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = LLaDAModelLM(config)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    quantization = bnb_config(
+        load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, compute_dtype=dtype, skip=skip_modules(skeleton)
+    )
+    model = LLaDAModelLM.from_pretrained(
+        path,
+        config=config,
+        quantization_config=quantization,
+        device_map={"": str(device)},
+        **_dtype_kwargs(dtype),
+    )
+    return prepare(model).eval()
 
 
 def save_llada(model: LLaDAModelLM, path: str) -> None:
@@ -168,7 +209,7 @@ def wrap(model: torch.nn.Module, *, mask_id: int | None = None, eos_id: int | No
     return cls(model, mask_id=int(mask_id), eos_id=None if eos_id is None else int(eos_id))
 
 
-def _load_hf(path, model_type, dtype, device, trust_remote_code, mask_id) -> DiffusionLM:
+def _load_hf(path, model_type, dtype, device, trust_remote_code, mask_id, quant) -> DiffusionLM:
     import transformers  # noqa: PLC0415
 
     if str(model_type).lower() == "dream" and not trust_remote_code:
@@ -188,25 +229,47 @@ def _load_hf(path, model_type, dtype, device, trust_remote_code, mask_id) -> Dif
         classes = [transformers.AutoModelForMaskedLM]
     else:
         classes = [transformers.AutoModelForCausalLM]
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        # transformers renamed torch_dtype to dtype in 4.56.
-        major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
-        kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = dtype
+    kwargs = {"trust_remote_code": trust_remote_code, **_dtype_kwargs(dtype)}
+    quantized = quant["load_in_4bit"] or quant["load_in_8bit"]
     errors = []
     for cls in classes:
         try:
-            model = cls.from_pretrained(path, **kwargs)
+            extra = (
+                _hf_quantization(cls, config, dtype, device, trust_remote_code, quant) if quantized else {}
+            )
+            model = cls.from_pretrained(path, **kwargs, **extra)
         except (ValueError, KeyError, OSError) as err:
             errors.append(f"{cls.__name__}: {err}")
             continue
         if model.get_output_embeddings() is not None:
-            return wrap(model.to(device), mask_id=mask_id).eval()
+            # A quantized model is already on its device (bitsandbytes layers refuse dtype casts).
+            model = prepare(model) if quantized else model.to(device)
+            return wrap(model, mask_id=mask_id).eval()
         errors.append(f"{cls.__name__}: no output embeddings")
     raise ValueError(
         f"name_or_path {path!r} (model_type {model_type!r}) loads as no LM with an output head: "
         + "; ".join(errors)
     )
+
+
+def _dtype_kwargs(dtype: torch.dtype | None) -> dict:
+    import transformers  # noqa: PLC0415
+
+    if dtype is None:
+        return {}
+    # transformers renamed torch_dtype to dtype in 4.56.
+    major_minor = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype" if major_minor >= (4, 56) else "torch_dtype": dtype}
+
+
+def _hf_quantization(cls, config, dtype, device, trust_remote_code, quant) -> dict:
+    """``from_pretrained`` keyword arguments that quantize all but the output layer of ``cls``'s model."""
+    with torch.device("meta"):  # the module tree only, to name the output layer
+        skeleton = cls.from_config(config, trust_remote_code=trust_remote_code)
+    if skeleton.get_output_embeddings() is None:
+        raise ValueError("no output embeddings")
+    quantization = bnb_config(**quant, compute_dtype=dtype, skip=skip_modules(skeleton))
+    return {"quantization_config": quantization, "device_map": {"": str(device)}}
 
 
 def tiny_config(vocab_size: int, **overrides) -> LLaDAConfig:
