@@ -373,3 +373,38 @@ def test_the_package_level_entry_point_the_readme_gives(tmp_path):
     assert isinstance(result, dmpo_fast.TrainResult) and result.steps == 2
     with pytest.raises(AttributeError, match="no attribute 'trian'"):
         dmpo_fast.trian  # noqa: B018
+
+
+def test_eval_of_a_checkpoint_uses_the_runs_config_and_reproduces_its_summary(tmp_path):
+    """`dmpo-fast eval --checkpoint RUN` evaluates as the run did (task options, seed, sampler, lengths,
+    eval_size from the run's saved config); only what the command line states changes."""
+    cfg = _cfg(tmp_path, max_steps=2, seed=1, eval_size=6, block_length=8, steps=6, tensorboard=False, plot=False)
+    result = train_mod.train(cfg)
+    js = tmp_path / "eval.json"
+    out = _cli(["eval", "--checkpoint", result.output_dir, "--json", str(js), "progress=false"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(js.read_text())[0]
+    after = json.loads((Path(result.output_dir) / "summary.json").read_text())["eval_after"]
+    assert {k: row[k] for k in after} == after
+    assert row["gen_length"] == 24 and row["n"] == 6
+    # A stated change wins over the run's config.
+    out = _cli(["eval", "--checkpoint", result.output_dir, "--json", str(js), "-n", "4", "progress=false"],
+               timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(js.read_text())[0]["n"] == 4
+
+
+def test_resume_from_the_command_line_reads_the_runs_config(tmp_path):
+    """`dmpo-fast train --output-dir RUN --resume max_steps=4` continues a run made with other settings
+    without repeating them; a change outside the resumable fields is still refused."""
+    run = tmp_path / "run"
+    args = [*SMALL_ARGS, "max_steps=2", "seed=3", "alpha=0.1", "tensorboard=false", "plot=false"]
+    first = _cli(["train", "--output-dir", str(run), *args], timeout=300)
+    assert first.returncode == 0, first.stderr
+    resumed = _cli(["train", "--output-dir", str(run), "--resume", "max_steps=4"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step-000002" in resumed.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["config"]["seed"] == 3 and summary["config"]["alpha"] == 0.1
+    refused = _cli(["train", "--output-dir", str(run), "--resume", "max_steps=6", "alpha=0.5"], timeout=120)
+    assert refused.returncode == 2 and "alpha" in refused.stderr
