@@ -408,3 +408,46 @@ def test_resume_from_the_command_line_reads_the_runs_config(tmp_path):
     assert summary["steps"] == 4 and summary["config"]["seed"] == 3 and summary["config"]["alpha"] == 0.1
     refused = _cli(["train", "--output-dir", str(run), "--resume", "max_steps=6", "alpha=0.5"], timeout=120)
     assert refused.returncode == 2 and "alpha" in refused.stderr
+
+
+def _strict_lines(path):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name} in {path.name}")
+
+    return [json.loads(ln, parse_constant=refuse) for ln in path.read_text().splitlines()]
+
+
+def test_trackers_evaluations_completions_and_the_logged_learning_rate(tmp_path, capsys):
+    """TensorBoard gets train/* every step and eval/reward_mean before, during and after; the logged lr is the
+    rate the step used (warm-up: half the rate at step 1); evaluations print during training; completions
+    tables land in completions.jsonl; metrics and evals are strict JSON."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, max_steps=4, eval_every=2, log_completions_every=2, warmup_steps=2, plot=False)
+    train_mod.train(cfg)
+    run = Path(cfg.output_dir)
+    rows = _strict_lines(run / "metrics.jsonl")
+    _strict_lines(run / "evals.jsonl")
+    assert [r["lr"] for r in rows] == pytest.approx([cfg.learning_rate / 2, *[cfg.learning_rate] * 3])
+    assert "eval at step 2: solve rate" in capsys.readouterr().out
+    events = EventAccumulator(str(run / "tb")).Reload()
+    assert [e.step for e in events.Scalars("eval/reward_mean")] == [0, 2, 4]
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3, 4]
+    table = _strict_lines(run / "completions.jsonl")
+    assert {r["step"] for r in table} == {2, 4} and all({"prompt", "completion", "reward"} <= set(r) for r in table)
+
+
+def test_report_to_none_and_bad_names(tmp_path):
+    with pytest.raises(ValueError, match="report_to"):
+        _cfg(tmp_path, report_to=["tensorboard", "nope"])
+    cfg = _cfg(tmp_path, max_steps=2, report_to="none", plot=False)
+    train_mod.train(cfg)
+    assert not (Path(cfg.output_dir) / "tb").exists()
+
+
+def test_metrics_are_strict_json_without_nan(tmp_path):
+    run = RunDir(tmp_path / "r", resume=False)
+    run.log({"step": 1, "reward_mean": float("nan"), "loss": float("inf"), "ok": 1.5})
+    run.log_eval(1, {"accuracy": float("nan")})
+    assert _strict_lines(run.metrics_path) == [{"step": 1, "reward_mean": None, "loss": None, "ok": 1.5}]
+    assert _strict_lines(run.evals_path) == [{"step": 1, "accuracy": None}]
