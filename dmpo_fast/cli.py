@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -119,10 +120,14 @@ def _train(args) -> int:
         except ValueError:
             base = None  # a run without a config yet starts from the defaults (and warns it found no checkpoint)
     cfg = _config(args, base=base, output_dir=args.output_dir, resume=True if args.resume else None)
-    print(
-        f"dmpo-fast train: {cfg.algorithm} on {cfg.task} with model {cfg.model!r}; output in {cfg.output_dir}"
-    )
+    main = int(os.environ.get("RANK", "0")) == 0  # one line per run, not per process
+    if main:
+        print(
+            f"dmpo-fast train: {cfg.algorithm} on {cfg.task} with model {cfg.model!r}; output in {cfg.output_dir}"
+        )
     result = train(cfg)
+    if not result.main:
+        return 0
     before, after = result.eval_before, result.eval_after
     print(
         f"held-out solve rate {before['accuracy']:.3f} -> {after['accuracy']:.3f} "

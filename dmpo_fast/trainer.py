@@ -50,6 +50,7 @@ class TrainResult:
     eval_after: dict
     wall_seconds: float
     metrics: list
+    main: bool = True  # False in the other processes of a multi-process run
 
 
 def make_buffer(algo: Algorithm, policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns, rows,
@@ -307,4 +308,4 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
         if cfg.plot:
             run.plot(eval_before, eval_after)
     procs.close()
-    return TrainResult(str(run.path), cfg.max_steps, eval_before, eval_after, wall, run.read_metrics())
+    return TrainResult(str(run.path), cfg.max_steps, eval_before, eval_after, wall, run.read_metrics(), procs.main)

@@ -451,3 +451,23 @@ def test_metrics_are_strict_json_without_nan(tmp_path):
     run.log_eval(1, {"accuracy": float("nan")})
     assert _strict_lines(run.metrics_path) == [{"step": 1, "reward_mean": None, "loss": None, "ok": 1.5}]
     assert _strict_lines(run.evals_path) == [{"step": 1, "accuracy": None}]
+
+
+def test_accelerate_launch_on_cpu_with_the_defaults_forms_one_run(tmp_path):
+    """`accelerate launch` of 2 processes on a CPU-only machine with device=auto (the default): one process
+    group over gloo, each process on its own prompt groups, one metrics line per step, one summary line."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only default; on a GPU machine device=auto means the GPUs")
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    port = str(29500 + (os.getpid() + 700) % 1000)
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "configs/accelerate/ddp.yaml"),
+         "--num_processes", "2", "--main_process_port", port, "-m", "dmpo_fast", "train", "--output-dir", str(run),
+         *SMALL_ARGS, "max_steps=2", "tensorboard=false", "plot=false"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["processes"] == 2
+    assert [r["step"] for r in _strict_lines(run / "metrics.jsonl")] == [1, 2]
+    assert proc.stdout.count("held-out solve rate") == 1
