@@ -18,7 +18,12 @@ from dmpo_fast.kernels import runtime as kernels
 from dmpo_fast.ops import _native
 from dmpo_fast.ops._common import resolve_impl
 from dmpo_fast.ops.denoise_step import denoise_step
-from dmpo_fast.ops.linear_ce import linear_logprob, linear_logprob_ref, weighted_linear_ce, weighted_linear_ce_ref
+from dmpo_fast.ops.linear_ce import (
+    linear_logprob,
+    linear_logprob_ref,
+    weighted_linear_ce,
+    weighted_linear_ce_ref,
+)
 
 needs_triton = pytest.mark.skipif(not kernels.available(), reason="Triton kernels cannot run here")
 

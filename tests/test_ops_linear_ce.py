@@ -236,7 +236,6 @@ def test_chunked_peak_memory_is_bounded_as_rows_grow():
     assert peaks["eager", 4096] >= 6 * peaks["eager", 512]
 
 
-
 def test_cpu_chunks_are_sized_for_the_cpu_and_count_the_hidden_rows():
     assert chunk_rows(32000, device="cpu") == CPU_CHUNK_ELEMENTS // 32000 < chunk_rows(32000) // 4
     assert chunk_rows(32000, device="cuda") == CHUNK_ELEMENTS // 32000
@@ -254,7 +253,9 @@ def test_chunked_backward_copies_no_gradient_at_unit_upstream_gradient():
     chunk = 8 * V  # 7 rows of logits: 229 KB against dW's 1 MB
 
     def step():
-        dmpo_fast.weighted_linear_ce(hidden, weight, targets, w, impl="chunked", chunk_elements=chunk).backward()
+        dmpo_fast.weighted_linear_ce(
+            hidden, weight, targets, w, impl="chunked", chunk_elements=chunk
+        ).backward()
 
     _, peak = peak_memory(step)
     dw_bytes = V * H * 4
@@ -282,11 +283,16 @@ def test_wdce_chunked_holds_no_gathered_copy_of_the_masked_rows(monkeypatch):
     rw = torch.randn(R)
     for impl in ("chunked", "eager"):
         hidden.grad = head.grad = None
-        _, peak = peak_memory(lambda: dmpo_fast.wdce_loss(hidden, head, targets, mask, rw, impl=impl).backward())
+        _, peak = peak_memory(
+            lambda impl=impl: dmpo_fast.wdce_loss(hidden, head, targets, mask, rw, impl=impl).backward()
+        )
         if impl == "chunked":
             want = hidden.grad.clone(), head.grad.clone()
             grad_bytes = (R * L * H + V * H) * 4
-            assert peak <= grad_bytes + 2 * linear_ce.CPU_CHUNK_ELEMENTS * 4 + 4 * R * L * 8, (peak, grad_bytes)
+            assert peak <= grad_bytes + 2 * linear_ce.CPU_CHUNK_ELEMENTS * 4 + 4 * R * L * 8, (
+                peak,
+                grad_bytes,
+            )
     torch.testing.assert_close(want[0], hidden.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(want[1], head.grad, rtol=1e-5, atol=1e-6)
     targets[1, 10] = V

@@ -31,10 +31,9 @@ Gradients, with p_i = softmax(h_i · Wᵀ) and e_y the one-hot of the target:
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
+from dmpo_fast.ops._autocast import _autocast_off, autocast_dtype, autocast_operands  # noqa: F401 (re-exported)
 from dmpo_fast.ops._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -82,42 +81,6 @@ def _scaled(grad: torch.Tensor, *buffers):
     if bool(grad == 1):
         return buffers
     return tuple(None if b is None else b * grad for b in buffers)
-
-
-def autocast_operands(hidden: torch.Tensor, weight: torch.Tensor):
-    """``(hidden, weight, context)`` for a projection under ``torch.autocast``.
-
-    Inside an autocast region ``F.linear`` would multiply in the autocast dtype; the fused ops do the same:
-    fp32 / fp16 / bf16 operands are cast to that dtype (fp64 is left alone, as autocast leaves it), and the op
-    then runs inside ``context``, which switches autocast off so the op's own fp32 accumulation and custom
-    backward see the dtypes they were given. Outside autocast: the operands unchanged and a no-op context.
-    The casts are differentiable, so fp32 master weights still receive fp32 gradients.
-    """
-    if not isinstance(weight, torch.Tensor):
-        return hidden, weight, contextlib.nullcontext()  # the caller's checks name the bad argument
-    dt = autocast_dtype(hidden)
-    if dt is None:
-        return hidden, weight, contextlib.nullcontext()
-    castable = (torch.float32, torch.float16, torch.bfloat16)
-    hidden = hidden.to(dt) if hidden.dtype in castable else hidden
-    weight = weight.to(dt) if weight.dtype in castable else weight
-    return hidden, weight, _autocast_off(hidden.device.type)
-
-
-def autocast_dtype(t) -> torch.dtype | None:
-    """The dtype autocast computes in on ``t``'s device, or None when autocast is off there."""
-    if not isinstance(t, torch.Tensor):
-        return None
-    device_type = t.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _autocast_off(device_type: str):
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +192,9 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
 
 class _ChunkedWeightedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, rows, chunk, need_h, need_w, need_tw, native=False):
+    def forward(
+        ctx, hidden, weight, targets, token_weights, rows, chunk, need_h, need_w, need_tw, native=False
+    ):
         dt = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
         w = weight.to(dt)
@@ -285,7 +250,9 @@ class _ChunkedWeightedLinearCE(torch.autograd.Function):
         return dh, dw, None, dtw, None, None, None, None, None, None
 
 
-def linear_logprob_chunked(hidden, weight, targets, *, chunk_elements: int | None = None, native: bool = False):
+def linear_logprob_chunked(
+    hidden, weight, targets, *, chunk_elements: int | None = None, native: bool = False
+):
     """The chunked path; with ``native`` the per-row work of each chunk runs in the C++ ops ``logprob_rows``
     (forward) and ``logprob_grad_rows_`` (backward). Same chunks, so the same peak memory."""
     V, H = weight.shape

@@ -101,11 +101,13 @@ def wdce_loss(
     if rows.numel() == 0:
         impl = "chunked"  # nothing to project: the chunked path returns an exact 0 with zero grads
     if impl in ("chunked", "native") and not token_weights.requires_grad and autocast_dtype(hidden) is None:
-        # The chunked paths take the live rows as an index and gather them chunk by chunk, writing dH straight
-        # into its [R*L, H] buffer, which becomes hidden's gradient: no gathered copy of the masked rows nor of
-        # their gradient (two [N, H] fp32 buffers, 14 MB of the 49 MB this loss took at the default run's
-        # shape). The targets of the other positions are never read, so only the live ones are checked.
-        return _wdce_chunked(hidden.reshape(R * L, H), head_weight, targets.reshape(-1), token_weights, rows, impl)
+        # The chunked paths take the live rows as an index and gather them chunk by chunk, writing dH
+        # straight into its [R*L, H] buffer, which becomes hidden's gradient: no gathered copy of the masked
+        # rows nor of their gradient (two [N, H] fp32 buffers, 14 MB of the 49 MB this loss took at the
+        # default run's shape). The targets of the other positions are never read: only the live ones are
+        # checked.
+        flat = hidden.reshape(R * L, H)
+        return _wdce_chunked(flat, head_weight, targets.reshape(-1), token_weights, rows, impl)
     # Under autocast weighted_linear_ce casts the gathered rows only, never the whole [R, L, H].
     return weighted_linear_ce(
         hidden.reshape(R * L, H).index_select(0, rows),
