@@ -8,6 +8,7 @@ from dmpo_fast.ops import linear_ce
 from dmpo_fast.ops.linear_ce import (
     CHUNK_ELEMENTS,
     CPU_CHUNK_ELEMENTS,
+    CPU_MIN_CHUNK_ROWS,
     chunk_rows,
     linear_logprob_ref,
     weighted_linear_ce_ref,
@@ -237,11 +238,13 @@ def test_chunked_peak_memory_is_bounded_as_rows_grow():
 
 
 def test_cpu_chunks_are_sized_for_the_cpu_and_count_the_hidden_rows():
-    assert chunk_rows(32000, device="cpu") == CPU_CHUNK_ELEMENTS // 32000 < chunk_rows(32000) // 4
+    # A large vocabulary: CPU_MIN_CHUNK_ROWS rows (each chunk's update of dW must be worth its traffic), far
+    # fewer than the GPU budget's 524.
+    assert chunk_rows(32000, device="cpu") == CPU_MIN_CHUNK_ROWS < chunk_rows(32000) // 4
     assert chunk_rows(32000, device="cuda") == CHUNK_ELEMENTS // 32000
-    # At the default run's head (V = 55, H = 128) the gathered rows and their gradient outweigh the logits.
+    # The default run's head (V = 55, H = 128): the gathered rows and their gradient outweigh the logits.
     assert chunk_rows(55, device="cpu", hidden=128) == CPU_CHUNK_ELEMENTS // (55 + 2 * 128)
-    assert chunk_rows(10, 7, hidden=100) == 1  # always at least one row
+    assert chunk_rows(10, 7, hidden=100) == 1  # an explicit budget is exact, and always at least one row
 
 
 def test_chunked_backward_copies_no_gradient_at_unit_upstream_gradient():
@@ -273,6 +276,7 @@ def test_wdce_chunked_holds_no_gathered_copy_of_the_masked_rows(monkeypatch):
     on top of hidden.grad and dW only a chunk's worth, where gathering first held [N, H] rows, their [N, H]
     gradient and a scaled copy of it (V small, as in the default run: the [N, H] buffers are the big ones)."""
     monkeypatch.setattr(linear_ce, "CPU_CHUNK_ELEMENTS", 1 << 13)  # 46 rows of 50 + 2·64 values
+    monkeypatch.setattr(linear_ce, "CPU_MIN_CHUNK_ROWS", 1)
     R, L, H, V = 8, 64, 64, 50
     hidden = torch.randn(R, L, H, requires_grad=True)
     head = torch.randn(V, H, requires_grad=True)

@@ -11,8 +11,9 @@ Backends (``impl=``):
   lets autograd differentiate. The test oracle and the benchmark baseline.
 - ``chunked``: memory-lean torch. Rows are processed in chunks of ``chunk_rows(V, ...)`` so at most a
   chunk of logits is alive in the forward *and* the backward: ``CHUNK_ELEMENTS`` fp32 values (64 MiB) on a
-  GPU, ``CPU_CHUNK_ELEMENTS`` (8 MiB) on the CPU, where a chunk is sized for the caches rather than for
-  the GEMM's occupancy (see the constant). ``weighted_linear_ce`` computes its gradients during the
+  GPU; on the CPU, where dW is the big buffer, 128 rows (enough that each chunk's update of dW costs little)
+  or 8 MiB when that is more rows (see ``CPU_MIN_CHUNK_ROWS``). Each chunk's row work is in place: one
+  [c, V] buffer holds the logits, then exp(z − m), then the gradient of the logits. ``weighted_linear_ce`` computes its gradients during the
   forward (3 GEMM passes: logits, dH, dW) because the token weights are known up front; the backward only
   scales them by the upstream gradient (or, when that is 1, hands the saved buffers over without a copy).
   ``linear_logprob`` cannot do that (its per-row coefficient arrives in the backward), so it saves the
@@ -45,11 +46,14 @@ from dmpo_fast.ops._common import (
 
 # Largest chunk the chunked path holds on a GPU: 2**24 fp32 values = 64 MiB.
 CHUNK_ELEMENTS = 1 << 24
-# On the CPU: 2**21 fp32 values = 8 MiB. A chunk's memory comes on top of dW, which the CPU path must hold
-# anyway, and at 2**24 a chunk held every masked row of the CPU benchmark (420 rows x 32000 = 54 MB of
-# logits, and as much again for the gradient of the logits). The curve on the 2-core CPU (docs/benchmarks.md,
-# "chunk size"): below 2**20 each chunk's rank-c update of dW (read and write all of it, 33 MB at
-# V = 32000, H = 256) dominates, above 2**21 the time no longer falls while the memory keeps rising.
+# On the CPU a chunk is sized by its rows, not by a share of a GPU's memory. Each chunk adds its rank-c
+# update to all of dW (dW += Gᵀ·H_c reads and writes V·H fp32 values: 66 MB at V = 32000, H = 256), so the
+# update costs 8·V·H bytes of memory traffic against 6·c·V·H FLOPs of GEMM per chunk: at the 2-core host's
+# ~150 GFLOP/s and ~10 GB/s that is about 20/c of the GEMM time, and c = 128 rows keeps it near 15%.
+# Measured (docs/benchmarks.md, "chunk size"): 64 rows ran 1.5x slower than 128, 128 within 20% of one chunk
+# of all 420 rows, at a sixth of its chunk memory. CPU_CHUNK_ELEMENTS caps a chunk's fp32 values (8 MiB) when
+# the vocabulary is small, where the rows are cheap: 6743 rows of the default run's 55-token head.
+CPU_MIN_CHUNK_ROWS = 128
 CPU_CHUNK_ELEMENTS = 1 << 21
 
 
@@ -57,11 +61,23 @@ def chunk_rows(vocab: int, chunk_elements: int | None = None, *, device=None, hi
     """Rows per chunk so that a chunk's fp32 values stay within ``chunk_elements``: its [rows, vocab] logits
     and, with ``hidden``, its gathered [rows, hidden] rows and their [rows, hidden] gradient (which outweigh
     the logits when the vocabulary is small: 55 tokens against a hidden size of 128 in the default run).
-    The default budget is ``CPU_CHUNK_ELEMENTS`` for a CPU ``device``, else ``CHUNK_ELEMENTS``."""
-    if chunk_elements is None:
-        cpu = device is not None and torch.device(device).type == "cpu"
-        chunk_elements = CPU_CHUNK_ELEMENTS if cpu else CHUNK_ELEMENTS
-    return max(1, chunk_elements // max(1, vocab + 2 * hidden))
+    Default on a CPU ``device``: ``CPU_CHUNK_ELEMENTS`` but at least ``CPU_MIN_CHUNK_ROWS`` rows; elsewhere
+    ``CHUNK_ELEMENTS``."""
+    per_row = max(1, vocab + 2 * hidden)
+    if chunk_elements is not None:
+        return max(1, chunk_elements // per_row)
+    if device is not None and torch.device(device).type == "cpu":
+        return max(CPU_MIN_CHUNK_ROWS, CPU_CHUNK_ELEMENTS // per_row)
+    return max(1, CHUNK_ELEMENTS // per_row)
+
+
+def _lse_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lse, E, Σ)`` of a [c, V] chunk: lse_i = m_i + log Σ_i, Σ_i = Σ_v exp(z_iv − m_i), with ``logits``
+    overwritten by E = exp(z − m). In place: ``torch.logsumexp`` allocates a second [c, V] buffer for z − m."""
+    m = logits.amax(dim=1, keepdim=True)
+    E = logits.sub_(m).exp_()
+    total = E.sum(dim=1)
+    return m.squeeze(1) + total.log(), E, total
 
 
 def _subtract_one_hot_(G: torch.Tensor, targets: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -151,8 +167,9 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
             if native:  # max, Σexp and the gather in one C++ sweep per row (csrc/linear_ce.cpp)
                 logp[s : s + chunk], lse[s : s + chunk] = torch.ops.dmpo_fast.logprob_rows(logits, y)
             else:
-                lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
-                logp[s : s + chunk] = logits.gather(1, y[:, None]).squeeze(1) - lse[s : s + chunk]
+                z_y = logits.gather(1, y[:, None]).squeeze(1)
+                lse[s : s + chunk] = _lse_(logits)[0]
+                logp[s : s + chunk] = z_y - lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.native = chunk, native
         return logp
@@ -222,13 +239,14 @@ class _ChunkedWeightedLinearCE(torch.autograd.Function):
                 )
                 G = logits
             else:
-                lse = torch.logsumexp(logits, dim=-1)
-                ce[idx] = lse - logits.gather(1, y).squeeze(1)
+                z_y = logits.gather(1, y).squeeze(1)
+                lse, E, total = _lse_(logits)  # E = exp(z − m) over the logits buffer
+                ce[idx] = lse - z_y
                 if need_h or need_w:
-                    # d(w_i · CE_i)/d logits_i = w_i · (p_i − e_y): reuse the logits buffer in place.
-                    G = logits.sub_(lse[:, None]).exp_()
-                    _subtract_one_hot_(G, y[:, 0], torch.ones_like(lse))
-                    G.mul_(tw.index_select(0, idx)[:, None])
+                    # d(w_i · CE_i)/d logits_i = w_i · (p_i − e_y), p_i = E_i / Σ_v E_iv: still in place.
+                    tw_c = tw.index_select(0, idx)
+                    G = E.mul_((tw_c / total)[:, None])
+                    _subtract_one_hot_(G, y[:, 0], tw_c)
             if need_h:
                 dh.index_copy_(0, idx, G @ w)
             if need_w:
