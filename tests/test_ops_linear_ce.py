@@ -8,7 +8,6 @@ from dmpo_fast.ops import linear_ce
 from dmpo_fast.ops.linear_ce import (
     CHUNK_ELEMENTS,
     CPU_CHUNK_ELEMENTS,
-    CPU_MIN_CHUNK_ROWS,
     chunk_rows,
     linear_logprob_ref,
     weighted_linear_ce_ref,
@@ -238,9 +237,8 @@ def test_chunked_peak_memory_is_bounded_as_rows_grow():
 
 
 def test_cpu_chunks_are_sized_for_the_cpu_and_count_the_hidden_rows():
-    # A large vocabulary: CPU_MIN_CHUNK_ROWS rows (each chunk's update of dW must be worth its traffic), far
-    # fewer than the GPU budget's 524.
-    assert chunk_rows(32000, device="cpu") == CPU_MIN_CHUNK_ROWS < chunk_rows(32000) // 4
+    # A large vocabulary: H rows, a chunk of logits as large as dW; the GPU budget holds 2**24 values.
+    assert chunk_rows(32000, device="cpu", hidden=256) == 256 < chunk_rows(32000, hidden=256) // 2
     assert chunk_rows(32000, device="cuda") == CHUNK_ELEMENTS // 32000
     # The default run's head (V = 55, H = 128): the gathered rows and their gradient outweigh the logits.
     assert chunk_rows(55, device="cpu", hidden=128) == CPU_CHUNK_ELEMENTS // (55 + 2 * 128)
@@ -276,7 +274,7 @@ def test_wdce_chunked_holds_no_gathered_copy_of_the_masked_rows(monkeypatch):
     on top of hidden.grad and dW only a chunk's worth, where gathering first held [N, H] rows, their [N, H]
     gradient and a scaled copy of it (V small, as in the default run: the [N, H] buffers are the big ones)."""
     monkeypatch.setattr(linear_ce, "CPU_CHUNK_ELEMENTS", 1 << 13)  # 46 rows of 50 + 2·64 values
-    monkeypatch.setattr(linear_ce, "CPU_MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(linear_ce, "CPU_MIN_CHUNK_ROWS", 1)  # no floor of H rows
     R, L, H, V = 8, 64, 64, 50
     hidden = torch.randn(R, L, H, requires_grad=True)
     head = torch.randn(V, H, requires_grad=True)

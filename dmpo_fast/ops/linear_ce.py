@@ -11,8 +11,8 @@ Backends (``impl=``):
   lets autograd differentiate. The test oracle and the benchmark baseline.
 - ``chunked``: memory-lean torch. Rows are processed in chunks of ``chunk_rows(V, ...)`` so at most a
   chunk of logits is alive in the forward *and* the backward: ``CHUNK_ELEMENTS`` fp32 values (64 MiB) on a
-  GPU; on the CPU, where dW is the big buffer, 128 rows (enough that each chunk's update of dW costs little)
-  or 8 MiB when that is more rows (see ``CPU_MIN_CHUNK_ROWS``). Each chunk's row work is in place: one
+  GPU; on the CPU, where dW is the big buffer, H rows (a chunk of logits no larger than dW; fewer rows
+  would update dW more often) or 8 MiB when that is more rows (see ``CPU_CHUNK_ELEMENTS``). Each chunk's row work is in place: one
   [c, V] buffer holds the logits, then exp(z − m), then the gradient of the logits. ``weighted_linear_ce`` computes its gradients during the
   forward (3 GEMM passes: logits, dH, dW) because the token weights are known up front; the backward only
   scales them by the upstream gradient (or, when that is 1, hands the saved buffers over without a copy).
@@ -46,28 +46,30 @@ from dmpo_fast.ops._common import (
 
 # Largest chunk the chunked path holds on a GPU: 2**24 fp32 values = 64 MiB.
 CHUNK_ELEMENTS = 1 << 24
-# On the CPU a chunk is sized by its rows, not by a share of a GPU's memory. Each chunk adds its rank-c
-# update to all of dW (dW += Gᵀ·H_c reads and writes V·H fp32 values: 66 MB at V = 32000, H = 256), so the
-# update costs 8·V·H bytes of memory traffic against 6·c·V·H FLOPs of GEMM per chunk: at the 2-core host's
-# ~150 GFLOP/s and ~10 GB/s that is about 20/c of the GEMM time, and c = 128 rows keeps it near 15%.
-# Measured (docs/benchmarks.md, "chunk size"): 64 rows ran 1.5x slower than 128, 128 within 20% of one chunk
-# of all 420 rows, at a sixth of its chunk memory. CPU_CHUNK_ELEMENTS caps a chunk's fp32 values (8 MiB) when
-# the vocabulary is small, where the rows are cheap: 6743 rows of the default run's 55-token head.
-CPU_MIN_CHUNK_ROWS = 128
+# On the CPU a chunk is sized against dW, the one [V, H] buffer the CPU path must hold anyway: H rows, so
+# that a chunk's logits are never larger than dW (33 MB at V = 32000, H = 256; the reference holds several
+# [N, V] buffers). Fewer rows cost time, not much memory: each chunk adds its rank-c update to all of dW
+# (dW += Gᵀ·H_c reads and writes 8·V·H bytes against 6·c·V·H FLOPs of GEMM), so the dW traffic is
+# ∝ 1/c. Measured on the 2-core CPU at V = 32000, H = 256, 420 masked rows (docs/benchmarks.md, "chunk
+# size"): 64 rows ran 1.6x and 129 rows 1.3x the time of 258 rows, all at 0.15-0.19x the reference's
+# extra peak RSS. CPU_CHUNK_ELEMENTS (8 MiB of fp32 values) allows more rows when they are cheap (a small
+# vocabulary: 6743 rows of the default run's 55-token head). CPU_MIN_CHUNK_ROWS None means "H rows".
 CPU_CHUNK_ELEMENTS = 1 << 21
+CPU_MIN_CHUNK_ROWS: int | None = None
 
 
 def chunk_rows(vocab: int, chunk_elements: int | None = None, *, device=None, hidden: int = 0) -> int:
     """Rows per chunk so that a chunk's fp32 values stay within ``chunk_elements``: its [rows, vocab] logits
     and, with ``hidden``, its gathered [rows, hidden] rows and their [rows, hidden] gradient (which outweigh
     the logits when the vocabulary is small: 55 tokens against a hidden size of 128 in the default run).
-    Default on a CPU ``device``: ``CPU_CHUNK_ELEMENTS`` but at least ``CPU_MIN_CHUNK_ROWS`` rows; elsewhere
-    ``CHUNK_ELEMENTS``."""
+    Default on a CPU ``device``: ``CPU_CHUNK_ELEMENTS`` but at least ``hidden`` rows (a chunk of logits as
+    large as dW, see the constants); elsewhere ``CHUNK_ELEMENTS``."""
     per_row = max(1, vocab + 2 * hidden)
     if chunk_elements is not None:
         return max(1, chunk_elements // per_row)
     if device is not None and torch.device(device).type == "cpu":
-        return max(CPU_MIN_CHUNK_ROWS, CPU_CHUNK_ELEMENTS // per_row)
+        floor = hidden if CPU_MIN_CHUNK_ROWS is None else CPU_MIN_CHUNK_ROWS
+        return max(1, floor, CPU_CHUNK_ELEMENTS // per_row)
     return max(1, CHUNK_ELEMENTS // per_row)
 
 
