@@ -309,6 +309,16 @@ def peak_rss_extra(setup: str, *args, threads: int | None = None, timeout: float
     return None if value is None else int(value)
 
 
+def touch_setup(mib: int):
+    """A ``peak_rss_extra`` setup whose step allocates and writes ``mib`` MiB, then frees them: the check
+    of the measurement itself (benchmarks/test_bench_cpu.py)."""
+
+    def step():
+        torch.ones(mib << 18)  # mib MiB of fp32, every page written
+
+    return (lambda: None), step
+
+
 def _peak_rss_child() -> None:
     import gc
     import importlib

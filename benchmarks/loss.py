@@ -1,8 +1,8 @@
 """Benchmark: ``wdce_loss`` forward+backward against the reference path, its own backends and the peers.
 
 Shapes (``--shape``), 55% of completion tokens masked:
-  cuda         (the default on CUDA, LLaDA-8B training) 8 sequences × 4 replicates, prompt 200 + completion 256
-               tokens, hidden 4096, vocabulary 126464, bf16
+  cuda         (the default on CUDA, LLaDA-8B training) 8 sequences × 4 replicates, prompt 200 +
+               completion 256 tokens, hidden 4096, vocabulary 126464, bf16
   cpu          (the default on CPU) 2 sequences × 4 replicates, prompt 64 + completion 96, hidden 256,
                vocabulary 32000, fp32: a small model's head with an LLM's vocabulary
   default-run  the loss of the default ``dmpo-fast train`` run: the tiny model (hidden 128, vocabulary 55),
@@ -358,7 +358,8 @@ def run(args) -> list[dict]:
         rows.append(row)
         t0 = time.perf_counter()
         try:
-            fn, note, unit_weights = provider(name, device, build_native=not args.quick, op=op)
+            op_kw = {} if op == "wdce_loss" else {"op": op}  # provider()'s signature as before for wdce_loss
+            fn, note, unit_weights = provider(name, device, build_native=not args.quick, **op_kw)
             ins = (*inputs[:4], _unit_row_weights(mask)) if unit_weights else inputs
             got = run_once(fn, ins)
         except Unavailable as why:
@@ -409,7 +410,8 @@ def run(args) -> list[dict]:
     ref = measured.get("reference", {})
     for row in measured.values():
         row["speedup_vs_reference"] = ref["median_ms"] / row["median_ms"] if ref else None
-        for key, ratio in (("peak_extra_bytes", "memory_vs_reference"), ("peak_rss_extra_bytes", "rss_vs_reference")):
+        ratios = (("peak_extra_bytes", "memory_vs_reference"), ("peak_rss_extra_bytes", "rss_vs_reference"))
+        for key, ratio in ratios:
             if row.get(key) is not None and ref.get(key):
                 row[ratio] = row[key] / ref[key]
     return rows
@@ -458,6 +460,40 @@ def chunk_curve(args) -> list[dict]:
     return rows
 
 
+def plot_chunk_curve(rows: list[dict], path) -> bool:
+    """Time and extra peak RSS against rows per chunk (one line per provider, the reference as a level);
+    False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ref = next(r for r in rows if r["provider"] == "reference")
+    for name in ("chunked", "native"):
+        pts = [(r["chunk_rows"], r["median_ms"], r["peak_rss_extra_bytes"] / 2**20) for r in rows
+               if r["provider"] == name]  # fmt: skip
+        if pts:
+            x, t, m = zip(*pts, strict=True)
+            ax_t.plot(x, t, "o-", label=name)
+            ax_m.plot(x, m, "o-", label=name)
+    ax_t.axhline(ref["median_ms"], color="gray", ls="--", label="reference")
+    ax_m.axhline(ref["peak_rss_extra_bytes"] / 2**20, color="gray", ls="--", label="reference")
+    for ax, label in ((ax_t, "ms (median)"), (ax_m, "extra peak RSS, MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rows per chunk")
+        ax.set_ylabel(label)
+        ax.legend()
+    shape = rows[0]["shape"]
+    fig.suptitle(f"{rows[0]['op']} fwd+bwd on CPU, V={shape['V']}, H={shape['H']}, {shape['n_masked']} rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def _provider_list(text: str) -> list[str]:
     import argparse
 
@@ -489,10 +525,14 @@ def main(argv=None):
         if args.device != "cpu":
             raise SystemExit("--chunk-curve measures the CPU chunk budget: use --device cpu")
         rows = chunk_curve(args)
-        columns = ["provider", "chunk_elements", "chunk_rows", "median_ms", "p20_ms", "p80_ms", "speedup_vs_reference",
-                   "peak_extra_bytes", "peak_rss_extra_bytes", "rss_vs_reference"]  # fmt: skip
+        if not args.quick and args.out:
+            plot_chunk_curve(rows, str(args.out).removesuffix(".json") + ".png")
+        columns = ["provider", "chunk_elements", "chunk_rows", "median_ms", "p20_ms", "p80_ms",
+                   "speedup_vs_reference", "peak_extra_bytes", "peak_rss_extra_bytes",
+                   "rss_vs_reference"]  # fmt: skip
         return finish(rows, "loss-chunks", args, columns)
     rows = run(args)
     columns = ["provider", "median_ms", "p20_ms", "p80_ms", "tflops", "pct_of_floor", "speedup_vs_reference",
-               "peak_extra_bytes", "peak_rss_extra_bytes", "rss_vs_reference", "err_vs_tol", "skipped"]  # fmt: skip
+               "peak_extra_bytes", "peak_rss_extra_bytes", "rss_vs_reference", "err_vs_tol",
+               "skipped"]  # fmt: skip
     return finish(rows, "loss", args, columns)

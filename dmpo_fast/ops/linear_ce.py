@@ -12,10 +12,11 @@ Backends (``impl=``):
 - ``chunked``: memory-lean torch. Rows are processed in chunks of ``chunk_rows(V, ...)`` so at most a
   chunk of logits is alive in the forward *and* the backward: ``CHUNK_ELEMENTS`` fp32 values (64 MiB) on a
   GPU; on the CPU, where dW is the big buffer, H rows (a chunk of logits no larger than dW; fewer rows
-  would update dW more often) or 8 MiB when that is more rows (see ``CPU_CHUNK_ELEMENTS``). Each chunk's row work is in place: one
-  [c, V] buffer holds the logits, then exp(z − m), then the gradient of the logits. ``weighted_linear_ce`` computes its gradients during the
-  forward (3 GEMM passes: logits, dH, dW) because the token weights are known up front; the backward only
-  scales them by the upstream gradient (or, when that is 1, hands the saved buffers over without a copy).
+  would update dW more often) or 8 MiB when that is more rows (see ``CPU_CHUNK_ELEMENTS``). Each chunk's
+  row work is in place: one [c, V] buffer holds the logits, then exp(z − m), then the gradient of the
+  logits. ``weighted_linear_ce`` computes its gradients during the forward (3 GEMM passes: logits, dH,
+  dW) because the token weights are known up front; the backward only scales them by the upstream
+  gradient (or, when that is 1, hands the saved buffers over without a copy).
   ``linear_logprob`` cannot do that (its per-row coefficient arrives in the backward), so it saves the
   per-row log-sum-exp and recomputes each chunk of logits in the backward.
 - ``triton``: the fused kernels in ``dmpo_fast.kernels.linear_ce``.
@@ -51,7 +52,7 @@ CHUNK_ELEMENTS = 1 << 24
 # [N, V] buffers). Fewer rows cost time, not much memory: each chunk adds its rank-c update to all of dW
 # (dW += Gᵀ·H_c reads and writes 8·V·H bytes against 6·c·V·H FLOPs of GEMM), so the dW traffic is
 # ∝ 1/c. Measured on the 2-core CPU at V = 32000, H = 256, 420 masked rows (docs/benchmarks.md, "chunk
-# size"): 64 rows ran 1.6x and 129 rows 1.3x the time of 258 rows, all at 0.15-0.19x the reference's
+# size"): 64 rows ran 1.6-1.7x and 129 rows 1.3-1.4x the time of 258 rows, all at 0.15-0.19x the reference's
 # extra peak RSS. CPU_CHUNK_ELEMENTS (8 MiB of fp32 values) allows more rows when they are cheap (a small
 # vocabulary: 6743 rows of the default run's 55-token head). CPU_MIN_CHUNK_ROWS None means "H rows".
 CPU_CHUNK_ELEMENTS = 1 << 21
@@ -75,7 +76,8 @@ def chunk_rows(vocab: int, chunk_elements: int | None = None, *, device=None, hi
 
 def _lse_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(lse, E, Σ)`` of a [c, V] chunk: lse_i = m_i + log Σ_i, Σ_i = Σ_v exp(z_iv − m_i), with ``logits``
-    overwritten by E = exp(z − m). In place: ``torch.logsumexp`` allocates a second [c, V] buffer for z − m."""
+    overwritten by E = exp(z − m). In place: ``torch.logsumexp`` allocates a second [c, V] buffer for
+    z − m."""
     m = logits.amax(dim=1, keepdim=True)
     E = logits.sub_(m).exp_()
     total = E.sum(dim=1)
