@@ -33,6 +33,8 @@ Gradients, with p_i = softmax(h_i · Wᵀ) and e_y the one-hot of the target:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dmpo_fast.ops._autocast import _autocast_off, autocast_dtype, autocast_operands  # noqa: F401 (re-exported)
@@ -157,9 +159,22 @@ def weighted_linear_ce_ref(
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Chunking:
+    """The non-tensor arguments of a chunked call, passed through autograd as one value: rows per chunk,
+    whether the row work runs in the native ops, and which gradients the forward computes."""
+
+    chunk: int
+    native: bool = False
+    need_h: bool = False
+    need_w: bool = False
+    need_tw: bool = False
+
+
 class _ChunkedLinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, native=False):
+    def forward(ctx, hidden, weight, targets, how: _Chunking):
+        chunk, native = how.chunk, how.native
         dt = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=dt, device=hidden.device)
@@ -208,14 +223,13 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
                 dh[s : s + chunk] = (G @ w).to(hidden.dtype)
             if need_w:
                 dw.addmm_(G.T, h)
-        return dh, (dw.to(weight.dtype) if need_w else None), None, None, None
+        return dh, (dw.to(weight.dtype) if need_w else None), None, None
 
 
 class _ChunkedWeightedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, hidden, weight, targets, token_weights, rows, chunk, need_h, need_w, need_tw, native=False
-    ):
+    def forward(ctx, hidden, weight, targets, token_weights, rows, how: _Chunking):
+        chunk, native, need_h, need_w, need_tw = how.chunk, how.native, how.need_h, how.need_w, how.need_tw
         dt = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
         w = weight.to(dt)
@@ -269,7 +283,7 @@ class _ChunkedWeightedLinearCE(torch.autograd.Function):
         dh, dw = _scaled(g, dh, dw)
         dh = dh.to(h_dt) if ctx.needs_input_grad[0] else None
         dw = dw.to(w_dt) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, dtw, None, None, None, None, None, None
+        return dh, dw, None, dtw, None, None
 
 
 def linear_logprob_chunked(
@@ -279,7 +293,7 @@ def linear_logprob_chunked(
     (forward) and ``logprob_grad_rows_`` (backward). Same chunks, so the same peak memory."""
     V, H = weight.shape
     chunk = chunk_rows(V, chunk_elements, device=hidden.device, hidden=H)
-    return _ChunkedLinearLogprob.apply(hidden, weight, targets, chunk, native)
+    return _ChunkedLinearLogprob.apply(hidden, weight, targets, _Chunking(chunk, native))
 
 
 def weighted_linear_ce_chunked(
@@ -301,9 +315,8 @@ def weighted_linear_ce_chunked(
     need_tw = grad_on and token_weights.requires_grad
     V, H = weight.shape
     chunk = chunk_rows(V, chunk_elements, device=hidden.device, hidden=H)
-    return _ChunkedWeightedLinearCE.apply(
-        hidden, weight, targets, token_weights, rows, chunk, need_h, need_w, need_tw, native
-    )
+    how = _Chunking(chunk, native, need_h, need_w, need_tw)
+    return _ChunkedWeightedLinearCE.apply(hidden, weight, targets, token_weights, rows, how)
 
 
 # --------------------------------------------------------------------------------------------------
