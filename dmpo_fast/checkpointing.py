@@ -4,7 +4,8 @@ eval before, config), how it is loaded into a sharded or unsharded run, and what
 from __future__ import annotations
 
 from dmpo_fast.config import TrainConfig
-from dmpo_fast.run_io import RunDir
+from dmpo_fast.run_io import ADAPTER_NAME as _ADAPTER
+from dmpo_fast.run_io import MODEL_INFO, RunDir
 
 # Fields a resumed run may change; any other difference from the saved config is refused.
 RESUMABLE_CHANGES = frozenset(
@@ -56,22 +57,28 @@ def training_state(policy, optimizer, *, sharded: bool) -> tuple[dict, dict, str
     return policy.state_dict(), optimizer.state_dict(), "index"
 
 
-def load_training_state(policy, optimizer, state: dict, *, sharded: bool) -> None:
-    """Load a checkpoint's model and optimizer into a sharded or an unsharded run, whichever wrote it."""
+def load_training_state(policy, optimizer, state: dict, *, sharded: bool, directory) -> None:
+    """Load a checkpoint's model (its HF files in ``directory``, or an older release's ``state["model"]``) and
+    optimizer into a sharded or an unsharded run, whichever wrote it."""
     fqn = state.get("optimizer_format") == "fqn"
+    if sharded:
+        from dmpo_fast import sharding
+
+        current = sharding.full_state(policy, optimizer)[0] if "model" not in state else {}
+    else:
+        current = policy.state_dict() if "model" not in state else {}
+    model_state = checkpoint_model_state(policy, directory, state, current)
     if not sharded and not fqn:
-        policy.load_state_dict(state["model"])
+        policy.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     optim = state["optimizer"] if fqn else _optimizer_state_by_name(policy, state["optimizer"])
     if sharded:
-        from dmpo_fast import sharding
-
-        sharding.load_full_state(policy, optimizer, state["model"], optim)
+        sharding.load_full_state(policy, optimizer, model_state, optim)
     else:
-        policy.load_state_dict(state["model"])
+        policy.load_state_dict(model_state)
         set_optimizer_state_dict(policy, optimizer, optim, options=StateDictOptions(full_state_dict=True))
 
 
@@ -84,3 +91,89 @@ def _optimizer_state_by_name(policy, index_state: dict) -> dict:
         "state": {names[i]: v for i, v in index_state["state"].items()},
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups],
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# The model of a checkpoint, in Hugging Face form
+# --------------------------------------------------------------------------------------------------
+#
+#   checkpoints/step-NNNNNN/
+#     config.json, model.safetensors            the fine-tuned model (full fine-tuning), LLaDA's parameter names
+#     adapter_config.json, adapter_model.safetensors   the PEFT adapter (LoRA / QLoRA); the base is cfg.model
+#     tokenizer files                            the run's tokenizer
+#     dmpo_fast.json                             base model, quantization, which of the two forms
+#     state.pt                                   the training state: optimizer, scheduler, RNG, step, buffers,
+#                                                eval before, config (older releases also kept "model" here)
+#
+# So a checkpoint (or a run directory: its newest checkpoint) loads with ``dmpo_fast.models.load(path)``, with
+# ``PeftModel.from_pretrained`` for an adapter, and with transformers' auto classes after
+# ``dmpo_fast.models.register_auto_classes()`` (LLaDA's code is ours: no trust_remote_code).
+
+
+
+def _is_adapter(policy) -> bool:
+    return hasattr(policy.model, "peft_config")
+
+
+def save_model_files(policy, model_state: dict, tokenizer, cfg: TrainConfig, directory) -> None:
+    """Write the model of ``model_state`` (the policy's full state dict) into ``directory`` in HF form."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    if _is_adapter(policy):
+        marker = f".{_ADAPTER}."
+        adapter = {
+            k[len("model.") :].replace(marker, ".", 1): v for k, v in model_state.items() if "lora_" in k
+        }
+        save_file(_own_storage(adapter), directory / "adapter_model.safetensors", metadata={"format": "pt"})
+        peft_config = policy.model.peft_config[_ADAPTER]
+        saved_base = peft_config.base_model_name_or_path
+        peft_config.base_model_name_or_path = cfg.model  # a name or path that loads on any machine
+        try:
+            peft_config.save_pretrained(str(directory))
+        finally:
+            peft_config.base_model_name_or_path = saved_base
+        form = "adapter"
+    else:
+        weights = {k[len("model.") :]: v for k, v in model_state.items()}
+        save_file(_own_storage(weights), directory / "model.safetensors", metadata={"format": "pt"})
+        config = policy.model.config.__class__.from_dict(policy.model.config.to_dict())
+        if hasattr(config, "auto_map"):  # it would point transformers at modeling files this folder lacks
+            del config.auto_map
+        config.save_pretrained(str(directory))
+        form = "full"
+    if hasattr(tokenizer, "batch_encode"):
+        tokenizer.save(directory)
+    else:
+        tokenizer.save_pretrained(str(directory))
+    info = {"form": form, "base_model": cfg.model, "dtype": cfg.dtype, "load_in_4bit": cfg.load_in_4bit,
+            "load_in_8bit": cfg.load_in_8bit, "trust_remote_code": cfg.trust_remote_code}  # fmt: skip
+    (directory / MODEL_INFO).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def _own_storage(tensors: dict) -> dict:
+    """safetensors refuses tensors that share storage (tied weights): give each its own, contiguous."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        v = v.detach()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
+        out[k] = v.clone().contiguous() if ptr in seen or not v.is_contiguous() else v
+        seen.add(ptr)
+    return out
+
+
+def checkpoint_model_state(policy, directory, state: dict, current: dict) -> dict:
+    """The policy's full state dict of a checkpoint: ``state["model"]`` of an older release, else
+    ``current`` (the policy's own full state: the base a run loads) updated with the checkpoint's files."""
+    if "model" in state:
+        return state["model"]
+    files = RunDir.read_model_files(directory)
+    if files["form"] == "adapter" and not _is_adapter(policy):
+        raise ValueError(f"checkpoint {str(directory)!r} holds a LoRA adapter but the run has lora=false")
+    unknown = sorted(set(files["tensors"]) - set(current))
+    if unknown:
+        raise ValueError(f"checkpoint {str(directory)!r} holds tensors this model has no place for: {unknown[:3]}")
+    return {**current, **files["tensors"]}

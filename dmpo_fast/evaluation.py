@@ -10,6 +10,7 @@ import torch
 from dmpo_fast import mro
 from dmpo_fast.algorithms import derive_seed
 from dmpo_fast.algorithms.mro import mro_config
+from dmpo_fast.checkpointing import checkpoint_model_state
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.policy import load_policy, load_scorer
 from dmpo_fast.processes import Processes
@@ -101,7 +102,7 @@ def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengt
 
     if checkpoint is not None:
         ckpt_dir = resolve_checkpoint(checkpoint)
-        state = RunDir.load_checkpoint(ckpt_dir)
+        state = RunDir.load_checkpoint(ckpt_dir, with_model=False)
         saved = TrainConfig.from_dict(state["config"])
         # The model comes from the checkpoint's run; decoding and task options come from cfg.
         cfg = cfg.replace(model=saved.model, dtype=saved.dtype, lora=saved.lora, lora_r=saved.lora_r,
@@ -110,7 +111,7 @@ def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengt
     procs = Processes(cfg)
     policy, tokenizer = load_policy(cfg, procs.device)
     if checkpoint is not None:
-        policy.load_state_dict(state["model"])
+        policy.load_state_dict(checkpoint_model_state(policy, ckpt_dir, state, policy.state_dict()))
     policy.eval()
     task = get_task(cfg.task, **cfg.task_options())
     reward_fns = [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]

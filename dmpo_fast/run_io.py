@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 CHECKPOINT_PREFIX = "step-"
+MODEL_INFO = "dmpo_fast.json"  # a checkpoint's model: its form (full / adapter), base model, quantization
+ADAPTER_NAME = "default"  # PEFT's adapter name in the policy; adapter files leave it out of the names
 
 
 def finite_or_none(value):
@@ -134,11 +136,14 @@ class RunDir:
         )
         return done[-1] if done else None
 
-    def save_checkpoint(self, step: int, state: dict[str, Any], keep: int) -> Path:
-        """Write ``state`` (tensors / picklable objects) as checkpoints/step-NNNNNN atomically."""
+    def save_checkpoint(self, step: int, state: dict[str, Any], keep: int, write_files=None) -> Path:
+        """Write ``state`` (tensors / picklable objects) as checkpoints/step-NNNNNN atomically; ``write_files``
+        (a function of the folder) adds the model's files (``checkpointing.save_model_files``)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}"
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=".tmp-"))
+        if write_files is not None:
+            write_files(tmp)
         torch.save(state, tmp / "state.pt")
         atomic_write_text(tmp / "step.json", json.dumps({"step": step}))
         if final.exists():  # the same step written again after a resume: replace it whole
@@ -151,8 +156,33 @@ class RunDir:
         return final
 
     @staticmethod
-    def load_checkpoint(path: Path) -> dict[str, Any]:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    def load_checkpoint(path: Path, *, with_model: bool = True) -> dict[str, Any]:
+        """A checkpoint's training state; with ``with_model`` its ``"model"`` too: the policy's state dict of
+        the fine-tuned tensors (every parameter after full fine-tuning, the adapter's after LoRA), read from
+        the model files (older releases kept it in state.pt)."""
+        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+        if with_model and "model" not in state:
+            state["model"] = RunDir.read_model_files(path)["tensors"]
+        return state
+
+    @staticmethod
+    def read_model_files(path) -> dict[str, Any]:
+        """{"form": "full" | "adapter", "tensors": the checkpoint's model tensors under the policy's names}."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if (path / "adapter_model.safetensors").is_file():
+            tensors = {}
+            for k, v in load_file(path / "adapter_model.safetensors").items():
+                head, leaf = k.rsplit(".", 1)
+                tensors[f"model.{head}.{ADAPTER_NAME}.{leaf}"] = v
+            return {"form": "adapter", "tensors": tensors}
+        if (path / "model.safetensors").is_file():
+            return {"form": "full", "tensors": {"model." + k: v for k, v in load_file(path / "model.safetensors").items()}}
+        raise ValueError(
+            f"checkpoint {str(path)!r} has no model: neither model.safetensors nor adapter_model.safetensors "
+            "(nor a model in state.pt, as older releases wrote)"
+        )
 
     # --- summary and plot --------------------------------------------------------------------------
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ import torch
 from dmpo_fast import algorithms
 from dmpo_fast.algorithms import Algorithm, Buffer, derive_seed
 from dmpo_fast.algorithms.base import merge_for_log
-from dmpo_fast.checkpointing import check_resume_config, load_training_state, training_state
+from dmpo_fast.checkpointing import check_resume_config, load_training_state, save_model_files, training_state
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.evaluation import evaluate, evaluate_model, resolve_checkpoint  # noqa: F401 (re-exported)
 from dmpo_fast.policy import Reference, load_policy, load_scorer, scheduler
@@ -37,7 +37,6 @@ from dmpo_fast.processes import Processes
 from dmpo_fast.rollouts import rollout
 from dmpo_fast.run_io import RunDir
 from dmpo_fast.tracking import Trackers
-
 
 SAMPLES_LOGGED = 8  # rollouts per completions table
 
@@ -204,8 +203,8 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     start, saved, eval_before = 0, None, None
     latest = run.latest_checkpoint() if cfg.resume else None
     if latest is not None:
-        state = RunDir.load_checkpoint(latest)
-        load_training_state(policy, optimizer, state, sharded=procs.fsdp)
+        state = RunDir.load_checkpoint(latest, with_model=False)
+        load_training_state(policy, optimizer, state, sharded=procs.fsdp, directory=latest)
         lr_schedule.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start, saved, eval_before = state["step"], state["buffer"], state["eval_before"]
@@ -285,11 +284,12 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                 run.save_checkpoint(
                     step + 1,
                     {
-                        "model": model_state, "optimizer": optimizer_state, "optimizer_format": fmt,
-                        "scheduler": lr_schedule.state_dict(), "rng": torch.get_rng_state(), "step": step + 1,
-                        "buffer": [b.to_dict() for b in bufs], "eval_before": eval_before, "config": cfg.to_dict(),
+                        "optimizer": optimizer_state, "optimizer_format": fmt, "scheduler": lr_schedule.state_dict(),
+                        "rng": torch.get_rng_state(), "step": step + 1, "buffer": [b.to_dict() for b in bufs],
+                        "eval_before": eval_before, "config": cfg.to_dict(),
                     },
                     keep=cfg.keep_checkpoints,
+                    write_files=lambda d: save_model_files(policy, model_state, tokenizer, cfg, d),
                 )  # fmt: skip
     bar.close()
 

@@ -7,6 +7,8 @@ with the ``dev`` extra; without it the bitsandbytes tests skip and the validatio
 import importlib.util
 from pathlib import Path
 
+import json
+
 import pytest
 import torch
 
@@ -222,7 +224,15 @@ def test_qlora_run_trains_resumes_and_repeats_itself(tmp_path, one_thread):
     lora = [k for k in end[0] if "lora_" in k]
     assert lora and all(torch.equal(end[0][k], end[1][k]) for k in end[0])
     assert any(end[0][k].abs().sum() > 0 for k in lora if "lora_B" in k), "the adapter never moved"
-    assert any(k.endswith("q_proj.base_layer.weight.absmax") for k in end[0])  # the base is saved 4-bit
+    # The checkpoint holds the PEFT adapter in Hugging Face form; the 4-bit base is cfg.model, loaded 4-bit
+    # again from what dmpo_fast.json records (the whole quantized base used to be copied into every checkpoint).
+    ckpt = Path(first.output_dir) / "checkpoints" / "step-000004"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    assert json.loads((ckpt / "dmpo_fast.json").read_text())["load_in_4bit"] is True
+    assert not any("absmax" in k for k in end[0])
+    from dmpo_fast.models import load
+
+    assert any(k.endswith("q_proj.base_layer.weight.absmax") for k in load(ckpt).state_dict())  # a 4-bit base
     # Evaluating the checkpoint loads the base 4-bit again, as the run did.
     rows = train_mod.evaluate_model(
         TrainConfig(progress=False, impl="chunked"), checkpoint=first.output_dir, n=4
@@ -238,7 +248,11 @@ def test_8bit_lora_run_trains(tmp_path, one_thread):
     )
     state = RunDir.load_checkpoint(Path(result.output_dir) / "checkpoints" / "step-000002")["model"]
     assert any(state[k].abs().sum() > 0 for k in state if "lora_B" in k)
-    assert any(k.endswith("q_proj.base_layer.weight") and state[k].dtype == torch.int8 for k in state)
+    # The checkpoint holds the adapter; loading it loads the base 8-bit again, as the run did.
+    from dmpo_fast.models import load
+
+    loaded = load(result.output_dir).state_dict()
+    assert any(k.endswith("q_proj.base_layer.weight") and loaded[k].dtype == torch.int8 for k in loaded)
 
 
 @needs_bnb

@@ -104,7 +104,7 @@ def load_tokenizer(name_or_path, *, hf: bool = False, trust_remote_code: bool = 
     TRL and the HF Trainer want); anything else transformers' ``AutoTokenizer`` (left padding)."""
     from dmpo_fast.tokenizer import CharTokenizer
 
-    path = _resolve_dir(name_or_path, revision)
+    path = _checkpoint_of_run(_resolve_dir(name_or_path, revision))
     try:
         char = CharTokenizer.load(path)
     except ValueError:
@@ -146,7 +146,11 @@ def load(
     check_flags(load_in_4bit, load_in_8bit)  # before any download
     dtype = _resolve_dtype(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    path = _resolve_dir(name_or_path, revision)
+    path = _checkpoint_of_run(_resolve_dir(name_or_path, revision))
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(
+        os.path.join(path, "config.json")
+    ):
+        return _load_adapter(path, dtype, device, trust_remote_code, mask_id, load_in_4bit, load_in_8bit)
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"name_or_path {path!r} has no config.json")
@@ -156,6 +160,44 @@ def load(
     if model_type == "llada":
         return LLaDADiffusionLM(load_llada(path, dtype=dtype, device=device, **quant)).eval()
     return _load_hf(path, model_type, dtype, device, trust_remote_code, mask_id, quant)
+
+
+def _checkpoint_of_run(path: str) -> str:
+    """A trainer run directory means its newest checkpoint (a model in Hugging Face form); other paths stay."""
+    if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.isfile(os.path.join(path, "config.json")):
+        from dmpo_fast.run_io import RunDir
+
+        latest = RunDir(path, resume=True, main=False).latest_checkpoint()
+        if latest is None:
+            raise ValueError(f"name_or_path {path!r} is a run directory without checkpoints")
+        return str(latest)
+    return path
+
+
+def _load_adapter(path, dtype, device, trust_remote_code, mask_id, load_in_4bit, load_in_8bit) -> DiffusionLM:
+    """A PEFT adapter directory (a LoRA / QLoRA checkpoint): its base model (``dmpo_fast.json``'s, else the
+    adapter config's ``base_model_name_or_path``), loaded as the run loaded it, with the adapter on top."""
+    info_file = os.path.join(path, "dmpo_fast.json")
+    info = {}
+    if os.path.isfile(info_file):
+        with open(info_file) as f:
+            info = json.load(f)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        base = info.get("base_model") or json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"adapter {path!r} names no base model (base_model_name_or_path)")
+    try:
+        from peft import PeftModel  # noqa: PLC0415
+    except ImportError as e:
+        raise ValueError(f"{path!r} is a LoRA adapter: loading it needs peft (pip install 'dmpo-fast[lora]')") from e
+    lm = load(
+        base, dtype=dtype if dtype is not None else info.get("dtype"), device=device,
+        trust_remote_code=trust_remote_code or info.get("trust_remote_code", False), mask_id=mask_id,
+        load_in_4bit=load_in_4bit or info.get("load_in_4bit", False),
+        load_in_8bit=load_in_8bit or info.get("load_in_8bit", False),
+    )  # fmt: skip
+    lm.model = PeftModel.from_pretrained(lm.model, path)
+    return lm.eval()
 
 
 def load_llada(
