@@ -445,12 +445,12 @@ FIELD_DOCS: dict[str, str] = {
     ),
     "reward_preset": (
         "the task's reward functions: default (its own, at most 1.1) or d1 (d1's, as DMPO's reference code: "
-        "up to 4.0 on gsm8k, 3.0 on math500; countdown and sudoku need task_kwargs prompt_style instruct); see "
-        "'Reward scale' below"
+        "up to 4.0 on gsm8k, 3.0 on math500; countdown and sudoku need task_kwargs prompt_style instruct); "
+        "see 'Reward scale' below"
     ),
     "reward_timeout": (
         "seconds a reward function may take on a batch; past it, its samples count as failed (weight 0, "
-        "reward_failures) and the call is abandoned in a daemon thread; 0: no limit, called in the main thread"
+        "reward_failures) and the call is abandoned in a daemon thread; 0: no limit (the main thread)"
     ),
     "algorithm": (
         "dmpo, mro (step rewards + SGRO, docs/mro.md), diffu_grpo (d1's clipped GRPO), rejection_sft "

@@ -154,9 +154,9 @@ def test_a_reward_timeout_field():
 
 def _small(tmp_path, **kw):
     small = dict(
-        output_dir=str(tmp_path / "run"), prompts_per_step=2, num_generations=4, max_steps=2, num_iterations=2,
-        eval_size=4, progress=False, tensorboard=False, plot=False, impl="chunked", num_replicates=2,
-        elbo_replicates=2,
+        output_dir=str(tmp_path / "run"), prompts_per_step=2, num_generations=4, max_steps=2,
+        num_iterations=2, eval_size=4, progress=False, tensorboard=False, plot=False, impl="chunked",
+        num_replicates=2, elbo_replicates=2,
     )  # fmt: skip
     return TrainConfig(**{**small, **kw})
 
@@ -274,9 +274,8 @@ def test_c_math_answers_by_math_verify(predicted, reference):
 
 def test_c_gsm8k_compares_other_forms_by_math_verify():
     task = GSM8KTask(source=str(FIXTURES / "gsm8k.jsonl"))
-    assert task.is_correct(None, ["\\boxed{\\frac{5}{2}}", "\\boxed{2.50}", "\\boxed{\\frac{5}{3}}"], answer=["2.5"] * 3) == [
-        1.0, 1.0, 0.0
-    ]  # fmt: skip
+    completions = ["\\boxed{\\frac{5}{2}}", "\\boxed{2.50}", "\\boxed{\\frac{5}{3}}"]
+    assert task.is_correct(None, completions, answer=["2.5"] * 3) == [1.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("task", ["gsm8k", "math500"])
