@@ -18,7 +18,8 @@ that ``TrainConfig.reward_preset`` sets):
   The completion is asked for d1's layout, ``<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>``
   (GSM8K and MATH-500 get a prompt asking for it; Countdown and Sudoku need ``prompt_style="instruct"``).
 
-Where this implementation departs from d1's code, and why:
+The format rewards follow d1's current code, whose patterns match across lines (``re.DOTALL``; its first
+release matched a one-line reasoning block only). Where this implementation departs from d1's code, and why:
 
 - GSM8K correctness compares the answer block and the reference as numbers (``parse_number``), where d1
   compares the strings: "1,200" or "72.0" earn the 2.0 here. The integer reward still asks for plain digits.
