@@ -12,6 +12,9 @@ RESUMABLE_CHANGES = frozenset(
     {
         "resume",
         "output_dir",  # a run directory that was moved, or spelled another way, is the same run
+        "reward_timeout",
+        "report_to",
+        "log_completions_every",
         "max_steps",
         "progress",
         "eval_every",

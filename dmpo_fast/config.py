@@ -49,6 +49,7 @@ PPLText = Literal["visible", "prefix"]
 Shaping = Literal["none", "potential"]
 Returns = Literal["reward_to_go", "window"]
 Importance = Literal["none", "uniform", "advantage"]
+RewardPreset = Literal["default", "d1"]  # = tasks.presets.REWARD_PRESETS (tests/test_rewards.py checks)
 
 
 # The task options used when task_kwargs is None. The embedded Sudoku run rewards a solved grid (1) or not
@@ -70,7 +71,9 @@ class TrainConfig:
     chat_template: bool = (
         True  # wrap prompts in the tokenizer's chat template when it has one (instruct models)
     )
-    reward_funcs: list = field(default_factory=list)  # extra TRL-style rewards by import path
+    reward_funcs: list = field(default_factory=list)  # extra TRL-style rewards: import paths or functions
+    reward_preset: RewardPreset = "default"  # the task's rewards: its own, or d1's (the DMPO paper's scale)
+    reward_timeout: float = 60.0  # seconds a reward function may take on a batch (0: no limit)
     algorithm: Algorithm = "dmpo"
     loss: LossName = DMPO_DEFAULTS.loss
 
@@ -219,6 +222,7 @@ class TrainConfig:
         from dmpo_fast.tracking import report_to_names
 
         report_to_names(self.report_to)
+        self._check_rewards()
         from dmpo_fast.algorithms import ALGORITHMS
 
         for algorithm in ALGORITHMS.values():  # each checks its own fields, and its needs when chosen
@@ -241,6 +245,46 @@ class TrainConfig:
                 "(a 4-bit 8B base fits one GPU; use data parallelism, configs/accelerate/ddp.yaml)"
             )
 
+    def _check_rewards(self) -> None:
+        from dmpo_fast.tasks import answers, get_task, reward_path
+
+        if not (0 <= self.reward_timeout < float("inf")):
+            raise ValueError(
+                "reward_timeout must be a finite number of seconds >= 0 (0: no limit), got "
+                f"{self.reward_timeout!r}"
+            )
+        for fn in self.reward_funcs:
+            if isinstance(fn, str) and fn.strip():
+                continue
+            if not callable(fn):
+                raise ValueError(
+                    f"reward_funcs must hold import paths 'module:function' or functions, got {fn!r}"
+                )
+            if reward_path(fn) is None:
+                raise ValueError(
+                    f"reward_funcs: {fn!r} has no import path, so config.yaml could not record it (a "
+                    "lambda, a nested function, a partial or an instance): define it at the top level of a "
+                    "module, or "
+                    "give its path 'module:function'"
+                )
+        if self.task in ("gsm8k", "math500"):
+            try:
+                answers.require_math_verify(self.task)
+            except ImportError as e:
+                raise ValueError(f"task={self.task!r}: {e}") from None
+        if "reward_preset" in (self.task_kwargs or {}):
+            raise ValueError("set the reward preset with the field reward_preset, not in task_kwargs")
+        if self.reward_preset != "default":
+            if self.task not in ("countdown", "gsm8k", "math500", "sudoku"):
+                raise ValueError(
+                    f"reward_preset={self.reward_preset!r} is defined for the built-in tasks countdown, "
+                    f"gsm8k, math500 and sudoku, not task={self.task!r}"
+                )
+            try:  # the task checks that its options fit the preset (e.g. prompt_style instruct)
+                get_task(self.task, **self.task_options())
+            except ValueError as e:
+                raise ValueError(f"reward_preset={self.reward_preset!r}, task={self.task!r}: {e}") from None
+
     # ---------------------------------------------------------------------------------------------
     @property
     def rollouts_per_step(self) -> int:
@@ -254,13 +298,22 @@ class TrainConfig:
         return 1.0 if self.mro_ppl_model is not None else 0.0
 
     def task_options(self) -> dict:
-        """The task's constructor options: ``task_kwargs``, or for None the embedded defaults of the task."""
-        if self.task_kwargs is not None:
-            return dict(self.task_kwargs)
-        return dict(DEFAULT_TASK_KWARGS.get(self.task, {}))
+        """The task's constructor options: ``task_kwargs``, or for None the embedded defaults of the task, and
+        ``reward_preset`` when it is not "default"."""
+        given = self.task_kwargs if self.task_kwargs is not None else DEFAULT_TASK_KWARGS.get(self.task, {})
+        options = dict(given)
+        if self.reward_preset != "default":
+            options["reward_preset"] = self.reward_preset
+        return options
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as plain data (config.yaml, checkpoints): a reward function given as a function
+        appears as its import path."""
+        from dmpo_fast.tasks import reward_path
+
+        d = dataclasses.asdict(self)
+        d["reward_funcs"] = [f if isinstance(f, str) else reward_path(f) for f in self.reward_funcs]
+        return d
 
     def replace(self, **changes) -> TrainConfig:
         _check_names(changes)
@@ -390,7 +443,21 @@ FIELD_DOCS: dict[str, str] = {
     "task_kwargs": "keyword arguments of the task's constructor (e.g. {prompt_style: instruct}); null: the "
     "embedded defaults (sudoku: {reward_type: solved}; other tasks: their own)",
     "chat_template": "wrap prompts in the tokenizer's chat template when it has one (instruct models)",
-    "reward_funcs": 'extra TRL-style rewards fn(prompts, completions, **columns) by import path "module:function", summed with the task reward',
+    "reward_funcs": (
+        "extra TRL-style rewards fn(prompts, completions, **columns), summed with the task reward: import "
+        'paths "module:function" (looked up on sys.path, then in the current directory) or, from Python, '
+        "module-level functions (recorded in config.yaml by their path); each one's mean is logged as "
+        "rewards/<name>/mean"
+    ),
+    "reward_preset": (
+        "the task's reward functions: default (its own, at most 1.1) or d1 (d1's, as DMPO's reference code: "
+        "up to 4.0 on gsm8k, 3.0 on math500; countdown and sudoku need task_kwargs prompt_style instruct); "
+        "see 'Reward scale' below"
+    ),
+    "reward_timeout": (
+        "seconds a reward function may take on a batch; past it, its samples count as failed (weight 0, "
+        "reward_failures) and the call is abandoned in a daemon thread; 0: no limit (the main thread)"
+    ),
     "algorithm": (
         "dmpo, mro (step rewards + SGRO, docs/mro.md), diffu_grpo (d1's clipped GRPO), rejection_sft "
         "(masked-diffusion SFT on each group's best rollout, MRO's rejection sampling) or wd1 (ratio-free "

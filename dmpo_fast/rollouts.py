@@ -59,6 +59,20 @@ def sample_kwargs(cfg: TrainConfig, *, temperature: float, gen_length: int | Non
     return kw
 
 
+class RolloutResult(tuple):
+    """What ``rollout`` returns: the 5-tuple ``(rollout, completions, rewards, n_failed, solved)``, unpacked
+    as such, plus ``reward_parts``: ``{name: float32 [N]}``, each reward function's own (unweighted) values
+    with NaN where it failed, named as in the metrics ``rewards/<name>/mean`` (``tasks.rewards.reward_name``;
+    the task's reward appears as its parts, ``Task.reward_functions``)."""
+
+    reward_parts: dict[str, torch.Tensor]
+
+    def __new__(cls, out, completions, rewards, n_failed, solved, reward_parts):
+        self = super().__new__(cls, (out, completions, rewards, n_failed, solved))
+        self.reward_parts = reward_parts
+        return self
+
+
 @torch.no_grad()
 def rollout(policy, tokenizer, task, rows, *, repeat: int, cfg: TrainConfig, temperature: float, seed: int,
             reward_fns: list, first_row: int = 0, gen_length: int | None = None,
@@ -68,11 +82,12 @@ def rollout(policy, tokenizer, task, rows, *, repeat: int, cfg: TrainConfig, tem
     ``first_row`` is the global index of this batch's first rollout: its Philox row key, so a process
     holding rows i.. of a batch draws the same tokens as one process holding them all.
     ``tts``: ``generate_tts``'s k, window and reward_fn, to decode with test-time scaling.
-    Returns (rollout, completions, rewards [N] fp32 with NaN for failed rewards, n_failed, solved [N]).
+    Returns a ``RolloutResult``: the tuple (rollout, completions, rewards [N] fp32 with NaN for failed
+    rewards, n_failed, solved [N]), whose ``reward_parts`` holds each reward function's own values.
     """
     from dmpo_fast.sampling import generate, generate_tts
     from dmpo_fast.sampling.rollout import inference
-    from dmpo_fast.tasks import columns_of, safe_rewards
+    from dmpo_fast.tasks import columns_of, score_rewards
 
     rows = [r for r in rows for _ in range(repeat)]
     prompts = [r["prompt"] for r in rows]
@@ -86,6 +101,6 @@ def rollout(policy, tokenizer, task, rows, *, repeat: int, cfg: TrainConfig, tem
         out = generate(policy, ids, am, seed=seed, row_keys=keys, **kw)
     completions = decode(tokenizer, out.ids[:, out.prompt_length :])
     columns = columns_of(rows)
-    rewards, n_failed = safe_rewards(reward_fns, prompts, completions, columns)
+    scores = score_rewards(reward_fns, prompts, completions, columns, timeout=cfg.reward_timeout)
     solved = torch.tensor(task.is_correct(prompts, completions, **columns), dtype=torch.float32)
-    return out, completions, rewards, n_failed, solved
+    return RolloutResult(out, completions, scores.total, scores.n_failed, solved, scores.per_function)

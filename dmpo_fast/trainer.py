@@ -57,13 +57,16 @@ def make_buffer(algo: Algorithm, policy, reference, tokenizer, task, cfg: TrainC
                 scorer=None) -> Buffer:  # fmt: skip
     """Rollouts of ``rows`` (G each), their rewards, and the algorithm's buffer of them, on the CPU.
     ``first_row`` is the global index of this process's first rollout; totals are summed over processes."""
-    out, completions, rewards, n_failed, solved = rollout(
+    result = rollout(
         policy, tokenizer, task, rows, repeat=cfg.num_generations, cfg=cfg, temperature=cfg.temperature,
         seed=derive_seed(cfg.seed, "rollout", buffer_index), reward_fns=reward_fns, first_row=first_row,
     )  # fmt: skip
+    out, completions, rewards, n_failed, solved = result
     buf = algo.build(policy, out, rewards, reference=reference, scorer=scorer, buffer_index=buffer_index,
                      first_row=first_row)  # fmt: skip
     buf.rows.update(rewards=rewards.float().to(out.ids.device), solved=solved.to(out.ids.device))
+    parts = getattr(result, "reward_parts", {})  # each reward function's own values, NaN where it failed
+    buf.rows.update({f"rewards/{k}": v.float().to(out.ids.device) for k, v in parts.items()})
     buf.totals["n_failed"] = int(n_failed)
     G = cfg.num_generations
     buf.meta["samples"] = [  # the first rollouts, for the completions table of the log
@@ -117,6 +120,10 @@ def log_row(algo: Algorithm, step: int, stats: dict, bufs: list[Buffer], lr: flo
         "accuracy": float(rows["solved"].mean()),
         **algo.log_columns(rows, totals, stats),
     }
+    for k, v in rows.items():  # rewards/<function>/mean, as TRL logs them
+        if k.startswith("rewards/"):
+            finite = v[torch.isfinite(v)]
+            row[f"{k}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
     return row | {
         "reward_failures": totals["n_failed"],
         "grad_norm": stats["grad_norm"],

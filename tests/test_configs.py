@@ -57,6 +57,7 @@ def test_recipe_code_path_runs_on_the_tiny_model(path, tmp_path):
 
     cfg = TrainConfig.from_yaml(path).replace(
         model="tiny", trust_remote_code=False, dtype="float32", device="cpu", task="sudoku", task_kwargs={},
+        reward_preset="default",  # the tiny model's compact Sudoku has no <answer> block for d1's reward
         prompts_per_step=2, num_generations=2, gen_length=24, block_length=8, steps=6, num_iterations=1,
         lora_target_modules=TINY_TARGETS, lora_r=4, gradient_accumulation_steps=2,
         max_steps=1, eval_size=2, progress=False, tensorboard=False, plot=False,

@@ -471,3 +471,16 @@ def test_accelerate_launch_on_cpu_with_the_defaults_forms_one_run(tmp_path):
     assert json.loads((run / "summary.json").read_text())["processes"] == 2
     assert [r["step"] for r in _strict_lines(run / "metrics.jsonl")] == [1, 2]
     assert proc.stdout.count("held-out solve rate") == 1
+
+
+def half_reward(prompts, completions, **columns):
+    return [0.5] * len(completions)
+
+
+def test_each_reward_functions_mean_is_logged(tmp_path):
+    """Per-reward-function means in metrics.jsonl, as TRL logs them (rewards/<name>/mean)."""
+    cfg = _cfg(tmp_path, max_steps=2, reward_funcs=[half_reward])
+    rows = [json.loads(ln) for ln in (Path(train_mod.train(cfg).output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rewards/half_reward/mean"] for r in rows] == [0.5, 0.5]
+    task_means = [k for k in rows[0] if k.startswith("rewards/") and k != "rewards/half_reward/mean"]
+    assert task_means and all(0.0 <= rows[0][k] <= 1.0 for k in task_means)

@@ -21,7 +21,14 @@ from dmpo_fast.tasks.countdown import CountdownTask
 from dmpo_fast.tasks.data import DatasetTask, load_rows
 from dmpo_fast.tasks.gsm8k import GSM8KTask
 from dmpo_fast.tasks.math500 import Math500Task
-from dmpo_fast.tasks.rewards import resolve_reward, safe_rewards
+from dmpo_fast.tasks.rewards import (
+    RewardScores,
+    resolve_reward,
+    reward_name,
+    reward_path,
+    safe_rewards,
+    score_rewards,
+)
 from dmpo_fast.tasks.sudoku import SudokuTask
 
 _REGISTRY: dict[str, Callable[..., Task]] = {
@@ -86,7 +93,11 @@ __all__ = [
     "register_task",
     "task_names",
     "resolve_reward",
+    "reward_name",
+    "reward_path",
+    "RewardScores",
     "safe_rewards",
+    "score_rewards",
     "columns_of",
     "completion_text",
     "final_answer",

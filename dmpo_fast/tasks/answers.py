@@ -4,9 +4,9 @@ Extraction order for a completion: the last ``\\boxed{...}`` (braces matched), e
 ``<answer>...</answer>`` block, else the text after the last ``####``, else (for numeric tasks) the last
 number in the text. The first three count as an explicit, well-formatted final answer.
 
-Equivalence for MATH answers: math-verify when it is installed (symbolic, with its own timeouts), and in
-any case a plain comparison after normalising the LaTeX (``\\dfrac``->``\\frac``, no ``\\left``/``\\right``,
-spaces, ``$``, ``\\text{}`` wrappers, degree signs, trailing period), with numbers compared exactly.
+Equivalence of math answers is math-verify's (``math_equal``; the package is the optional extra ``tasks``,
+and the math tasks refuse to start without it): symbolic, so ``\\sqrt2`` and ``\\sqrt{2}``, ``\\dfrac78`` and
+``0.875``, ``5 \\text{ cm}`` and ``5``, ``\\$5`` and ``5`` agree.
 """
 
 from __future__ import annotations
@@ -103,107 +103,34 @@ def extract_final(text: str, *, numeric: bool) -> tuple[str | None, bool]:
     return (last_number(text) if numeric else None), False
 
 
-# --------------------------------------------------------------------------- MATH equivalence
-_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mbox|mathrm|mathbf)\{([^{}]*)\}")
-_FRAC_SHORT = re.compile(r"\\frac(\d)(\d)")
-_FRAC_HALF_SHORT = re.compile(r"\\frac\{([^{}]*)\}(\d)")
-_FRAC = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
+# --------------------------------------------------------------------------- equivalence (math-verify)
+MATH_VERIFY_HINT = 'pip install "dmpo-fast[tasks]" (or pip install math-verify)'
 
 
-def normalize_math(answer: str) -> str:
-    """A canonical string form of a MATH answer for plain comparison."""
-    s = answer.strip()
-    boxed = last_boxed(s)
-    if boxed is not None:
-        s = boxed
-    s = s.replace("\n", "").replace("$", "")
-    for old, new in (
-        ("\\!", ""),
-        ("\\,", ""),
-        ("\\;", ""),
-        ("\\:", ""),
-        ("\\ ", ""),
-        ("\\left", ""),
-        ("\\right", ""),
-        ("\\dfrac", "\\frac"),
-        ("\\tfrac", "\\frac"),
-        ("^{\\circ}", ""),
-        ("^\\circ", ""),
-        ("\\%", ""),
-        ("%", ""),
-        ("\\displaystyle", ""),
-    ):
-        s = s.replace(old, new)
-    for _ in range(3):  # nested wrappers, e.g. \text{\textbf{A}}
-        s = _TEXT_WRAP.sub(r"\1", s)
-    s = s.replace(" ", "").rstrip(".")
-    s = _FRAC_SHORT.sub(r"\\frac{\1}{\2}", s)
-    s = _FRAC_HALF_SHORT.sub(r"\\frac{\1}{\2}", s)
-    if re.fullmatch(r"[a-zA-Z]=.+", s):  # "x=5" -> "5"
-        s = s[2:]
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators
-        s = s.replace(",", "")
-    if re.fullmatch(r"-?\d+/\d+", s):
-        num, den = s.split("/")
-        s = f"{'-' if num.startswith('-') else ''}\\frac{{{num.lstrip('-')}}}{{{den}}}"
-    if s.startswith("."):
-        s = "0" + s
-    return s
-
-
-def _exact_value(s: str) -> Fraction | None:
-    m = _FRAC.match(s)
-    if m:
-        sign, num, den = m.groups()
-        if int(den) == 0:
-            return None
-        value = Fraction(int(num), int(den))
-        return -value if sign else value
-    if re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)", s) and len(s) < 100:
-        return Fraction(s)
-    return None
-
-
-def math_equal_plain(prediction: str, reference: str) -> bool:
-    """Normalised string equality, or exact numeric equality when both sides are plain numbers."""
-    p, r = normalize_math(prediction), normalize_math(reference)
-    if not p:
-        return False
-    if p == r:
-        return True
-    pv, rv = _exact_value(p), _exact_value(r)
-    return pv is not None and pv == rv
-
-
-def _math_verify():
+def require_math_verify(task: str) -> None:
+    """Stop before any work when math-verify, which judges ``task``'s answers, is not installed."""
     try:
-        import math_verify  # noqa: PLC0415  (optional dependency, extra "tasks")
-    except ImportError:
-        return None
-    return math_verify
+        import math_verify  # noqa: F401, PLC0415  (optional dependency, extra "tasks")
+    except ImportError as e:
+        raise ImportError(
+            f"the {task} task checks answers with math-verify, which is not installed: {MATH_VERIFY_HINT}"
+        ) from e
 
 
-def have_math_verify() -> bool:
-    return _math_verify() is not None
-
-
-def math_equal(prediction: str, reference: str, *, use_math_verify: bool = True) -> bool:
-    """Whether ``prediction`` is mathematically the reference answer. Never raises."""
-    if not isinstance(prediction, str) or not isinstance(reference, str):
+def math_equal(prediction: str, reference: str) -> bool:
+    """Whether ``prediction`` is mathematically the reference answer, by math-verify (symbolic: ``\\sqrt2``
+    and ``\\sqrt{2}``, ``0.875`` and ``\\frac78``, ``5 \\text{ cm}`` and ``5``, ``x=6`` and ``6`` agree).
+    Never raises; False when either side does not parse."""
+    if not isinstance(prediction, str) or not isinstance(reference, str) or not prediction.strip():
         return False
-    try:
-        if math_equal_plain(prediction, reference):
-            return True
-    except Exception:  # a normaliser bug must not cost a training step
-        pass
-    mv = _math_verify() if use_math_verify else None
-    if mv is None:
-        return False
-    # math-verify times out with SIGALRM, which only the main thread may install.
+    from math_verify import parse, verify  # noqa: PLC0415  (optional dependency, extra "tasks")
+
+    # math-verify bounds its own time with SIGALRM, which only the main thread may set. Elsewhere (the
+    # trainer runs rewards in a worker thread) the trainer's reward_timeout bounds the whole call instead.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        gold = mv.parse(f"${reference}$", parsing_timeout=timeout)
-        pred = mv.parse(f"${prediction}$", parsing_timeout=timeout)
-        return bool(gold) and bool(pred) and bool(mv.verify(gold, pred, timeout_seconds=timeout))
-    except Exception:
+        gold = parse(f"${reference}$", parsing_timeout=timeout)
+        pred = parse(f"${prediction}$", parsing_timeout=timeout)
+        return bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=timeout))
+    except Exception:  # a parser bug or timeout must not cost a training step: not equal
         return False

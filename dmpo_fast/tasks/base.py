@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 # Completions longer than this are cut to their last part before any parsing: every built-in
@@ -43,6 +43,12 @@ class Task:
 
     def reward(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float | None]:
         raise NotImplementedError
+
+    def reward_functions(self) -> dict[str, Callable]:
+        """The named reward functions whose sum is ``reward``: the trainer scores them one by one and logs
+        each one's mean as ``rewards/<name>/mean``. One function, named after the task, unless a reward
+        preset splits it (``presets``)."""
+        return {self.name: self.reward}
 
     def is_correct(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float]:
         """Per-sample 0/1 "solved" judgement: the headline accuracy metric."""

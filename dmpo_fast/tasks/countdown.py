@@ -20,6 +20,10 @@ spaces, whose syntax tree holds only binary + - * / and int literals (no unary m
 (``use_all=True``, the d1 / TinyZero convention) or a sub-multiset (``use_all=False``, each number at
 most once). It is evaluated with exact Fractions; division by zero is a refusal. Score: 1.0 if the value
 equals the target, ``format_score`` (0.1) if the expression is accepted but wrong, 0.0 otherwise.
+
+``reward_preset="d1"`` (needs ``prompt_style="instruct"``): d1's reward, which reads only a closed
+``<answer>...</answer>`` block: 0.0 without one, 1.0 when its expression reaches the target, else 0.1 (also
+for an expression the checker refuses).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar, Literal
 
+from dmpo_fast.tasks import presets
+from dmpo_fast.tasks.answers import answer_tag
 from dmpo_fast.tasks.base import (
     Task,
     check_count,
@@ -108,6 +114,16 @@ def evaluate(expression: str, nums: Sequence[int], *, use_all: bool = True) -> F
         return _value(tree)
     except (_Refused, RecursionError):
         return None
+
+
+def d1_score(completion: Any, nums: Sequence[int], target: int | float, *, use_all: bool = True) -> float:
+    """d1's Countdown reward: 0.0 without a closed ``<answer>`` block, 1.0 when its expression reaches
+    ``target``, else 0.1."""
+    block = answer_tag(completion_text(completion))
+    if block is None:
+        return 0.0
+    value = evaluate(block.translate(_TRANSLATE).split("=", 1)[0].strip(), nums, use_all=use_all)
+    return 1.0 if value is not None and value == Fraction(target) else 0.1
 
 
 def score(
@@ -195,8 +211,16 @@ class CountdownTask(Task):
     prompt_style: Literal["compact", "instruct"] = "compact"
     train_size: int = 2000
     test_size: int = 200
+    reward_preset: presets.RewardPreset = "default"
 
     def __post_init__(self) -> None:
+        presets.check_preset(self.name, self.reward_preset)
+        if self.reward_preset == "d1" and (self.prompt_style != "instruct" or self.format_score != 0.1):
+            raise ValueError(
+                "reward_preset='d1' reads the <answer> block that prompt_style='instruct' asks for, with "
+                f"d1's 0.1 for a wrong answer: got prompt_style={self.prompt_style!r}, "
+                f"format_score={self.format_score!r}"
+            )
         counts = tuple(self.num_counts) if isinstance(self.num_counts, (list, tuple)) else (self.num_counts,)
         if not counts or any(
             isinstance(c, bool) or not isinstance(c, int) or not 2 <= c <= 6 for c in counts
@@ -259,6 +283,11 @@ class CountdownTask(Task):
 
     def reward(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float | None]:
         nums, targets = require_columns("countdown", columns, ("nums", "target"), len(completions))
+        if self.reward_preset == "d1":
+            return [
+                d1_score(c, ns, t, use_all=self.use_all)
+                for c, ns, t in zip(completions, nums, targets, strict=True)
+            ]
         return [
             score(c, ns, t, use_all=self.use_all, format_score=self.format_score)
             for c, ns, t in zip(completions, nums, targets, strict=True)

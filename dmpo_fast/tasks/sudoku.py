@@ -13,6 +13,8 @@ content of the last ``<answer>`` block if any, else the last non-empty line; its
 are read as the grid row by row, missing digits count as wrong cells, so malformed output scores
 partially or 0 and never raises. ``is_correct`` (solved) asks for the whole grid to equal the solution,
 so changing a given clue is not "solved" even though the reward only looks at the blanks.
+``reward_preset="d1"`` (needs ``prompt_style="instruct"``): d1's reward, the same fraction of blank cells
+read only from a closed ``<answer>...</answer>`` block (0.0 without one).
 
 Split: there are exactly 288 valid 4x4 grids. They are ranked by a SHA-256 of (split_seed, grid) and the
 first ``round(test_fraction * 288)`` are held out: a test puzzle's solution never appears in training.
@@ -28,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from dmpo_fast.tasks import presets
+from dmpo_fast.tasks.answers import answer_tag
 from dmpo_fast.tasks.base import (
     Task,
     check_count,
@@ -141,10 +145,13 @@ def format_grid(cells: str) -> str:
     return "/".join(cells[r * SIZE : (r + 1) * SIZE] for r in range(SIZE))
 
 
+def _digits(answer: str) -> str:
+    return "".join(c for c in answer if "0" <= c <= "9")[:CELLS]
+
+
 def parse_grid(text: str) -> str:
     """The first 16 ASCII digits of a completion's answer part (fewer when the answer is short)."""
-    answer = final_answer(completion_text(text))
-    return "".join(c for c in answer if "0" <= c <= "9")[:CELLS]
+    return _digits(final_answer(completion_text(text)))
 
 
 def cell_accuracy(puzzle: str, solution: str, answer_digits: str, cells: str = "blanks") -> float:
@@ -195,8 +202,18 @@ class SudokuTask(Task):
     reward_type: Literal["cells", "solved"] = "cells"
     train_size: int = 2000  # rows returned by train() when n is None
     test_size: int = 200
+    reward_preset: presets.RewardPreset = "default"
 
     def __post_init__(self) -> None:
+        presets.check_preset(self.name, self.reward_preset)
+        if self.reward_preset == "d1" and (
+            self.prompt_style != "instruct" or (self.reward_type, self.reward_cells) != ("cells", "blanks")
+        ):
+            raise ValueError(
+                "reward_preset='d1' is d1's blank-cell reward on the <answer> block that "
+                f"prompt_style='instruct' asks for: got prompt_style={self.prompt_style!r}, "
+                f"reward_type={self.reward_type!r}, reward_cells={self.reward_cells!r}"
+            )
         for field in ("min_blanks", "max_blanks"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_BLANKS:
@@ -261,6 +278,13 @@ class SudokuTask(Task):
         ]
 
     def reward(self, prompts: Sequence, completions: Sequence, **columns: Any) -> list[float | None]:
+        if self.reward_preset == "d1":
+            puzzles, solutions = require_columns("sudoku", columns, ("puzzle", "solution"), len(completions))
+            blocks = [answer_tag(completion_text(c)) for c in completions]
+            return [
+                0.0 if b is None else cell_accuracy(_grid_of(p), _grid_of(s), _digits(b))
+                for p, s, b in zip(puzzles, solutions, blocks, strict=True)
+            ]
         scored = self._scored(completions, columns)
         if self.reward_type == "solved":
             return [float(a == s) for _, s, a in scored]
