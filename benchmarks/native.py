@@ -169,8 +169,11 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes: the script runs, nothing is measured")
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/cpu_native.json)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all)")
+    p.add_argument(
+        "--device", choices=["cpu"], default="cpu",
+        help="the native ops are CPU ops: cpu only (accepted, like the other scripts' option)",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    args.device = "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.out is None and not args.quick:

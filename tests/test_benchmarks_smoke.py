@@ -158,3 +158,13 @@ def test_perf_table_and_plots(run_dir):
     pytest.importorskip("matplotlib")
     pngs = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
     assert pngs == sorted(f"measured-{name}.png" for name in SCRIPTS)
+
+
+def test_every_script_accepts_the_device_option():
+    """`python -m benchmarks <script> --device cpu` is accepted by every script, native included."""
+    for name in (*SCRIPTS, "native"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks", name, "--device", "cpu", "--help"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
