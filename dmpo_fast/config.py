@@ -324,7 +324,9 @@ class TrainConfig:
             try:
                 changes[key.strip()] = _parse_value(raw)
             except yaml.YAMLError as e:
-                raise ValueError(f"override {item!r}: {key.strip()} is not a YAML value ({_yaml_problem(e)})") from e
+                raise ValueError(
+                    f"override {item!r}: {key.strip()} is not a YAML value ({_yaml_problem(e)})"
+                ) from e
         return self.replace(**changes)
 
 
@@ -432,7 +434,7 @@ def _matches(value, hint) -> tuple[bool, str]:
 # One line per field: what it does (the CLI's ``dmpo-fast config --markdown`` and docs/config.md use it).
 FIELD_DOCS: dict[str, str] = {
     "model": '"tiny" (the built-in Sudoku model), "tiny_countdown" (once built by scripts/pretrain_tiny.py '
-    '--task countdown), a local checkpoint directory, or a hub name (LLaDA, Dream, other HF dLLMs)',
+    "--task countdown), a local checkpoint directory, or a hub name (LLaDA, Dream, other HF dLLMs)",
     "trust_remote_code": "allow model code shipped with the checkpoint (Dream needs it; LLaDA never does)",
     "dtype": "parameter dtype: float32, bfloat16 or float16",
     "device": '"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; under accelerate each process takes its own',
