@@ -191,6 +191,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "seed", "eval_tts_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed}")
         if self.eval_size > MAX_EVAL_SIZE:
             raise ValueError(
                 f"eval_size must be at most {MAX_EVAL_SIZE} (the held-out rows are built in memory before "
