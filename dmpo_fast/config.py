@@ -438,7 +438,7 @@ FIELD_DOCS: dict[str, str] = {
     "model": '"tiny" (the built-in Sudoku model), "tiny_countdown" (once built by scripts/pretrain_tiny.py '
     "--task countdown), a local checkpoint directory, or a hub name (LLaDA, Dream, other HF dLLMs)",
     "trust_remote_code": "allow model code shipped with the checkpoint (Dream needs it; LLaDA never does)",
-    "dtype": "parameter dtype: float32, bfloat16 or float16",
+    "dtype": "parameter dtype: float32, bfloat16 or float16 (not on the CPU: its float16 math gives NaNs)",
     "device": '"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; under accelerate each process takes its own',
     "task": 'a registered task (sudoku, countdown, gsm8k, math500) or "package.module:TaskClass"',
     "task_kwargs": "keyword arguments of the task's constructor (e.g. {prompt_style: instruct}); null: the "
@@ -552,7 +552,7 @@ FIELD_DOCS: dict[str, str] = {
     ),
     "impl": "kernel backend: auto (triton on CUDA, else native if built, else chunked), triton, native, chunked, eager",
     "seed": "seed of every random stream (prompts, rollouts, masks): a resumed run repeats an uninterrupted one",
-    "eval_size": "held-out examples evaluated before and after training",
+    "eval_size": "held-out examples evaluated before and after training (at most 100000; fixed for a run)",
     "eval_every": "steps between extra evaluations (0: only before and after)",
     "eval_temperature": "sampling temperature of the evaluations (0 = greedy)",
     "eval_tts_k": (
@@ -563,7 +563,7 @@ FIELD_DOCS: dict[str, str] = {
     "output_dir": "the run directory (never overwritten: a non-empty one needs resume)",
     "save_every": "steps between checkpoints (and at the end)",
     "keep_checkpoints": "newest checkpoints kept",
-    "resume": "continue the run in output_dir from its newest checkpoint",
+    "resume": "continue the run in output_dir from its newest intact checkpoint (docs/reliability.md)",
     "tensorboard": "write TensorBoard events under output_dir/tb",
     "plot": "write output_dir/reward.png at the end",
     "progress": "show progress bars",
