@@ -23,6 +23,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -238,8 +239,17 @@ class RunDir:
         )
 
     @staticmethod
-    def load_checkpoint(path: Path) -> dict[str, Any]:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    def load_checkpoint(path: Path, *, verify: bool = True) -> dict[str, Any]:
+        """The state of checkpoint directory ``path``; a damaged one (``checkpoint_problem``, checked unless
+        ``verify=False`` says it just was) is a ``ValueError`` naming it, never an EOFError."""
+        path = Path(path)
+        problem = checkpoint_problem(path) if verify else None
+        if problem is not None:
+            raise ValueError(f"checkpoint {str(path)!r} is damaged: {problem}")
+        try:
+            return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+            raise ValueError(f"checkpoint {str(path / 'state.pt')!r} cannot be read: {e}") from e
 
     # --- summary and plot --------------------------------------------------------------------------
     def write_summary(self, summary: dict[str, Any]) -> None:

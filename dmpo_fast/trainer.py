@@ -271,7 +271,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                 f"resume=true but no checkpoint in {str(run.checkpoints)!r} passes verification (see the warning "
                 "above): move that directory away to start again from step 0"
             )
-        state = RunDir.load_checkpoint(latest) if latest is not None else None
+        state = RunDir.load_checkpoint(latest, verify=False) if latest is not None else None  # just verified
         check_resume_config(run, cfg, state)
     torch.manual_seed(cfg.seed)
     algo = algorithms.get(cfg.algorithm)(cfg)

@@ -534,3 +534,14 @@ def test_random_command_lines_parse_to_a_config_or_a_value_error(pairs, resume):
             lambda: cli._config(args, output_dir=args.output_dir, resume=True if args.resume else None),
             [k for k, _ in pairs] + ["override"],
         )
+
+
+def test_loading_a_damaged_checkpoint_directory_names_it(run_copy):
+    path, _ = run_copy
+    ckpt = path / "checkpoints" / "step-000004"
+    (ckpt / "state.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match=r"step-000004' is damaged: state.pt has 14 bytes"):
+        RunDir.load_checkpoint(ckpt)  # what dmpo-fast eval --checkpoint DIR reads
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="step-000004' is damaged: state.pt is cut short"):
+        RunDir.load_checkpoint(ckpt)
