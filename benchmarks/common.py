@@ -268,6 +268,82 @@ def tensor_bytes(tensors) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# The process's real peak memory (CPU)
+# --------------------------------------------------------------------------------------------------
+
+
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_extra(setup: str, *args, threads: int | None = None, timeout: float = 600) -> int | None:
+    """Extra peak resident memory (bytes) of one call, measured in a fresh process: what the OS had to give.
+
+    ``setup`` names a function ``"module:function"``; in a new interpreter ``function(*args)`` (JSON-able
+    args) returns ``(warmup, step)``. The child runs ``warmup()`` (a tiny shape: it loads the libraries and
+    starts the thread pools, so their pages are not charged to the step), collects garbage, reads its
+    resident set, resets the kernel's high-water mark (``/proc/self/clear_refs``, Linux), runs ``step()``
+    once and reads the mark again: extra = VmHWM after − VmRSS before. Unlike ``peak_memory``'s tracker of
+    torch allocations this sees the allocator's real footprint (freed blocks that malloc keeps, alignment,
+    GEMM workspaces). None where /proc is missing (not Linux) or the mark cannot be reset.
+    """
+    if not Path("/proc/self/status").is_file():
+        return None
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    payload = json.dumps({"setup": setup, "args": list(args), "threads": threads})
+    code = "from benchmarks.common import _peak_rss_child; _peak_rss_child()"
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=payload, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"peak_rss_extra({setup}) failed:\n{out.stderr[-2000:]}")
+    value = json.loads(out.stdout.strip().splitlines()[-1])
+    return None if value is None else int(value)
+
+
+def touch_setup(mib: int):
+    """A ``peak_rss_extra`` setup whose step allocates and writes ``mib`` MiB, then frees them: the check
+    of the measurement itself (benchmarks/test_bench_cpu.py)."""
+
+    def step():
+        torch.ones(mib << 18)  # mib MiB of fp32, every page written
+
+    return (lambda: None), step
+
+
+def _peak_rss_child() -> None:
+    import gc
+    import importlib
+    import sys
+
+    spec = json.loads(sys.stdin.read())
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    module, name = spec["setup"].split(":")
+    warmup, step = getattr(importlib.import_module(module), name)(*spec["args"])
+    warmup()
+    del warmup
+    gc.collect()
+    before = _status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak RSS to the current RSS
+    except OSError:
+        print("null")
+        return
+    step()
+    print(json.dumps(_status_bytes("VmHWM") - before))
+
+
+# --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 

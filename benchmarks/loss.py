@@ -1,9 +1,18 @@
 """Benchmark: ``wdce_loss`` forward+backward against the reference path, its own backends and the peers.
 
-Shapes (default, LLaDA-8B training): 8 sequences × 4 replicates, prompt 200 + completion 256 tokens,
-55% of completion tokens masked, hidden 4096, vocabulary 126464, bf16; on CPU 4 × 4 rows of 32 + 64 tokens,
-hidden 256, vocabulary 32000, fp32. ``--quick`` uses a tiny shape that runs anywhere in seconds (a smoke test
-of the script, not a measurement).
+Shapes (``--shape``), 55% of completion tokens masked:
+  cuda         (the default on CUDA, LLaDA-8B training) 8 sequences × 4 replicates, prompt 200 +
+               completion 256 tokens, hidden 4096, vocabulary 126464, bf16
+  cpu          (the default on CPU) 2 sequences × 4 replicates, prompt 64 + completion 96, hidden 256,
+               vocabulary 32000, fp32: a small model's head with an LLM's vocabulary
+  default-run  the loss of the default ``dmpo-fast train`` run: the tiny model (hidden 128, vocabulary 55),
+               32 prompts × 8 rollouts × 4 replicates = 1024 rows of prompt 20 + completion 24, fp32
+``--quick`` uses a tiny shape that runs anywhere in seconds (a smoke test of the script, not a measurement).
+
+``--op`` picks the op: ``wdce_loss`` (default), or the two linear ops it and the ELBO / diffu-GRPO / MRO
+log-probs are built on, on the masked rows of the same inputs gathered into [N, H]: ``weighted_linear_ce``
+(token weights w_r / n_r) and ``linear_logprob`` (backward of Σ_i g_i · logp_i with the same per-row
+coefficients as g). For those two the providers are reference (``impl="eager"``), chunked and native.
 
 Providers, all computing Σ_r w_r / n_r · Σ_{masked l} CE(hidden[r, l] · Wᵀ, targets[r, l]) on the same inputs:
   reference  full-sequence logits from the head, F.cross_entropy over every position, then mask and
@@ -28,6 +37,16 @@ timed. A provider that cannot run here (no CUDA, not installed, compilation fail
 reason in ``skipped``. Each measured row: median / p20 / p80 ms of forward+backward, TFLOP/s against the
 3-GEMM floor (2·N_masked·H·V·3 FLOPs), percent of the floor at the matmul rate measured in the same run,
 extra peak memory, the check, shapes, device, versions (the peers' too), git commit.
+
+Two memory columns: ``peak_extra_bytes``, the peak of torch's allocations during one call
+(``dmpo_fast.profiling.peak_memory``: the CUDA allocator's high-water mark; on CPU a tracker of the tensors
+torch allocates), and on CPU ``peak_rss_extra_bytes``, the process's real peak: one call in a fresh process,
+its resident-set high-water mark over its resident set before (``benchmarks.common.peak_rss_extra``). The
+second is what the machine must have; it also counts what malloc keeps and the GEMM's workspaces.
+
+``--chunk-curve`` (CPU) measures chunked and native at chunk budgets 2^18 ... 2^24 fp32 values
+(``dmpo_fast.ops.linear_ce.CPU_CHUNK_ELEMENTS``): time and both memory columns per budget, a
+``chunk_elements`` field in each row.
 """
 
 from __future__ import annotations
@@ -46,12 +65,22 @@ from benchmarks.common import (
     package_version,
     parse,
     parser,
+    peak_rss_extra,
 )
-from dmpo_fast.ops import wdce_loss
+from dmpo_fast.ops import linear_ce, linear_logprob, wdce_loss, weighted_linear_ce
 from dmpo_fast.ops.wdce import token_weights_from_rows, wdce_loss_ref
 from dmpo_fast.profiling import peak_memory
 
 PROVIDERS = ("reference", "compile", "chunked", "native", "triton", "cce", "liger")
+OPS = ("wdce_loss", "weighted_linear_ce", "linear_logprob")
+# (R, L, prompt, H, V): rows, sequence length, prompt length, hidden size, vocabulary
+SHAPES = {
+    "quick": (4, 24, 8, 32, 257),
+    "cuda": (32, 456, 200, 4096, 126464),
+    "cpu": (8, 160, 64, 256, 32000),
+    "default-run": (32 * 8 * 4, 44, 20, 128, 55),
+}
+CHUNK_CURVE = tuple(1 << k for k in range(18, 25))
 OWN_IMPL = {"reference": "eager", "chunked": "chunked", "native": "native", "triton": "triton"}
 PEERS = {"cce": "cut-cross-entropy", "liger": "liger-kernel"}  # provider -> distribution name
 LIGER_PER_TOKEN_GRADS = (0, 8, 2)  # first Liger-Kernel release whose reduction="none" backward is per token
@@ -70,6 +99,44 @@ def make_inputs(R, L, prompt, H, V, masked_frac, dtype, device, seed=0):
     mask[:, prompt:] = torch.rand(R, L - prompt, generator=g) < masked_frac
     row_weights = torch.randn(R, generator=g).to(device)
     return hidden, head, targets, mask.to(device), row_weights
+
+
+def op_inputs(op: str, inputs: tuple) -> tuple:
+    """The inputs of ``op`` from ``make_inputs``'s: wdce_loss takes them as they are; the linear ops take the
+    masked rows gathered into a leaf [N, H], their targets, and the per-token weights w_r / n_r (token weights
+    of weighted_linear_ce, upstream gradients of linear_logprob)."""
+    if op == "wdce_loss":
+        return inputs
+    hidden, head, targets, mask, row_weights = inputs
+    sel = mask.reshape(-1)
+    rows = hidden.detach().reshape(-1, hidden.shape[-1])[sel].clone().requires_grad_()
+    weights = token_weights_from_rows(mask, row_weights).reshape(-1)[sel]
+    return rows, head, targets.reshape(-1)[sel], weights
+
+
+def _logprob_loss(hidden, head, targets, g, *, impl):
+    return (linear_logprob(hidden, head, targets, impl=impl) * g).sum()
+
+
+def op_function(op: str, impl: str):
+    """``op`` with backend ``impl`` as a function of ``op_inputs`` returning a scalar to backpropagate."""
+    if op == "wdce_loss":
+        return partial(wdce_loss, impl=impl)
+    if op == "weighted_linear_ce":
+        return partial(weighted_linear_ce, impl=impl)
+    return partial(_logprob_loss, impl=impl)
+
+
+def rss_setup(op: str, provider: str, shape: list, dtype: str, chunk_elements: int | None = None):
+    """``(warmup, step)`` for ``benchmarks.common.peak_rss_extra``: one forward+backward of ``provider`` (one
+    of reference, chunked, native) on ``op`` at ``shape``, after a warm-up at the quick shape."""
+    if chunk_elements:  # the curve: exactly this budget, no floor on the rows
+        linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS = chunk_elements, 1
+    fn = op_function(op, OWN_IMPL[provider])
+    dt, cpu = getattr(torch, dtype), torch.device("cpu")
+    small = op_inputs(op, make_inputs(*SHAPES["quick"], 0.55, dt, cpu, seed=1))
+    big = op_inputs(op, make_inputs(*shape, 0.55, dt, cpu))
+    return (lambda: run_once(fn, small)), (lambda: run_once(fn, big))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,21 +181,23 @@ def _import_peer(name: str, device: torch.device):
     return fn
 
 
-def provider(name: str, device: torch.device, *, build_native: bool):
+def provider(name: str, device: torch.device, *, build_native: bool, op: str = "wdce_loss"):
     """``(loss function, note, unweighted)`` of provider ``name`` on ``device``, or raise ``Unavailable``.
     ``unweighted``: the function computes the sum over the masked rows at unit token weights."""
+    if op != "wdce_loss" and name not in ("reference", "chunked", "native", "triton"):
+        raise Unavailable(f"measured for wdce_loss only (--op {op})")
     if name in ("reference", "chunked"):
-        return partial(wdce_loss, impl=OWN_IMPL[name]), None, False
+        return op_function(op, OWN_IMPL[name]), None, False
     if name == "native":
         if device.type != "cpu":
             raise Unavailable("the native ops run on CPU tensors only")
         if not native_ready(build=build_native):
             raise Unavailable("the native CPU ops are not built (built on first use, skipped by --quick)")
-        return partial(wdce_loss, impl="native"), None, False
+        return op_function(op, "native"), None, False
     if name == "triton":
         if device.type != "cuda":  # Triton on CPU is its interpreter: it checks, it measures nothing
             raise Unavailable("needs CUDA (on CPU Triton only interprets: a check, not a measurement)")
-        return partial(wdce_loss, impl="triton"), None, False
+        return op_function(op, "triton"), None, False
     if name == "compile":
         # Static shapes: one graph, compiled on the first call (forward and, through AOTAutograd, backward).
         return torch.compile(wdce_loss_ref, dynamic=False), "torch.compile(wdce_loss_ref), inductor", False
@@ -203,13 +272,17 @@ def compare(got, ref, scales: dict, rtol: float) -> dict:
     return {"max_abs_err": err, "tolerance": tol, "err_vs_tol": ratio, "agrees": ratio <= 1.0}
 
 
-def reference_scales(ref, inputs, unit_weights: bool) -> dict:
+def reference_scales(ref, inputs, unit_weights: bool, op: str = "wdce_loss") -> dict:
     """Sizes the errors are measured against: max |gradient| for the gradients; for the loss, the loss at
     |row weights| (weights of both signs can cancel in the loss itself, not in its rounding errors)."""
-    hidden, head, targets, mask, row_weights = inputs
     with torch.no_grad():
-        rw = _unit_row_weights(mask) if unit_weights else row_weights.abs()
-        loss_scale = float(wdce_loss_ref(hidden, head, targets, mask, rw))
+        if op == "wdce_loss":
+            hidden, head, targets, mask, row_weights = inputs
+            rw = _unit_row_weights(mask) if unit_weights else row_weights.abs()
+            loss_scale = float(wdce_loss_ref(hidden, head, targets, mask, rw))
+        else:  # Σ |w_i| · CE_i either way (for linear_logprob, −Σ |g_i| · logp_i)
+            hidden, head, targets, w = inputs
+            loss_scale = abs(float(op_function(op, "eager")(hidden, head, targets, w.abs())))
     return {"loss": loss_scale, "d_hidden": float(ref[1].abs().max()), "d_head": float(ref[2].abs().max())}
 
 
@@ -228,35 +301,43 @@ def _first_line(err: BaseException) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def default_providers(device: torch.device) -> list[str]:
-    """Every provider that could run on this kind of device; peers always (they say why they cannot)."""
-    own = ["reference", "compile", "chunked", "triton" if device.type == "cuda" else "native"]
-    return own + ["cce", "liger"]
+def default_providers(device: torch.device, op: str = "wdce_loss") -> list[str]:
+    """Every provider that could run on this kind of device; peers always (they say why they cannot).
+    The linear ops: the package's own backends only."""
+    fast = "triton" if device.type == "cuda" else "native"
+    if op != "wdce_loss":
+        return ["reference", "chunked", fast]
+    return ["reference", "compile", "chunked", fast, "cce", "liger"]
+
+
+def shape_name(args, device: torch.device) -> str:
+    if args.quick:
+        return "quick"
+    return getattr(args, "shape", None) or ("cuda" if device.type == "cuda" else "cpu")
 
 
 def run(args) -> list[dict]:
     device = torch.device(args.device)
-    if args.quick:
-        R, L, prompt, H, V = 4, 24, 8, 32, 257
-    elif device.type == "cuda":
-        R, L, prompt, H, V = 32, 456, 200, 4096, 126464
-    else:
-        R, L, prompt, H, V = 16, 96, 32, 256, 32000
+    op = getattr(args, "op", None) or "wdce_loss"
+    shape = shape_name(args, device)
+    R, L, prompt, H, V = SHAPES[shape]
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    names = list(getattr(args, "providers", None) or default_providers(device))
+    names = list(getattr(args, "providers", None) or default_providers(device, op))
     unknown = [n for n in names if n not in PROVIDERS]
     if unknown:
         raise ValueError(f"providers must be among {', '.join(PROVIDERS)}; got {', '.join(unknown)}")
-    inputs = make_inputs(R, L, prompt, H, V, 0.55, dtype, device)
-    mask = inputs[3]
+    base_inputs = make_inputs(R, L, prompt, H, V, 0.55, dtype, device)
+    mask = base_inputs[3]
+    inputs = op_inputs(op, base_inputs)
     n_masked = int(mask.sum())
     floor_flops = 2 * n_masked * H * V * 3
     peak = matmul_tflops(device, dtype, quick=args.quick)
     rtol = rtol_for(dtype, device)
     dtype_name = str(dtype).removeprefix("torch.")
     base = {
-        "op": "wdce_loss",
+        "op": op,
         "mode": "fwd+bwd",
+        "shape_name": shape,
         "shape": dict(R=R, L=L, prompt=prompt, H=H, V=V, n_masked=n_masked, dtype=dtype_name),
         "peers": {dist: package_version(dist) for dist in PEERS.values()},
         **environment(device),
@@ -267,8 +348,8 @@ def run(args) -> list[dict]:
     def reference(unit_weights: bool):
         if unit_weights not in references:
             ins = (*inputs[:4], _unit_row_weights(mask)) if unit_weights else inputs
-            ref = run_once(wdce_loss_ref, ins)
-            references[unit_weights] = (ref, reference_scales(ref, ins, unit_weights))
+            ref = run_once(op_function(op, "eager"), ins)
+            references[unit_weights] = (ref, reference_scales(ref, ins, unit_weights, op))
         return references[unit_weights]
 
     rows = []
@@ -277,7 +358,8 @@ def run(args) -> list[dict]:
         rows.append(row)
         t0 = time.perf_counter()
         try:
-            fn, note, unit_weights = provider(name, device, build_native=not args.quick)
+            op_kw = {} if op == "wdce_loss" else {"op": op}  # provider()'s signature as before for wdce_loss
+            fn, note, unit_weights = provider(name, device, build_native=not args.quick, **op_kw)
             ins = (*inputs[:4], _unit_row_weights(mask)) if unit_weights else inputs
             got = run_once(fn, ins)
         except Unavailable as why:
@@ -321,11 +403,95 @@ def run(args) -> list[dict]:
             row["note"] += "; CPU peak memory not measurable through the compiled code"
         else:
             row["peak_extra_bytes"] = peak_memory(step, device)[1]
+        if device.type == "cpu" and name in ("reference", "chunked", "native"):
+            setup = ("benchmarks.loss:rss_setup", op, name, [R, L, prompt, H, V], dtype_name)
+            row["peak_rss_extra_bytes"] = peak_rss_extra(*setup, threads=torch.get_num_threads())
     measured = {r["provider"]: r for r in rows if "median_ms" in r}
-    ref_ms = measured["reference"]["median_ms"] if "reference" in measured else None
+    ref = measured.get("reference", {})
     for row in measured.values():
-        row["speedup_vs_reference"] = ref_ms / row["median_ms"] if ref_ms else None
+        row["speedup_vs_reference"] = ref["median_ms"] / row["median_ms"] if ref else None
+        ratios = (("peak_extra_bytes", "memory_vs_reference"), ("peak_rss_extra_bytes", "rss_vs_reference"))
+        for key, ratio in ratios:
+            if row.get(key) is not None and ref.get(key):
+                row[ratio] = row[key] / ref[key]
     return rows
+
+
+def chunk_curve(args) -> list[dict]:
+    """Time and memory of chunked and native against the CPU chunk budget (``CPU_CHUNK_ELEMENTS``), one row
+    per (provider, budget), with the reference once for the ratios. Same inputs, one run."""
+    device = torch.device("cpu")
+    op = getattr(args, "op", None) or "wdce_loss"
+    shape = shape_name(args, device)
+    R, L, prompt, H, V = SHAPES[shape]
+    dtype_name = args.dtype or "float32"
+    base_inputs = make_inputs(R, L, prompt, H, V, 0.55, getattr(torch, dtype_name), device)
+    inputs = op_inputs(op, base_inputs)
+    n_masked = int(base_inputs[3].sum())
+    env = {**environment(device), "op": op, "mode": "fwd+bwd", "shape_name": shape,
+           "shape": dict(R=R, L=L, prompt=prompt, H=H, V=V, n_masked=n_masked, dtype=dtype_name)}  # fmt: skip
+    budgets = CHUNK_CURVE[::3] if args.quick else CHUNK_CURVE
+    providers = ["chunked"] + (["native"] if native_ready(build=not args.quick) else [])
+    default = linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS
+    rows = []
+    try:
+        for name, budget in [("reference", None)] + [(p, b) for p in providers for b in budgets]:
+            linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS = (budget, 1) if budget else default
+            fn = op_function(op, OWN_IMPL[name])
+
+            def step(fn=fn):
+                inputs[0].grad = inputs[1].grad = None
+                fn(*inputs).backward()
+
+            row = {**env, "provider": name, "chunk_elements": budget, **bench(step, device, quick=args.quick)}
+            row["chunk_rows"] = linear_ce.chunk_rows(V, device=device, hidden=H) if budget else None
+            row["peak_extra_bytes"] = peak_memory(step, device)[1]
+            setup = ("benchmarks.loss:rss_setup", op, name, [R, L, prompt, H, V], dtype_name, budget)
+            row["peak_rss_extra_bytes"] = peak_rss_extra(*setup, threads=torch.get_num_threads())
+            rows.append(row)
+            print(f"{name} chunk {budget}: {row['median_ms']:.1f} ms, rss {row['peak_rss_extra_bytes']}")
+    finally:
+        linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS = default
+    ref = rows[0]
+    for row in rows:
+        row["speedup_vs_reference"] = ref["median_ms"] / row["median_ms"]
+        if ref["peak_rss_extra_bytes"] and row["peak_rss_extra_bytes"] is not None:
+            row["rss_vs_reference"] = row["peak_rss_extra_bytes"] / ref["peak_rss_extra_bytes"]
+    return rows
+
+
+def plot_chunk_curve(rows: list[dict], path) -> bool:
+    """Time and extra peak RSS against rows per chunk (one line per provider, the reference as a level);
+    False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ref = next(r for r in rows if r["provider"] == "reference")
+    for name in ("chunked", "native"):
+        pts = [(r["chunk_rows"], r["median_ms"], r["peak_rss_extra_bytes"] / 2**20) for r in rows
+               if r["provider"] == name]  # fmt: skip
+        if pts:
+            x, t, m = zip(*pts, strict=True)
+            ax_t.plot(x, t, "o-", label=name)
+            ax_m.plot(x, m, "o-", label=name)
+    ax_t.axhline(ref["median_ms"], color="gray", ls="--", label="reference")
+    ax_m.axhline(ref["peak_rss_extra_bytes"] / 2**20, color="gray", ls="--", label="reference")
+    for ax, label in ((ax_t, "ms (median)"), (ax_m, "extra peak RSS, MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rows per chunk")
+        ax.set_ylabel(label)
+        ax.legend()
+    shape = rows[0]["shape"]
+    fig.suptitle(f"{rows[0]['op']} fwd+bwd on CPU, V={shape['V']}, H={shape['H']}, {shape['n_masked']} rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
 
 
 def _provider_list(text: str) -> list[str]:
@@ -346,8 +512,27 @@ def main(argv=None):
                    help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip
     p.add_argument("--providers", type=_provider_list, default=None,
                    help=f"a comma-separated subset of {','.join(PROVIDERS)} (default: all)")  # fmt: skip
+    p.add_argument("--op", default="wdce_loss", choices=OPS, help="the op measured (default: wdce_loss)")
+    p.add_argument("--shape", default=None, choices=[k for k in SHAPES if k != "quick"],
+                   help="default: cuda on CUDA, cpu on CPU (see the module docstring)")  # fmt: skip
+    p.add_argument("--chunk-curve", action="store_true",
+                   help="CPU: chunked and native at chunk budgets 2^18..2^24 (time and memory)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parse(p, argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.chunk_curve:
+        if args.device != "cpu":
+            raise SystemExit("--chunk-curve measures the CPU chunk budget: use --device cpu")
+        rows = chunk_curve(args)
+        if not args.quick and args.out:
+            plot_chunk_curve(rows, str(args.out).removesuffix(".json") + ".png")
+        columns = ["provider", "chunk_elements", "chunk_rows", "median_ms", "p20_ms", "p80_ms",
+                   "speedup_vs_reference", "peak_extra_bytes", "peak_rss_extra_bytes",
+                   "rss_vs_reference"]  # fmt: skip
+        return finish(rows, "loss-chunks", args, columns)
     rows = run(args)
     columns = ["provider", "median_ms", "p20_ms", "p80_ms", "tflops", "pct_of_floor", "speedup_vs_reference",
-               "peak_extra_bytes", "err_vs_tol", "skipped"]  # fmt: skip
+               "peak_extra_bytes", "peak_rss_extra_bytes", "rss_vs_reference", "err_vs_tol",
+               "skipped"]  # fmt: skip
     return finish(rows, "loss", args, columns)

@@ -117,7 +117,7 @@ def wdce_rows(quick: bool) -> list[dict]:
 
     h_rows = hidden.detach().reshape(R * L, H)[mask.reshape(-1)]
     w = head.detach()
-    chunk = chunk_rows(V)
+    chunk = chunk_rows(V, device="cpu", hidden=H)  # the chunked path's CPU chunks
 
     def gemms():  # the chunked path's three GEMMs over the same chunks, nothing else
         dw = torch.zeros_like(w)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 import torch
 
 from benchmarks import loss as loss_bench
 from benchmarks import perf_table, plot
+from benchmarks.common import peak_rss_extra
 from benchmarks.rollout import reference_rollout
 from dmpo_fast.dmpo import elbo
 from dmpo_fast.models import build_tiny
@@ -265,3 +267,22 @@ def test_loss_table_and_plot_carry_skipped_rows(loss_rows, tmp_path):
     pytest.importorskip("matplotlib")
     png = plot.plot_file(path, tmp_path / "plots")
     assert png is not None and png.stat().st_size > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_peak_rss_extra_sees_a_freed_allocation():
+    """The real peak of a call that allocates, writes and frees 64 MiB is about 64 MiB, though the tracker of
+    live tensors would see the same and the RSS after the call none of it."""
+    extra = peak_rss_extra("benchmarks.common:touch_setup", 64)
+    assert extra is not None and 60 * 2**20 <= extra <= 80 * 2**20, extra
+
+
+def test_loss_linear_ops_rows_on_cpu():
+    args = argparse.Namespace(device="cpu", quick=True, dtype=None, providers=["reference", "chunked"],
+                              op="linear_logprob", shape=None)  # fmt: skip
+    rows = {r["provider"]: r for r in loss_bench.run(args)}
+    for r in rows.values():
+        assert r["op"] == "linear_logprob" and r["check"]["agrees"] and r["median_ms"] > 0
+        if sys.platform.startswith("linux"):
+            assert r["peak_rss_extra_bytes"] >= 0
+    assert rows["reference"]["rss_vs_reference"] == 1.0

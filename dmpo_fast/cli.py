@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -108,10 +109,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig fields to override")
 
 
-def _config(args, **extra):
+def _config(args, base=None, **extra):
+    """``--config`` (or ``base``, or the defaults), then the options given in ``extra`` and the overrides."""
     from dmpo_fast.config import TrainConfig
 
-    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    cfg = TrainConfig.from_yaml(args.config) if args.config else base or TrainConfig()
     changes = {k: v for k, v in extra.items() if v is not None}
     # One validation for options and overrides together: a check relating two fields sees both.
     return cfg.with_overrides(args.overrides or [], **changes) if changes or args.overrides else cfg
@@ -120,11 +122,24 @@ def _config(args, **extra):
 def _train(args) -> int:
     from dmpo_fast.trainer import train
 
-    cfg = _config(args, output_dir=args.output_dir, resume=True if args.resume else None)
-    print(
-        f"dmpo-fast train: {cfg.algorithm} on {cfg.task} with model {cfg.model!r}; output in {cfg.output_dir}"
-    )
+    base = None
+    if args.resume and not args.config:  # the run's own config; the command line states only the changes
+        from dmpo_fast.evaluation import saved_config
+
+        run = args.output_dir or _config(args).output_dir
+        try:
+            base = saved_config(run)
+        except ValueError:
+            base = None  # a run without a config yet starts from the defaults (and warns it found no checkpoint)
+    cfg = _config(args, base=base, output_dir=args.output_dir, resume=True if args.resume else None)
+    main = int(os.environ.get("RANK", "0")) == 0  # one line per run, not per process
+    if main:
+        print(
+            f"dmpo-fast train: {cfg.algorithm} on {cfg.task} with model {cfg.model!r}; output in {cfg.output_dir}"
+        )
     result = train(cfg)
+    if not result.main:
+        return 0
     before, after = result.eval_before, result.eval_after
     print(
         f"held-out solve rate {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
@@ -137,9 +152,14 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from dmpo_fast.trainer import evaluate_model
 
-    cfg = _config(args, model=args.model, task=args.task, sampler=args.sampler, eval_tts_k=args.tts_k)
     if args.checkpoint and args.model:
         raise ValueError("give --checkpoint or --model, not both (a checkpoint names its own model)")
+    base = None
+    if args.checkpoint and not args.config:  # evaluate as the run did; the command line states the changes
+        from dmpo_fast.evaluation import saved_config
+
+        base = saved_config(args.checkpoint).replace(resume=False)
+    cfg = _config(args, base=base, model=args.model, task=args.task, sampler=args.sampler, eval_tts_k=args.tts_k)
     rows = evaluate_model(cfg, checkpoint=args.checkpoint, gen_lengths=args.gen_lengths, n=args.num_examples)
     if cfg.eval_tts_k:
         k, window = cfg.eval_tts_k, cfg.eval_tts_window

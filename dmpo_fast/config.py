@@ -173,7 +173,9 @@ class TrainConfig:
     save_every: int = 10
     keep_checkpoints: int = 2
     resume: bool = False
-    tensorboard: bool = True
+    tensorboard: bool = True  # false drops "tensorboard" from report_to
+    report_to: str | list = "tensorboard"  # tracking.REPORT_TO: tensorboard, wandb, trackio, mlflow, comet_ml, none
+    log_completions_every: int = 30  # steps between tables of sample completions (0: never)
     plot: bool = True
     progress: bool = True
 
@@ -188,7 +190,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_every", "seed", "eval_tts_k"):
+        for name in ("warmup_steps", "eval_every", "seed", "eval_tts_k", "log_completions_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if self.seed >= 2**63:
@@ -233,6 +235,9 @@ class TrainConfig:
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         self._check_quantization()
+        from dmpo_fast.tracking import report_to_names
+
+        report_to_names(self.report_to)
         from dmpo_fast.algorithms import ALGORITHMS
 
         for algorithm in ALGORITHMS.values():  # each checks its own fields, and its needs when chosen
@@ -564,7 +569,10 @@ FIELD_DOCS: dict[str, str] = {
     "save_every": "steps between checkpoints (and at the end)",
     "keep_checkpoints": "newest checkpoints kept",
     "resume": "continue the run in output_dir from its newest intact checkpoint (docs/reliability.md)",
-    "tensorboard": "write TensorBoard events under output_dir/tb",
+    "tensorboard": "write TensorBoard events under output_dir/tb (false drops tensorboard from report_to)",
+    "report_to": "experiment trackers: tensorboard (output_dir/tb), wandb, trackio, mlflow, comet_ml (through "
+    "accelerate's trackers, when installed), a list of them, or none",
+    "log_completions_every": "steps between tables of sample completions (completions.jsonl and the trackers); 0: never",
     "plot": "write output_dir/reward.png at the end",
     "progress": "show progress bars",
 }

@@ -72,11 +72,31 @@ def resolve_checkpoint(path: str):
     )
 
 
+def saved_config(path: str) -> TrainConfig:
+    """The config a run was trained with, from a run directory or one of its checkpoints: the checkpoint's own
+    copy (the truth a resume is checked against), else the run's ``config.yaml``."""
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        ckpt = resolve_checkpoint(path)
+    except ValueError:
+        ckpt = None
+    if ckpt is not None:  # mmap: the config without reading the weights into memory
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+        return TrainConfig.from_dict(state["config"])
+    if (p / "config.yaml").is_file():
+        return TrainConfig.from_yaml(p / "config.yaml")
+    raise ValueError(f"{path!r} is neither a run directory (config.yaml, checkpoints/) nor a checkpoint directory")
+
+
 def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengths: list[int] | None = None,
                    n: int | None = None) -> list[dict]:  # fmt: skip
     """Solve rate and mean reward of cfg.model (or a trainer checkpoint) on cfg.task's held-out rows,
     one row per generation length, with cfg's sampler and ``eval_temperature`` (and test-time scaling with
-    ``eval_tts_k`` > 0)."""
+    ``eval_tts_k`` > 0). With a checkpoint the model (and its LoRA and quantization) is the checkpoint's run's;
+    everything else is ``cfg``: start from ``saved_config(checkpoint)`` to evaluate as the run did (what
+    ``dmpo-fast eval --checkpoint`` does)."""
     from dmpo_fast.tasks import get_task, resolve_reward
 
     if checkpoint is not None:

@@ -28,8 +28,18 @@ class Processes:
         if _launched_distributed():
             from accelerate import PartialState
 
-            state = PartialState(cpu=cfg.device == "cpu")
+            # On a machine without CUDA, device=auto means CPU processes (gloo): asking accelerate for GPUs
+            # there gives every process rank 0 of 1, independent copies writing one run directory.
+            cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+            state = PartialState(cpu=cpu)
             self.rank, self.world = state.process_index, state.num_processes
+            launched = int(os.environ["WORLD_SIZE"])
+            if self.world != launched:
+                raise ValueError(
+                    f"the launcher started {launched} processes (WORLD_SIZE) but they did not form one process "
+                    f"group (accelerate sees {self.world}; device={cfg.device!r}): set device=cpu for CPU "
+                    "processes, or launch one process per GPU"
+                )
             self.device = torch.device("cpu") if state.device.type == "cpu" else state.device
         else:
             self.device = resolve_device(cfg)

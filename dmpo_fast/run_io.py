@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
@@ -46,6 +47,18 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+def finite_or_none(value):
+    """A JSON-safe number: NaN and infinities become None (strict JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def strict_json(row: dict[str, Any]) -> str:
+    """One line of strict JSON (no bare NaN or Infinity: non-finite numbers are written as null)."""
+    return json.dumps({k: finite_or_none(v) for k, v in row.items()}, allow_nan=False)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -138,7 +151,7 @@ class RunDir:
 
     def log_eval(self, step: int, evaluation: dict[str, Any]) -> None:
         with self.evals_path.open("a") as f:
-            f.write(json.dumps({"step": step, **evaluation}) + "\n")
+            f.write(strict_json({"step": step, **evaluation}) + "\n")
 
     def read_evals(self) -> list[dict]:
         if not self.evals_path.exists():
@@ -147,7 +160,7 @@ class RunDir:
 
     def log(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")
             f.flush()
 
     def read_metrics(self) -> list[dict]:

@@ -36,6 +36,10 @@ from dmpo_fast.policy import Reference, load_policy, load_scorer, scheduler
 from dmpo_fast.processes import Processes
 from dmpo_fast.rollouts import rollout
 from dmpo_fast.run_io import RunDir
+from dmpo_fast.tracking import Trackers
+
+
+SAMPLES_LOGGED = 8  # rollouts per completions table
 
 
 @dataclass
@@ -46,6 +50,7 @@ class TrainResult:
     eval_after: dict
     wall_seconds: float
     metrics: list
+    main: bool = True  # False in the other processes of a multi-process run
 
 
 def make_buffer(algo: Algorithm, policy, reference, tokenizer, task, cfg: TrainConfig, reward_fns, rows,
@@ -53,7 +58,7 @@ def make_buffer(algo: Algorithm, policy, reference, tokenizer, task, cfg: TrainC
                 scorer=None) -> Buffer:  # fmt: skip
     """Rollouts of ``rows`` (G each), their rewards, and the algorithm's buffer of them, on the CPU.
     ``first_row`` is the global index of this process's first rollout; totals are summed over processes."""
-    out, _, rewards, n_failed, solved = rollout(
+    out, completions, rewards, n_failed, solved = rollout(
         policy, tokenizer, task, rows, repeat=cfg.num_generations, cfg=cfg, temperature=cfg.temperature,
         seed=derive_seed(cfg.seed, "rollout", buffer_index), reward_fns=reward_fns, first_row=first_row,
     )  # fmt: skip
@@ -61,6 +66,11 @@ def make_buffer(algo: Algorithm, policy, reference, tokenizer, task, cfg: TrainC
                      first_row=first_row)  # fmt: skip
     buf.rows.update(rewards=rewards.float().to(out.ids.device), solved=solved.to(out.ids.device))
     buf.totals["n_failed"] = int(n_failed)
+    G = cfg.num_generations
+    buf.meta["samples"] = [  # the first rollouts, for the completions table of the log
+        {"prompt": rows[i // G]["prompt"], "completion": completions[i], "reward": float(rewards[i])}
+        for i in range(min(len(completions), SAMPLES_LOGGED))
+    ]
     buf.sum_totals(procs)
     return buf.to("cpu")
 
@@ -330,7 +340,9 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             )
     bufs, buf = _saved_buffers(algo, saved, procs, start, cfg)
 
-    tb = run.tensorboard() if cfg.tensorboard else None
+    trackers = Trackers(run, cfg, main=procs.main)
+    if start == 0:
+        trackers.log_eval(eval_before, 0)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and procs.main), desc=cfg.algorithm,
@@ -349,6 +361,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             # prompts' lengths do (left padding is per process).
             bufs = procs.gather_objects(buf)
 
+        lr = lr_schedule.get_last_lr()[0]  # the rate this step's update uses
         stats = update(algo, policy, optimizer, params, buf, cfg, step, procs)  # loss -> step
         lr_schedule.step()
         skipped_in_a_row = 0 if stats["finite"] else skipped_in_a_row + 1
@@ -359,12 +372,12 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                 stacklevel=1,
             )
 
-        row = log_row(algo, step + 1, stats, bufs, lr_schedule.get_last_lr()[0], time.time() - t_step)
+        row = log_row(algo, step + 1, stats, bufs, lr, time.time() - t_step)
         if procs.main:
             run.log(row)
-            for k, v in row.items() if tb is not None else ():
-                if k != "step" and isinstance(v, (int, float)):
-                    tb.add_scalar(f"train/{k}", float(v), step + 1)
+            trackers.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step + 1)
+            if cfg.log_completions_every and (step + 1) % cfg.log_completions_every == 0:
+                trackers.log_completions(buf.meta.get("samples", []), step + 1)
         bar.update(1)
         bar.set_postfix(
             loss=f"{row['loss']:.3f}", reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.2f}"
@@ -381,17 +394,17 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             ev = evaluation()
             if procs.main:
                 run.log_eval(step + 1, ev)
-                for k in ("accuracy", "reward_mean") if tb is not None else ():
-                    tb.add_scalar(f"eval/{k}", ev[k], step + 1)
+                trackers.log_eval(ev, step + 1)
+                bar.write(f"eval at step {step + 1}: solve rate {ev['accuracy']:.3f}, reward {ev['reward_mean']:.3f}")
         if stats["finite"] and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps):
             model_state, optimizer_state, fmt = training_state(policy, optimizer, sharded=procs.fsdp)
+            # Only a model loaded with non-finite values gets here (updates that make them are undone).
             bad = _non_finite_names(model_state) if procs.main else []
-            if procs.sum([float(len(bad))])[
-                0
-            ]:  # only a model that was loaded with them gets here: updates that make them are undone
+            if procs.sum([float(len(bad))])[0]:
+                names = ", ".join(bad[:5]) or "named by the main process"
                 raise RuntimeError(
-                    f"step {step + 1}: the model holds non-finite values ({', '.join(bad[:5]) or 'on the main process'}); no checkpoint "
-                    f"was written over the last good one in {str(run.checkpoints)!r}"
+                    f"step {step + 1}: the model holds non-finite values ({names}); no checkpoint was written "
+                    f"over the last good one in {str(run.checkpoints)!r}"
                 )
             if procs.main:
                 run.save_checkpoint(
@@ -416,11 +429,9 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
         run.write_summary({"eval_before": eval_before, "eval_after": eval_after, "steps": cfg.max_steps,
                            "wall_seconds": wall, "processes": procs.world, "sharding": sharding_name,
                            "config": cfg.to_dict()})  # fmt: skip
-        if tb is not None:
-            tb.add_scalar("eval/accuracy", eval_before["accuracy"], 0)
-            tb.add_scalar("eval/accuracy", eval_after["accuracy"], cfg.max_steps)
-            tb.close()
+        trackers.log_eval(eval_after, cfg.max_steps)
+        trackers.finish()
         if cfg.plot:
             run.plot(eval_before, eval_after)
     procs.close()
-    return TrainResult(str(run.path), cfg.max_steps, eval_before, eval_after, wall, run.read_metrics())
+    return TrainResult(str(run.path), cfg.max_steps, eval_before, eval_after, wall, run.read_metrics(), procs.main)

@@ -70,3 +70,11 @@ def test_config_and_version_errors_are_clear(tmp_path):
     with pytest.raises(ImportError, match=r"supports trl>=1\.0\.0,<2\.0\.0.*found trl 0\.19\.1"):
         check_trl_version("0.19.1")
     check_trl_version(trl.__version__)
+
+
+def test_trainer_takes_a_builtin_model_name_and_its_tokenizer(tmp_path):
+    trainer = DMPOTrainer(model="tiny", reward_funcs=lambda prompts, completions, **kw: [0.0] * len(prompts),
+                          args=_config(tmp_path, bf16=False),
+                          train_dataset=datasets.Dataset.from_list([{"prompt": "1 2"}] * 4))  # fmt: skip
+    assert trainer.processing_class("12")["input_ids"] == TOK.encode("12")
+    assert trainer.policy.mask_id == TOK.mask_id

@@ -421,3 +421,19 @@ def test_bad_inputs_raise_value_error_naming_the_argument(tmp_path):
     (dream_dir / "config.json").write_text(json.dumps({"model_type": "Dream"}))
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         load(str(dream_dir))
+
+
+def test_builtin_model_names_load_everywhere_with_their_tokenizer():
+    """"tiny" and "tiny_countdown" are model names wherever a model is accepted, tokenizer included."""
+    from dmpo_fast.models import load, load_tokenizer
+    from dmpo_fast.tokenizer import CharTokenizer
+
+    lm = load("tiny")
+    tok = load_tokenizer("tiny")
+    assert isinstance(tok, CharTokenizer) and lm.mask_id == tok.mask_id
+    ids, am = tok.batch_encode(["1 2"], pad_left=True)
+    assert lm.hidden(ids, am).shape[-1] == lm.head_weight.shape[1]
+    hf = load_tokenizer("tiny_countdown", hf=True)
+    assert hf("12")["input_ids"] == tok.encode("12") and hf.padding_side == "left"
+    with pytest.raises(ValueError, match="neither an existing checkpoint directory nor a hub id"):
+        load("tiny_nonexistent")

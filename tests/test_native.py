@@ -18,7 +18,12 @@ from dmpo_fast.kernels import runtime as kernels
 from dmpo_fast.ops import _native
 from dmpo_fast.ops._common import resolve_impl
 from dmpo_fast.ops.denoise_step import denoise_step
-from dmpo_fast.ops.linear_ce import weighted_linear_ce, weighted_linear_ce_ref
+from dmpo_fast.ops.linear_ce import (
+    linear_logprob,
+    linear_logprob_ref,
+    weighted_linear_ce,
+    weighted_linear_ce_ref,
+)
 
 needs_triton = pytest.mark.skipif(not kernels.available(), reason="Triton kernels cannot run here")
 
@@ -252,6 +257,49 @@ def test_weighted_linear_ce_native_no_grad_and_token_weight_grad(ops):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("n,h,v", [(37, 19, 1031), (9, 8, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_linear_logprob_native_matches_fp64_like_chunked(ops, n, h, v, dtype):
+    hidden, weight, targets, _ = _ce_inputs(n, h, v, dtype)
+    g = torch.randn(n, dtype=torch.float64)  # per-row upstream gradients of both signs, as diffu-GRPO's
+    g[1] = 0.0
+    hd, Wd = hidden.double().clone().requires_grad_(), weight.double().clone().requires_grad_()
+    truth = linear_logprob_ref(hd, Wd, targets)
+    (truth * g).sum().backward()
+    errs, outs = {}, {}
+    for impl in ("chunked", "native"):
+        hx, Wx = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp = linear_logprob(hx, Wx, targets, impl=impl, chunk_elements=3 * v)  # several chunks
+        assert logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        (logp * g.to(logp.dtype)).sum().backward()
+        assert hx.grad.dtype == dtype and Wx.grad.dtype == dtype
+        outs[impl] = logp.detach()
+        errs[impl] = [
+            (logp.detach().double() - truth.detach()).abs().max().item(),
+            (hx.grad.double() - hd.grad).abs().max().item(),
+            (Wx.grad.double() - Wd.grad).abs().max().item(),
+        ]
+    atol = 1e-12 if dtype == torch.float64 else 1e-6
+    for e_native, e_chunked in zip(errs["native"], errs["chunked"], strict=True):
+        assert e_native <= 4 * e_chunked + atol, errs
+    with torch.no_grad():  # the ELBO's use: forward only
+        torch.testing.assert_close(linear_logprob(hidden, weight, targets, impl="native"), outs["native"])
+
+
+def test_linear_logprob_auto_takes_native_on_cpu(ops, monkeypatch):
+    from dmpo_fast.ops import linear_ce
+
+    seen = []
+    chunked = linear_ce.linear_logprob_chunked
+    monkeypatch.setattr(
+        linear_ce, "linear_logprob_chunked", lambda *a, **kw: seen.append(kw["native"]) or chunked(*a, **kw)
+    )
+    hidden, weight, targets, _ = _ce_inputs(7, 8, 50, torch.float32)
+    linear_logprob(hidden, weight, targets)  # impl="auto"
+    linear_logprob(hidden, weight, targets, impl="chunked")
+    assert seen == [True, False]
+
+
 def test_auto_takes_native_on_cpu_once_loaded(ops):
     assert resolve_impl("auto", torch.device("cpu"), has_native=True) == "native"
     assert resolve_impl("auto", torch.device("cpu"), has_native=False) == "chunked"
@@ -278,6 +326,19 @@ def test_opcheck(ops):
     ce_args = lambda: (z.clone(), torch.randint(0, 37, (8,)), torch.randn(8))  # noqa: E731
     torch.library.opcheck(ops.ce_rows_.default, (*ce_args(), True))
     torch.library.opcheck(ops.ce_rows_.default, (*ce_args(), False))
+    for dt in (torch.float32, torch.float64):
+        y, zd = torch.randint(0, 37, (8,)), z.to(dt)
+        torch.library.opcheck(ops.logprob_rows.default, (zd, y))
+        logp, lse = ops.logprob_rows(zd, y)  # against the Python reference
+        torch.testing.assert_close(lse, torch.logsumexp(zd, -1))
+        torch.testing.assert_close(logp, torch.log_softmax(zd, -1).gather(1, y[:, None])[:, 0])
+        g = torch.randn(8, dtype=dt)
+        torch.library.opcheck(ops.logprob_grad_rows_.default, (zd.clone(), y, lse, g))
+        G = zd.clone()
+        ops.logprob_grad_rows_(G, y, lse, g)
+        want = -g[:, None] * torch.softmax(zd, -1)
+        want[torch.arange(8), y] += g
+        torch.testing.assert_close(G, want)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,6 +384,17 @@ def test_failed_build_warns_once_and_gives_the_chunked_result(fresh_loader):
     assert torch.equal(loss2, loss)
     ref = denoise_step(logits, x, active, impl="chunked", **step_kw)
     assert all(torch.equal(p, q) for p, q in zip(out, ref, strict=True))
+
+
+def test_failed_build_linear_logprob_native_warns_once_and_gives_the_chunked_result(fresh_loader):
+    hidden, weight, targets, _ = _ce_inputs(11, 8, 50, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = [linear_logprob(hidden, weight, targets, impl="native") for _ in range(2)]
+    mine = [c for c in caught if "native CPU ops are unavailable" in str(c.message)]
+    assert len(mine) == 1 and fresh_loader == [True], [str(c.message) for c in caught]
+    want = linear_logprob(hidden, weight, targets, impl="chunked")
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
 
 
 def test_auto_never_builds_unless_asked(fresh_loader, monkeypatch):

@@ -41,9 +41,10 @@ def test_triton_impl_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 def test_native_impl_unavailable_is_a_clear_error():
-    h, w, t, _ = _lin()
+    # linear_logprob has a native backend now; forward_mask (no vocabulary-sized work) has none.
+    ids, maskable = torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool)
     with pytest.raises(ValueError, match="impl='native'"):
-        dmpo_fast.linear_logprob(h, w, t, impl="native")
+        dmpo_fast.forward_mask(ids, maskable, mask_id=9, replicates=2, seed=0, impl="native")
 
 
 def test_wdce_errors():

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 import dmpo_fast
-from dmpo_fast.ops.linear_ce import linear_logprob_ref, weighted_linear_ce_ref
+from dmpo_fast.ops import linear_ce
+from dmpo_fast.ops.linear_ce import (
+    CHUNK_ELEMENTS,
+    CPU_CHUNK_ELEMENTS,
+    chunk_rows,
+    linear_logprob_ref,
+    weighted_linear_ce_ref,
+)
 from dmpo_fast.ops.wdce import wdce_loss_ref
 from dmpo_fast.profiling import peak_memory
 
@@ -227,6 +234,73 @@ def test_chunked_peak_memory_is_bounded_as_rows_grow():
     # Eager materialises the full logits (sanity check that the measurement sees them).
     assert peaks["eager", 4096] >= logits_bytes_4096
     assert peaks["eager", 4096] >= 6 * peaks["eager", 512]
+
+
+def test_cpu_chunks_are_sized_for_the_cpu_and_count_the_hidden_rows():
+    # A large vocabulary: H rows, a chunk of logits as large as dW; the GPU budget holds 2**24 values.
+    assert chunk_rows(32000, device="cpu", hidden=256) == 256 < chunk_rows(32000, hidden=256) // 2
+    assert chunk_rows(32000, device="cuda") == CHUNK_ELEMENTS // 32000
+    # The default run's head (V = 55, H = 128): the gathered rows and their gradient outweigh the logits.
+    assert chunk_rows(55, device="cpu", hidden=128) == CPU_CHUNK_ELEMENTS // (55 + 2 * 128)
+    assert chunk_rows(10, 7, hidden=100) == 1  # an explicit budget is exact, and always at least one row
+
+
+def test_chunked_backward_copies_no_gradient_at_unit_upstream_gradient():
+    """dW is the one buffer of V·H on the CPU path: the forward's dW becomes weight.grad without a copy."""
+    n, H, V = 64, 32, 8192
+    hidden = torch.randn(n, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    targets, w = torch.randint(0, V, (n,)), torch.rand(n)
+    chunk = 8 * V  # 7 rows of logits: 229 KB against dW's 1 MB
+
+    def step():
+        dmpo_fast.weighted_linear_ce(
+            hidden, weight, targets, w, impl="chunked", chunk_elements=chunk
+        ).backward()
+
+    _, peak = peak_memory(step)
+    dw_bytes = V * H * 4
+    assert peak <= dw_bytes + 2 * chunk * 4, (peak, dw_bytes)
+    # Another upstream gradient still scales, and retain_graph reuse sees the unscaled buffers again.
+    h, W = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = dmpo_fast.weighted_linear_ce(h, W, targets, w, impl="chunked", chunk_elements=chunk)
+    (g1,) = torch.autograd.grad(loss, (W,), retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * -2.5, (W,))
+    torch.testing.assert_close(g2, -2.5 * g1, rtol=0, atol=0)
+
+
+def test_wdce_chunked_holds_no_gathered_copy_of_the_masked_rows(monkeypatch):
+    """The chunked wdce_loss writes dH into hidden's gradient and gathers the masked rows a chunk at a time:
+    on top of hidden.grad and dW only a chunk's worth, where gathering first held [N, H] rows, their [N, H]
+    gradient and a scaled copy of it (V small, as in the default run: the [N, H] buffers are the big ones)."""
+    monkeypatch.setattr(linear_ce, "CPU_CHUNK_ELEMENTS", 1 << 13)  # 46 rows of 50 + 2·64 values
+    monkeypatch.setattr(linear_ce, "CPU_MIN_CHUNK_ROWS", 1)  # no floor of H rows
+    R, L, H, V = 8, 64, 64, 50
+    hidden = torch.randn(R, L, H, requires_grad=True)
+    head = torch.randn(V, H, requires_grad=True)
+    targets = torch.randint(0, V, (R, L))
+    targets[:, :4] = -100  # the targets outside the loss are never read (F.cross_entropy ignores -100 too)
+    mask = torch.rand(R, L) < 0.75
+    mask[:, :4] = False
+    rw = torch.randn(R)
+    for impl in ("chunked", "eager"):
+        hidden.grad = head.grad = None
+        _, peak = peak_memory(
+            lambda impl=impl: dmpo_fast.wdce_loss(hidden, head, targets, mask, rw, impl=impl).backward()
+        )
+        if impl == "chunked":
+            want = hidden.grad.clone(), head.grad.clone()
+            grad_bytes = (R * L * H + V * H) * 4
+            assert peak <= grad_bytes + 2 * linear_ce.CPU_CHUNK_ELEMENTS * 4 + 4 * R * L * 8, (
+                peak,
+                grad_bytes,
+            )
+    torch.testing.assert_close(want[0], hidden.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(want[1], head.grad, rtol=1e-5, atol=1e-6)
+    targets[1, 10] = V
+    mask[1, 10] = True
+    with pytest.raises(ValueError, match="targets must lie in"):
+        dmpo_fast.wdce_loss(hidden, head, targets, mask, rw, impl="chunked")
 
 
 # --------------------------------------------------------------------------------------------------

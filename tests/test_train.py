@@ -373,3 +373,101 @@ def test_the_package_level_entry_point_the_readme_gives(tmp_path):
     assert isinstance(result, dmpo_fast.TrainResult) and result.steps == 2
     with pytest.raises(AttributeError, match="no attribute 'trian'"):
         dmpo_fast.trian  # noqa: B018
+
+
+def test_eval_of_a_checkpoint_uses_the_runs_config_and_reproduces_its_summary(tmp_path):
+    """`dmpo-fast eval --checkpoint RUN` evaluates as the run did (task options, seed, sampler, lengths,
+    eval_size from the run's saved config); only what the command line states changes."""
+    cfg = _cfg(tmp_path, max_steps=2, seed=1, eval_size=6, block_length=8, steps=6, tensorboard=False, plot=False)
+    result = train_mod.train(cfg)
+    js = tmp_path / "eval.json"
+    out = _cli(["eval", "--checkpoint", result.output_dir, "--json", str(js), "progress=false"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(js.read_text())[0]
+    after = json.loads((Path(result.output_dir) / "summary.json").read_text())["eval_after"]
+    assert {k: row[k] for k in after} == after
+    assert row["gen_length"] == 24 and row["n"] == 6
+    # A stated change wins over the run's config.
+    out = _cli(["eval", "--checkpoint", result.output_dir, "--json", str(js), "-n", "4", "progress=false"],
+               timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(js.read_text())[0]["n"] == 4
+
+
+def test_resume_from_the_command_line_reads_the_runs_config(tmp_path):
+    """`dmpo-fast train --output-dir RUN --resume max_steps=4` continues a run made with other settings
+    without repeating them; a change outside the resumable fields is still refused."""
+    run = tmp_path / "run"
+    args = [*SMALL_ARGS, "max_steps=2", "seed=3", "alpha=0.1", "tensorboard=false", "plot=false"]
+    first = _cli(["train", "--output-dir", str(run), *args], timeout=300)
+    assert first.returncode == 0, first.stderr
+    resumed = _cli(["train", "--output-dir", str(run), "--resume", "max_steps=4"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step-000002" in resumed.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["config"]["seed"] == 3 and summary["config"]["alpha"] == 0.1
+    refused = _cli(["train", "--output-dir", str(run), "--resume", "max_steps=6", "alpha=0.5"], timeout=120)
+    assert refused.returncode == 2 and "alpha" in refused.stderr
+
+
+def _strict_lines(path):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name} in {path.name}")
+
+    return [json.loads(ln, parse_constant=refuse) for ln in path.read_text().splitlines()]
+
+
+def test_trackers_evaluations_completions_and_the_logged_learning_rate(tmp_path, capsys):
+    """TensorBoard gets train/* every step and eval/reward_mean before, during and after; the logged lr is the
+    rate the step used (warm-up: half the rate at step 1); evaluations print during training; completions
+    tables land in completions.jsonl; metrics and evals are strict JSON."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, max_steps=4, eval_every=2, log_completions_every=2, warmup_steps=2, plot=False)
+    train_mod.train(cfg)
+    run = Path(cfg.output_dir)
+    rows = _strict_lines(run / "metrics.jsonl")
+    _strict_lines(run / "evals.jsonl")
+    assert [r["lr"] for r in rows] == pytest.approx([cfg.learning_rate / 2, *[cfg.learning_rate] * 3])
+    assert "eval at step 2: solve rate" in capsys.readouterr().out
+    events = EventAccumulator(str(run / "tb")).Reload()
+    assert [e.step for e in events.Scalars("eval/reward_mean")] == [0, 2, 4]
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3, 4]
+    table = _strict_lines(run / "completions.jsonl")
+    assert {r["step"] for r in table} == {2, 4} and all({"prompt", "completion", "reward"} <= set(r) for r in table)
+
+
+def test_report_to_none_and_bad_names(tmp_path):
+    with pytest.raises(ValueError, match="report_to"):
+        _cfg(tmp_path, report_to=["tensorboard", "nope"])
+    cfg = _cfg(tmp_path, max_steps=2, report_to="none", plot=False)
+    train_mod.train(cfg)
+    assert not (Path(cfg.output_dir) / "tb").exists()
+
+
+def test_metrics_are_strict_json_without_nan(tmp_path):
+    run = RunDir(tmp_path / "r", resume=False)
+    run.log({"step": 1, "reward_mean": float("nan"), "loss": float("inf"), "ok": 1.5})
+    run.log_eval(1, {"accuracy": float("nan")})
+    assert _strict_lines(run.metrics_path) == [{"step": 1, "reward_mean": None, "loss": None, "ok": 1.5}]
+    assert _strict_lines(run.evals_path) == [{"step": 1, "accuracy": None}]
+
+
+def test_accelerate_launch_on_cpu_with_the_defaults_forms_one_run(tmp_path):
+    """`accelerate launch` of 2 processes on a CPU-only machine with device=auto (the default): one process
+    group over gloo, each process on its own prompt groups, one metrics line per step, one summary line."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only default; on a GPU machine device=auto means the GPUs")
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    port = str(29500 + (os.getpid() + 700) % 1000)
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "configs/accelerate/ddp.yaml"),
+         "--num_processes", "2", "--main_process_port", port, "-m", "dmpo_fast", "train", "--output-dir", str(run),
+         *SMALL_ARGS, "max_steps=2", "tensorboard=false", "plot=false"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["processes"] == 2
+    assert [r["step"] for r in _strict_lines(run / "metrics.jsonl")] == [1, 2]
+    assert proc.stdout.count("held-out solve rate") == 1

@@ -81,7 +81,7 @@ from dmpo_fast.algorithms.dmpo import (  # noqa: E402
     elbo_log_ratio,
     loss_weights,
 )
-from dmpo_fast.models import DiffusionLM, load, wrap  # noqa: E402
+from dmpo_fast.models import DiffusionLM, load, load_tokenizer, wrap  # noqa: E402
 from dmpo_fast.ops._common import IMPLS  # noqa: E402
 from dmpo_fast.ops.denoise_step import REMASKING  # noqa: E402
 from dmpo_fast.sampling import CACHES, SAMPLERS, generate  # noqa: E402
@@ -283,8 +283,12 @@ class DMPOTrainer(GRPOTrainer):
                 raise ValueError(
                     f"{name} is not supported by DMPOTrainer (rollouts come from dmpo_fast.generate)"
                 )
-        if isinstance(model, str):
+        if isinstance(model, str):  # a built-in name ("tiny"), a directory or a hub id
             kw = args.model_init_kwargs or {}
+            if kwargs.get("processing_class") is None:  # the tokenizer comes with the model
+                kwargs["processing_class"] = load_tokenizer(
+                    model, hf=True, trust_remote_code=args.trust_remote_code, revision=kw.get("revision")
+                )
             model = load(model, dtype=kw.get("dtype"), trust_remote_code=args.trust_remote_code,
                          mask_id=args.mask_token_id, revision=kw.get("revision"))  # fmt: skip
         lm = model if isinstance(model, DiffusionLM) else None

@@ -15,7 +15,7 @@ from .configuration_llada import LLaDAConfig
 from .hf_adapter import DreamAdapter, HFAdapter
 from .llada import LLaDAModel, LLaDAModelLM
 from .llada_lm import LLaDADiffusionLM
-from .loading import build_tiny, load, load_llada, save_llada, tiny_config, wrap
+from .loading import build_tiny, load, load_llada, load_tokenizer, save_llada, tiny_config, wrap
 
 
 def register_auto_classes() -> None:
@@ -38,6 +38,7 @@ __all__ = [
     "LLaDAModelLM",
     "build_tiny",
     "load",
+    "load_tokenizer",
     "load_llada",
     "register_auto_classes",
     "save_llada",

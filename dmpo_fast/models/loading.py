@@ -60,6 +60,9 @@ def _resolve_dir(name_or_path, revision: str | None) -> str:
             f"name_or_path must be a directory or a hub id string, got {type(name_or_path).__name__}"
         )
     path = os.fspath(name_or_path)
+    builtin = _builtin_dir(path)
+    if builtin is not None:
+        return builtin
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
@@ -79,6 +82,46 @@ def _resolve_dir(name_or_path, revision: str | None) -> str:
     )
 
 
+def _builtin_dir(name: str) -> str | None:
+    """The directory of a built-in tiny model name ("tiny", "tiny_countdown", ...), None for other names;
+    ``FileNotFoundError`` with the build command when the model is not built."""
+    from dmpo_fast.assets import TINY_MODELS, _asset_dir, build_command
+
+    if name not in TINY_MODELS:
+        return None
+    path = _asset_dir(TINY_MODELS[name])
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the built-in model {name!r} is not in this installation ({path}); build it from the repository "
+            f"root with `{build_command(TINY_MODELS[name])}`"
+        )
+    return str(path)
+
+
+def load_tokenizer(name_or_path, *, hf: bool = False, trust_remote_code: bool = False, revision=None):
+    """The tokenizer that comes with a model: a built-in name or a directory holding dmpo_fast's character
+    tokenizer gives a ``CharTokenizer`` (with ``hf=True`` the equivalent ``PreTrainedTokenizerFast``, as
+    TRL and the HF Trainer want); anything else transformers' ``AutoTokenizer`` (left padding)."""
+    from dmpo_fast.tokenizer import CharTokenizer
+
+    path = _resolve_dir(name_or_path, revision)
+    try:
+        char = CharTokenizer.load(path)
+    except ValueError:
+        char = None
+    if char is not None:
+        if not hf:
+            return char
+        from dmpo_fast.integrations.hf_tokenizer import hf_char_tokenizer
+
+        return hf_char_tokenizer(char)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def load(
     name_or_path,
     *,
@@ -90,7 +133,8 @@ def load(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
 ) -> DiffusionLM:
-    """Load a checkpoint directory or hub id as a :class:`DiffusionLM` (eval mode).
+    """Load a built-in model name ("tiny", "tiny_countdown"), a checkpoint directory or a hub id as a
+    :class:`DiffusionLM` (eval mode). Its tokenizer: ``load_tokenizer(name_or_path)``.
 
     dtype: None (as stored), a torch.dtype or "float32"/"bfloat16"/"float16". device: where the weights go.
     trust_remote_code: required for models whose code lives in the checkpoint (Dream); never needed for LLaDA.

@@ -144,6 +144,14 @@ def _register_fakes() -> None:
     def _ce_rows_fake(logits, targets, weights, grad):
         return logits.new_empty(logits.shape[0])
 
+    @torch.library.register_fake("dmpo_fast::logprob_rows")
+    def _logprob_rows_fake(logits, targets):
+        return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0])
+
+    @torch.library.register_fake("dmpo_fast::logprob_grad_rows_")
+    def _logprob_grad_rows_fake(logits, targets, lse, grad):
+        return None
+
     _fakes_registered = True
 
 

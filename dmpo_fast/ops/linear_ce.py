@@ -9,16 +9,22 @@ to one number, so the [N, V] logits never need to exist at once:
 Backends (``impl=``):
 - ``eager``: the plain reference. Builds the full [N, V] logits in fp32 (fp64 for fp64 inputs) and
   lets autograd differentiate. The test oracle and the benchmark baseline.
-- ``chunked``: memory-lean torch. Rows are processed in chunks of ``chunk_rows(V)`` so at most a
-  chunk of logits (``CHUNK_ELEMENTS`` fp32 values, 64 MiB) is alive in the forward *and* the backward.
-  ``weighted_linear_ce`` computes its gradients during the forward (3 GEMM passes: logits, dH, dW)
-  because the token weights are known up front; the backward only scales them by the upstream
-  gradient. ``linear_logprob`` cannot do that (its per-row coefficient arrives in the backward), so
-  it saves the per-row log-sum-exp and recomputes each chunk of logits in the backward.
+- ``chunked``: memory-lean torch. Rows are processed in chunks of ``chunk_rows(V, ...)`` so at most a
+  chunk of logits is alive in the forward *and* the backward: ``CHUNK_ELEMENTS`` fp32 values (64 MiB) on a
+  GPU; on the CPU, where dW is the big buffer, H rows (a chunk of logits no larger than dW; fewer rows
+  would update dW more often) or 8 MiB when that is more rows (see ``CPU_CHUNK_ELEMENTS``). Each chunk's
+  row work is in place: one [c, V] buffer holds the logits, then exp(z − m), then the gradient of the
+  logits. ``weighted_linear_ce`` computes its gradients during the forward (3 GEMM passes: logits, dH,
+  dW) because the token weights are known up front; the backward only scales them by the upstream
+  gradient (or, when that is 1, hands the saved buffers over without a copy).
+  ``linear_logprob`` cannot do that (its per-row coefficient arrives in the backward), so it saves the
+  per-row log-sum-exp and recomputes each chunk of logits in the backward.
 - ``triton``: the fused kernels in ``dmpo_fast.kernels.linear_ce``.
-- ``native`` (``weighted_linear_ce`` only, CPU): the chunked path with each chunk's row work — log-sum-exp,
-  CE and the in-place gradient of the logits — in one C++ call (``csrc/linear_ce.cpp``) instead of five
-  torch kernels over the chunk; the three GEMMs are torch's.
+- ``native`` (CPU): the chunked path with each chunk's row work in one C++ call (``csrc/linear_ce.cpp``)
+  instead of four to six torch kernels over the chunk: for ``weighted_linear_ce`` log-sum-exp, CE and the
+  in-place gradient of the logits (``ce_rows_``); for ``linear_logprob`` log-sum-exp and log-prob in the
+  forward (``logprob_rows``), the in-place gradient of the recomputed logits in the backward
+  (``logprob_grad_rows_``). The GEMMs are torch's.
 
 Gradients, with p_i = softmax(h_i · Wᵀ) and e_y the one-hot of the target:
     d logp_i / d h_i = (e_{y_i} − p_i) · W             d logp_i / d W = (e_{y_i} − p_i)ᵀ h_i
@@ -27,10 +33,11 @@ Gradients, with p_i = softmax(h_i · Wᵀ) and e_y the one-hot of the target:
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
 
 import torch
 
+from dmpo_fast.ops._autocast import _autocast_off, autocast_dtype, autocast_operands  # noqa: F401 (re-exported)
 from dmpo_fast.ops._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -40,49 +47,62 @@ from dmpo_fast.ops._common import (
     resolve_impl,
 )
 
-# Largest logits chunk the chunked path holds: 2**24 fp32 values = 64 MiB.
+# Largest chunk the chunked path holds on a GPU: 2**24 fp32 values = 64 MiB.
 CHUNK_ELEMENTS = 1 << 24
+# On the CPU a chunk is sized against dW, the one [V, H] buffer the CPU path must hold anyway: H rows, so
+# that a chunk's logits are never larger than dW (33 MB at V = 32000, H = 256; the reference holds several
+# [N, V] buffers). Fewer rows cost time, not much memory: each chunk adds its rank-c update to all of dW
+# (dW += Gᵀ·H_c reads and writes 8·V·H bytes against 6·c·V·H FLOPs of GEMM), so the dW traffic is
+# ∝ 1/c. Measured on the 2-core CPU at V = 32000, H = 256, 420 masked rows (docs/benchmarks.md, "chunk
+# size"): 64 rows ran 1.6-1.7x and 129 rows 1.3-1.4x the time of 258 rows, all at 0.15-0.19x the reference's
+# extra peak RSS. CPU_CHUNK_ELEMENTS (8 MiB of fp32 values) allows more rows when they are cheap (a small
+# vocabulary: 6743 rows of the default run's 55-token head). CPU_MIN_CHUNK_ROWS None means "H rows".
+CPU_CHUNK_ELEMENTS = 1 << 21
+CPU_MIN_CHUNK_ROWS: int | None = None
 
 
-def chunk_rows(vocab: int, chunk_elements: int | None = None) -> int:
-    """Rows per chunk so that one [rows, vocab] fp32 block stays within ``chunk_elements``."""
-    return max(1, (chunk_elements or CHUNK_ELEMENTS) // max(1, vocab))
+def chunk_rows(vocab: int, chunk_elements: int | None = None, *, device=None, hidden: int = 0) -> int:
+    """Rows per chunk so that a chunk's fp32 values stay within ``chunk_elements``: its [rows, vocab] logits
+    and, with ``hidden``, its gathered [rows, hidden] rows and their [rows, hidden] gradient (which outweigh
+    the logits when the vocabulary is small: 55 tokens against a hidden size of 128 in the default run).
+    Default on a CPU ``device``: ``CPU_CHUNK_ELEMENTS`` but at least ``hidden`` rows (a chunk of logits as
+    large as dW, see the constants); elsewhere ``CHUNK_ELEMENTS``."""
+    per_row = max(1, vocab + 2 * hidden)
+    if chunk_elements is not None:
+        return max(1, chunk_elements // per_row)
+    if device is not None and torch.device(device).type == "cpu":
+        floor = hidden if CPU_MIN_CHUNK_ROWS is None else CPU_MIN_CHUNK_ROWS
+        return max(1, floor, CPU_CHUNK_ELEMENTS // per_row)
+    return max(1, CHUNK_ELEMENTS // per_row)
 
 
-def autocast_operands(hidden: torch.Tensor, weight: torch.Tensor):
-    """``(hidden, weight, context)`` for a projection under ``torch.autocast``.
-
-    Inside an autocast region ``F.linear`` would multiply in the autocast dtype; the fused ops do the same:
-    fp32 / fp16 / bf16 operands are cast to that dtype (fp64 is left alone, as autocast leaves it), and the op
-    then runs inside ``context``, which switches autocast off so the op's own fp32 accumulation and custom
-    backward see the dtypes they were given. Outside autocast: the operands unchanged and a no-op context.
-    The casts are differentiable, so fp32 master weights still receive fp32 gradients.
-    """
-    if not isinstance(weight, torch.Tensor):
-        return hidden, weight, contextlib.nullcontext()  # the caller's checks name the bad argument
-    dt = autocast_dtype(hidden)
-    if dt is None:
-        return hidden, weight, contextlib.nullcontext()
-    castable = (torch.float32, torch.float16, torch.bfloat16)
-    hidden = hidden.to(dt) if hidden.dtype in castable else hidden
-    weight = weight.to(dt) if weight.dtype in castable else weight
-    return hidden, weight, _autocast_off(hidden.device.type)
+def _lse_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lse, E, Σ)`` of a [c, V] chunk: lse_i = m_i + log Σ_i, Σ_i = Σ_v exp(z_iv − m_i), with ``logits``
+    overwritten by E = exp(z − m). In place: ``torch.logsumexp`` allocates a second [c, V] buffer for
+    z − m."""
+    m = logits.amax(dim=1, keepdim=True)
+    E = logits.sub_(m).exp_()
+    total = E.sum(dim=1)
+    return m.squeeze(1) + total.log(), E, total
 
 
-def autocast_dtype(t) -> torch.dtype | None:
-    """The dtype autocast computes in on ``t``'s device, or None when autocast is off there."""
-    if not isinstance(t, torch.Tensor):
-        return None
-    device_type = t.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+def _subtract_one_hot_(G: torch.Tensor, targets: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``G[i, targets[i]] -= value[i]`` in place, through the flat index i·V + y (G contiguous [c, V]).
+    ``scatter_add_`` along dim 1 did the same 10x slower on CPU at 13500 rows of 55."""
+    flat = torch.arange(G.shape[0], device=G.device) * G.shape[1] + targets
+    G.view(-1).index_add_(0, flat, -value)
+    return G
 
 
-def _autocast_off(device_type: str):
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+def _scaled(grad: torch.Tensor, *buffers):
+    """The gradients a forward saved, times the upstream ``grad``. ``grad`` is 1 for ``loss.backward()`` (the
+    trainer's WDCE step): then the saved buffers themselves are returned, so that they become the ``.grad`` of
+    the inputs without a copy (a copy of dW alone is 33 MB at V = 32000, H = 256). They are never scaled in
+    place, so ``retain_graph`` reuse (gradcheck) stays right. One host sync on a GPU, where the chunked path
+    is only the fallback."""
+    if bool(grad == 1):
+        return buffers
+    return tuple(None if b is None else b * grad for b in buffers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,9 +159,22 @@ def weighted_linear_ce_ref(
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Chunking:
+    """The non-tensor arguments of a chunked call, passed through autograd as one value: rows per chunk,
+    whether the row work runs in the native ops, and which gradients the forward computes."""
+
+    chunk: int
+    native: bool = False
+    need_h: bool = False
+    need_w: bool = False
+    need_tw: bool = False
+
+
 class _ChunkedLinearLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, how: _Chunking):
+        chunk, native = how.chunk, how.native
         dt = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=dt, device=hidden.device)
@@ -149,12 +182,15 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         w = weight.to(dt)
         for s in range(0, n, chunk):
             logits = hidden[s : s + chunk].to(dt) @ w.T  # [c, V]
-            lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
-            logp[s : s + chunk] = (
-                logits.gather(1, targets[s : s + chunk, None].long()).squeeze(1) - lse[s : s + chunk]
-            )
+            y = targets[s : s + chunk].long()
+            if native:  # max, Σexp and the gather in one C++ sweep per row (csrc/linear_ce.cpp)
+                logp[s : s + chunk], lse[s : s + chunk] = torch.ops.dmpo_fast.logprob_rows(logits, y)
+            else:
+                z_y = logits.gather(1, y[:, None]).squeeze(1)
+                lse[s : s + chunk] = _lse_(logits)[0]
+                logp[s : s + chunk] = z_y - lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.native = chunk, native
         return logp
 
     @staticmethod
@@ -173,11 +209,16 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need_w else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk].to(dt)
-            g = grad_logp[s : s + chunk].to(dt)
-            # d logp / d logits = e_y − p, scaled by the upstream gradient: G = g · (e_y − p)
-            G = torch.exp(h @ w.T - lse[s : s + chunk, None])  # p, [c, V]
-            G.mul_(-g[:, None])
-            G.scatter_add_(1, targets[s : s + chunk, None].long(), g[:, None])
+            g = grad_logp[s : s + chunk].to(dt).contiguous()
+            y = targets[s : s + chunk].long()
+            # d logp / d logits = e_y − p, scaled by the upstream gradient: G = g · (e_y − p), written over
+            # the recomputed logits (one [c, V] buffer per chunk)
+            G = h @ w.T  # [c, V]
+            if ctx.native:
+                torch.ops.dmpo_fast.logprob_grad_rows_(G, y, lse[s : s + chunk], g)
+            else:
+                G.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])  # −g · p
+                _subtract_one_hot_(G, y, -g)
             if need_h:
                 dh[s : s + chunk] = (G @ w).to(hidden.dtype)
             if need_w:
@@ -187,7 +228,8 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
 
 class _ChunkedWeightedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, chunk, need_h, need_w, need_tw, native=False):
+    def forward(ctx, hidden, weight, targets, token_weights, rows, how: _Chunking):
+        chunk, native, need_h, need_w, need_tw = how.chunk, how.native, how.need_h, how.need_w, how.need_tw
         dt = compute_dtype(hidden.dtype)
         n = hidden.shape[0]
         w = weight.to(dt)
@@ -198,7 +240,11 @@ class _ChunkedWeightedLinearCE(torch.autograd.Function):
         # Rows with weight 0 cost nothing: only live rows are projected. (nonzero() syncs on CUDA;
         # the chunked path is the CPU / fallback path, the Triton kernel skips rows in-kernel.)
         # When the token weights themselves need a gradient (dL/dw_i = CE_i) every row is live.
-        live = torch.arange(n, device=tw.device) if need_tw else (tw != 0).nonzero().squeeze(1)
+        # ``rows``: the live rows when the caller already knows them (wdce_loss).
+        if need_tw:
+            live = torch.arange(n, device=tw.device)
+        else:
+            live = rows if rows is not None else (tw != 0).nonzero().squeeze(1)
         for s in range(0, live.numel(), chunk):
             idx = live[s : s + chunk]
             h = hidden.index_select(0, idx).to(dt)  # [c, H]
@@ -211,49 +257,66 @@ class _ChunkedWeightedLinearCE(torch.autograd.Function):
                 )
                 G = logits
             else:
-                lse = torch.logsumexp(logits, dim=-1)
-                ce[idx] = lse - logits.gather(1, y).squeeze(1)
+                z_y = logits.gather(1, y).squeeze(1)
+                lse, E, total = _lse_(logits)  # E = exp(z − m) over the logits buffer
+                ce[idx] = lse - z_y
                 if need_h or need_w:
-                    # d(w_i · CE_i)/d logits_i = w_i · (p_i − e_y): reuse the logits buffer in place.
-                    G = logits.sub_(lse[:, None]).exp_()
-                    G.scatter_add_(1, y, torch.full_like(lse, -1.0)[:, None])
-                    G.mul_(tw.index_select(0, idx)[:, None])
+                    # d(w_i · CE_i)/d logits_i = w_i · (p_i − e_y), p_i = E_i / Σ_v E_iv: still in place.
+                    tw_c = tw.index_select(0, idx)
+                    G = E.mul_((tw_c / total)[:, None])
+                    _subtract_one_hot_(G, y[:, 0], tw_c)
             if need_h:
                 dh.index_copy_(0, idx, G @ w)
             if need_w:
                 dw.addmm_(G.T, h)
         ctx.save_for_backward(dh, dw, ce)
         ctx.dtypes = (hidden.dtype, weight.dtype, token_weights.dtype)
-        return (tw * ce).sum()
+        # Σ over the live rows only: the same sum, in the same order, whether or not the caller gathered them.
+        return (tw.index_select(0, live) * ce.index_select(0, live)).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
         dh, dw, ce = ctx.saved_tensors
         h_dt, w_dt, tw_dt = ctx.dtypes
         g = grad_out.to(ce.dtype)
-        dh = (dh * g).to(h_dt) if ctx.needs_input_grad[0] else None
-        dw = (dw * g).to(w_dt) if ctx.needs_input_grad[1] else None
         dtw = (ce * g).to(tw_dt) if ctx.needs_input_grad[3] else None
-        return dh, dw, None, dtw, None, None, None, None, None
+        dh, dw = _scaled(g, dh, dw)
+        dh = dh.to(h_dt) if ctx.needs_input_grad[0] else None
+        dw = dw.to(w_dt) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, dtw, None, None
 
 
-def linear_logprob_chunked(hidden, weight, targets, *, chunk_elements: int | None = None):
-    return _ChunkedLinearLogprob.apply(hidden, weight, targets, chunk_rows(weight.shape[0], chunk_elements))
+def linear_logprob_chunked(
+    hidden, weight, targets, *, chunk_elements: int | None = None, native: bool = False
+):
+    """The chunked path; with ``native`` the per-row work of each chunk runs in the C++ ops ``logprob_rows``
+    (forward) and ``logprob_grad_rows_`` (backward). Same chunks, so the same peak memory."""
+    V, H = weight.shape
+    chunk = chunk_rows(V, chunk_elements, device=hidden.device, hidden=H)
+    return _ChunkedLinearLogprob.apply(hidden, weight, targets, _Chunking(chunk, native))
 
 
 def weighted_linear_ce_chunked(
-    hidden, weight, targets, token_weights, *, chunk_elements: int | None = None, native: bool = False
+    hidden,
+    weight,
+    targets,
+    token_weights,
+    *,
+    chunk_elements: int | None = None,
+    native: bool = False,
+    rows: torch.Tensor | None = None,
 ):
     """The chunked path; with ``native`` the per-row work of each chunk runs in the C++ op ``ce_rows_``
-    (the GEMMs stay torch's). Same chunks, so the same peak memory."""
+    (the GEMMs stay torch's). Same chunks, so the same peak memory. ``rows`` (int64 [n_live]): the rows
+    with a non-zero token weight, when the caller has them already; the others are skipped."""
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and hidden.requires_grad
     need_w = grad_on and weight.requires_grad
     need_tw = grad_on and token_weights.requires_grad
-    chunk = chunk_rows(weight.shape[0], chunk_elements)
-    return _ChunkedWeightedLinearCE.apply(
-        hidden, weight, targets, token_weights, chunk, need_h, need_w, need_tw, native
-    )
+    V, H = weight.shape
+    chunk = chunk_rows(V, chunk_elements, device=hidden.device, hidden=H)
+    how = _Chunking(chunk, native, need_h, need_w, need_tw)
+    return _ChunkedWeightedLinearCE.apply(hidden, weight, targets, token_weights, rows, how)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,8 +339,10 @@ def linear_logprob(
         hidden: [N, H] float (bf16 / fp16 / fp32 / fp64).
         weight: [V, H], same dtype as ``hidden`` (the LM head).
         targets: [N] int32/int64 in [0, V).
-        impl: "auto" | "triton" | "chunked" | "eager".
-        chunk_elements: chunked path only, the most logits held at once (default 2**24).
+        impl: "auto" | "triton" | "native" | "chunked" | "eager" ("native": the chunked path with each
+            chunk's row work in C++, CPU only; see ``dmpo_fast.ops._native``).
+        chunk_elements: chunked and native paths, the most fp32 values a chunk holds (default: 2**21 on
+            CPU, 2**24 elsewhere; see ``chunk_rows``).
         options: triton path only, a ``dmpo_fast.kernels.linear_ce.LinearCEOptions`` (chunk size, ...).
 
     Under ``torch.autocast`` the projection runs in the autocast dtype, as ``F.linear`` would (hidden and
@@ -288,7 +353,7 @@ def linear_logprob(
     """
     hidden, weight, no_autocast = autocast_operands(hidden, weight)
     _check_linear(hidden, weight, targets)
-    impl = resolve_impl(impl, hidden.device)
+    impl = resolve_impl(impl, hidden.device, has_native=True)
     with no_autocast:
         if impl == "eager":
             return linear_logprob_ref(hidden, weight, targets)
@@ -296,7 +361,9 @@ def linear_logprob(
             from dmpo_fast.kernels.linear_ce import linear_logprob_triton
 
             return linear_logprob_triton(hidden, weight, targets, options=options)
-        return linear_logprob_chunked(hidden, weight, targets, chunk_elements=chunk_elements)
+        return linear_logprob_chunked(
+            hidden, weight, targets, chunk_elements=chunk_elements, native=impl == "native"
+        )
 
 
 def weighted_linear_ce(
@@ -323,7 +390,8 @@ def weighted_linear_ce(
         impl: "auto" | "triton" | "native" | "chunked" | "eager" ("native": the chunked path with each
             chunk's row work in C++, CPU only; see ``dmpo_fast.ops._native``).
         deterministic: triton path only, reduce dW in a fixed order (slower, bit-reproducible).
-        chunk_elements: chunked and native paths, the most logits held at once (default 2**24).
+        chunk_elements: chunked and native paths, the most fp32 values a chunk holds (default: 2**21 on
+            CPU, 2**24 elsewhere; see ``chunk_rows``).
         options: triton path only, a ``dmpo_fast.kernels.linear_ce.LinearCEOptions`` (chunk size, dW
             accumulation in fp32 or in the weight dtype, ...). The triton backward scales gradients
             saved by the forward, so it can run once per forward (no ``retain_graph`` reuse).
