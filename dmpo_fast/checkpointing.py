@@ -7,7 +7,8 @@ from dmpo_fast.config import TrainConfig
 from dmpo_fast.run_io import ADAPTER_NAME as _ADAPTER
 from dmpo_fast.run_io import MODEL_INFO, RunDir
 
-# Fields a resumed run may change; any other difference from the saved config is refused.
+# Fields a resumed run may change; any other difference from the saved config is refused. Not eval_size:
+# "before" on 16 rows against "after" on 32 is no comparison.
 RESUMABLE_CHANGES = frozenset(
     {
         "resume",
@@ -15,14 +16,13 @@ RESUMABLE_CHANGES = frozenset(
         "reward_timeout",
         "report_to",
         "log_completions_every",
-        "max_steps",
+        "max_steps",  # never below the checkpoint's step (check_resume_config)
         "progress",
         "eval_every",
         "save_every",
         "keep_checkpoints",
         "plot",
         "tensorboard",
-        "eval_size",
         "device",
         "impl",
         "fsdp",  # checkpoints hold the full state either way
@@ -31,20 +31,42 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
-def check_resume_config(run: RunDir, cfg: TrainConfig) -> None:
-    import yaml
+def check_resume_config(run: RunDir, cfg: TrainConfig, state: dict | None = None) -> None:
+    """Refuse a resume that would be another run under the same name: a config that differs from the run's
+    in a field outside ``RESUMABLE_CHANGES``, or ``max_steps`` below the checkpoint's step. ``state`` is the
+    checkpoint the run resumes from: its own config is the reference (config.yaml can be edited or deleted);
+    without one (killed before the first checkpoint), config.yaml is."""
+    if state is not None and state["step"] > cfg.max_steps:
+        raise ValueError(
+            f"max_steps={cfg.max_steps} but the run in {str(run.path)!r} is at step {state['step']} (its newest "
+            f"checkpoint): a resume continues a run, it cannot shorten it. Set max_steps >= {state['step']}, or "
+            "evaluate that checkpoint with dmpo-fast eval --checkpoint"
+        )
+    if state is not None and isinstance(state.get("config"), dict):
+        saved, source = state["config"], f"its checkpoint step-{state['step']:06d}"
+    else:
+        saved_file = run.path / "config.yaml"
+        if not saved_file.is_file():
+            return
+        import yaml
 
-    saved_file = run.path / "config.yaml"
-    if not saved_file.is_file():
-        return
-    saved = yaml.safe_load(saved_file.read_text()) or {}
+        try:
+            saved = yaml.safe_load(saved_file.read_text()) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ValueError(
+                f"resume=true but the saved config {str(saved_file)!r} cannot be read: {e}"
+            ) from e
+        if not isinstance(saved, dict):
+            raise ValueError(f"resume=true but the saved config {str(saved_file)!r} is not a mapping")
+        source = repr(str(saved_file))
     now = cfg.to_dict()
     changed = sorted(k for k in now if k in saved and saved[k] != now[k] and k not in RESUMABLE_CHANGES)
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise ValueError(
-            f"resume=true but the config differs from the saved run in {str(saved_file)!r} ({diffs}); only "
-            f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume. Start a new output_dir instead."
+            f"resume=true but the config differs from the saved run in {str(run.path)!r} ({diffs}; saved in "
+            f"{source}); only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume. Start a new "
+            "output_dir instead."
         )
 
 

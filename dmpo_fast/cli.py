@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model to evaluate: 'tiny', a local directory or a hub name")
     ev.add_argument("--task", help="task name (sudoku, countdown, gsm8k, math500) or module:Class")
     ev.add_argument("--sampler", choices=("llada", "fast_dllm", "roar"), help="decoding sampler")
-    ev.add_argument("--gen-lengths", type=int, nargs="+", metavar="N", help="generation lengths to evaluate")
+    ev.add_argument(
+        "--gen-lengths", type=_positive_int, nargs="+", metavar="N", help="generation lengths to evaluate"
+    )
     ev.add_argument("-n", "--num-examples", type=int, help="held-out examples (default: eval_size)")
     ev.add_argument(
         "--tts-k",
@@ -90,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--strict", action="store_true", help="fail on register spills too")
     ck.add_argument("--quiet", action="store_true", help="no per-call progress lines")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -275,5 +287,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dmpo-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk: the message says where and how much; the run stays resumable
+        import errno
+        import os
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("DMPO_FAST_TRACEBACK"):
+            raise
+        print(f"dmpo-fast {args.command}: error: {e}", file=sys.stderr)
+        return 1
     parser.print_help(sys.stderr)
     return 2

@@ -22,6 +22,7 @@ by every run are checked here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,10 @@ RewardPreset = Literal["default", "d1"]  # = tasks.presets.REWARD_PRESETS (tests
 # (0): the papers' cell reward pays for near misses, and DMPO's per-group softmax then trains on the best
 # wrong answer of a group that solved nothing (docs/default_run.md). Other tasks keep their own defaults.
 DEFAULT_TASK_KWARGS: dict[str, dict] = {"sudoku": {"reward_type": "solved"}}
+
+# The largest eval_size: the held-out rows are built in memory before the first step (GSM8K's test set has
+# 1319 rows, MATH-500's 500; the procedural tasks draw as many as asked, 1e8 of them never finishes).
+MAX_EVAL_SIZE = 100_000
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,20 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "seed", "eval_tts_k", "log_completions_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed}")
+        if self.eval_size > MAX_EVAL_SIZE:
+            raise ValueError(
+                f"eval_size must be at most {MAX_EVAL_SIZE} (the held-out rows are built in memory before "
+                f"training starts), got {self.eval_size}"
+            )
+        if self.steps > self.gen_length:
+            raise ValueError(
+                f"steps ({self.steps}) must be <= gen_length ({self.gen_length}): each denoising step commits "
+                "at least one token"
+            )
+        if self.dtype == "float16" and self.device == "cpu":
+            raise ValueError(FLOAT16_ON_CPU)
         if self.gen_length % self.block_length:
             raise ValueError(
                 f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})"
@@ -333,21 +352,51 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
-        with path.open() as f:
-            data = yaml.safe_load(f) or {}
-        return cls.from_dict(data)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {str(path)!r} cannot be read: {e}") from e
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}") from e
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"config file {str(path)!r} must hold a mapping of field names to values, got "
+                f"{type(data).__name__}"
+            )
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{e} (in config file {str(path)!r})") from e
 
     def with_overrides(self, overrides: list[str], **changes) -> TrainConfig:
         """Apply ``key=value`` strings; values are parsed as YAML (``3``, ``0.1``, ``true``, ``null``, ``[a, b]``).
 
         ``changes`` (field values, e.g. from command-line options) are applied in the same step, so the checks
         that relate fields see both; an override wins over a change of the same field."""
+        import yaml
+
         for item in overrides:
             if "=" not in item:
                 raise ValueError(f"override {item!r} must look like key=value")
             key, raw = item.split("=", 1)
-            changes[key.strip()] = _parse_value(raw)
+            try:
+                changes[key.strip()] = _parse_value(raw)
+            except yaml.YAMLError as e:
+                raise ValueError(
+                    f"override {item!r}: {key.strip()} is not a YAML value ({_yaml_problem(e)})"
+                ) from e
         return self.replace(**changes)
+
+
+def _yaml_problem(e) -> str:
+    """A YAML error as "line L, column C: problem" (PyYAML counts from 0; editors from 1)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    if "\\t" in problem:  # PyYAML: "found character '\\t' that cannot start any token"
+        problem += " (a tab: YAML indents and separates with spaces)"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def _parse_value(raw: str):
@@ -387,7 +436,7 @@ def field_names() -> list[str]:
 
 def _check_names(d: dict) -> None:
     known = set(field_names())
-    unknown = sorted(set(d) - known)
+    unknown = sorted((str(k) for k in set(d) - known), key=str)
     if unknown:
         import difflib
 
@@ -398,6 +447,12 @@ def _check_names(d: dict) -> None:
         raise ValueError(f"unknown config field(s): {', '.join(hints)}")
 
 
+FLOAT16_ON_CPU = (
+    "dtype='float16' on the CPU gives NaN parameters after a few steps (CPU float16 matmuls overflow and "
+    "round badly): use dtype='float32' or 'bfloat16' on the CPU"
+)
+
+
 def _check_types(cfg: TrainConfig) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(cfg):
@@ -405,6 +460,10 @@ def _check_types(cfg: TrainConfig) -> None:
         ok, allowed = _matches(value, hints[f.name])
         if not ok:
             raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
+        # No field has a use for inf or NaN: learning_rate=.inf or max_grad_norm=.nan pass every comparison
+        # below (or fail none) and write NaN parameters.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
 
 
 def _matches(value, hint) -> tuple[bool, str]:
@@ -435,9 +494,9 @@ def _matches(value, hint) -> tuple[bool, str]:
 # One line per field: what it does (the CLI's ``dmpo-fast config --markdown`` and docs/config.md use it).
 FIELD_DOCS: dict[str, str] = {
     "model": '"tiny" (the built-in Sudoku model), "tiny_countdown" (once built by scripts/pretrain_tiny.py '
-    '--task countdown), a local checkpoint directory, or a hub name (LLaDA, Dream, other HF dLLMs)',
+    "--task countdown), a local checkpoint directory, or a hub name (LLaDA, Dream, other HF dLLMs)",
     "trust_remote_code": "allow model code shipped with the checkpoint (Dream needs it; LLaDA never does)",
-    "dtype": "parameter dtype: float32, bfloat16 or float16",
+    "dtype": "parameter dtype: float32, bfloat16 or float16 (not on the CPU: its float16 math gives NaNs)",
     "device": '"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; under accelerate each process takes its own',
     "task": 'a registered task (sudoku, countdown, gsm8k, math500) or "package.module:TaskClass"',
     "task_kwargs": "keyword arguments of the task's constructor (e.g. {prompt_style: instruct}); null: the "
@@ -565,7 +624,7 @@ FIELD_DOCS: dict[str, str] = {
     ),
     "impl": "kernel backend: auto (triton on CUDA, else native if built, else chunked), triton, native, chunked, eager",
     "seed": "seed of every random stream (prompts, rollouts, masks): a resumed run repeats an uninterrupted one",
-    "eval_size": "held-out examples evaluated before and after training",
+    "eval_size": "held-out examples evaluated before and after training (at most 100000; fixed for a run)",
     "eval_every": "steps between extra evaluations (0: only before and after)",
     "eval_temperature": "sampling temperature of the evaluations (0 = greedy)",
     "eval_tts_k": (
@@ -576,7 +635,7 @@ FIELD_DOCS: dict[str, str] = {
     "output_dir": "the run directory (never overwritten: a non-empty one needs resume)",
     "save_every": "steps between checkpoints (and at the end)",
     "keep_checkpoints": "newest checkpoints kept",
-    "resume": "continue the run in output_dir from its newest checkpoint",
+    "resume": "continue the run in output_dir from its newest intact checkpoint (docs/reliability.md)",
     "tensorboard": "write TensorBoard events under output_dir/tb (false drops tensorboard from report_to)",
     "report_to": "experiment trackers: tensorboard (output_dir/tb), wandb, trackio, mlflow, comet_ml (through "
     "accelerate's trackers, when installed), a list of them, or none",

@@ -59,9 +59,15 @@ def load_scorer(cfg: TrainConfig, tokenizer, device):
     dtype = getattr(torch, cfg.dtype)
     from dmpo_fast import mro
 
-    return mro.load_ar_scorer(
-        cfg.mro_ppl_model, bridge_from=tokenizer, device=device, dtype=dtype, impl=cfg.impl
-    )
+    try:
+        return mro.load_ar_scorer(
+            cfg.mro_ppl_model, bridge_from=tokenizer, device=device, dtype=dtype, impl=cfg.impl
+        )
+    except (OSError, ValueError) as e:  # not on disk and not fetchable (offline), or not a causal LM
+        raise ValueError(
+            f"mro_ppl_model {cfg.mro_ppl_model!r} cannot be loaded (a causal LM's directory, or a hub name "
+            f"that is cached or can be fetched): {e}"
+        ) from e
 
 
 class Reference:

@@ -100,11 +100,102 @@ def update(algo: Algorithm, policy, optimizer, params, buf: Buffer, cfg: TrainCo
         grad_norm = grad_norm.full_tensor()
     finite = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
     if finite:
+        # A finite gradient can still give non-finite parameters (float16 overflow, an absurd learning rate):
+        # such a step is undone from the copy taken before it, and counted as a skipped step.
+        before = _snapshot(params, optimizer)
         optimizer.step()
-    else:
+        finite = procs.sum([_non_finite_count(params)])[0] == 0
+        if not finite:
+            _restore(params, optimizer, before)
+    if not finite:
         optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_total, "masked_tokens": int(masked_tokens), "grad_norm": float(grad_norm),
             "finite": finite, **dict(zip(algo.summed_stats, extra, strict=True))}  # fmt: skip
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a sharded parameter (FSDP): this process's shard
+
+
+def _snapshot(params, optimizer) -> tuple[list, dict]:
+    """Copies of the trainable parameters and their AdamW state, on their device (with LoRA a few MB; a
+    full fine-tune needs 3x the trainable parameters' memory for it, docs/reliability.md)."""
+    with torch.no_grad():
+        values = [_local(p.detach()).clone() for p in params]
+        state = {
+            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+            for i, p in enumerate(params)
+            if p in optimizer.state
+        }
+    return values, state
+
+
+def _restore(params, optimizer, snapshot: tuple[list, dict]) -> None:
+    values, state = snapshot
+    with torch.no_grad():
+        for i, (p, v) in enumerate(zip(params, values, strict=True)):
+            _local(p.detach()).copy_(v)
+            if i in state:
+                optimizer.state[p] = state[i]
+            else:  # the first step created it
+                optimizer.state.pop(p, None)
+
+
+def _non_finite_count(params) -> float:
+    """How many of this process's trainable parameters (or shards) hold a NaN or an infinity."""
+    if not params:
+        return 0.0
+    return float(torch.stack([~torch.isfinite(_local(p.detach())).all() for p in params]).sum())
+
+
+def _non_finite_names(state: dict) -> list[str]:
+    return [
+        k
+        for k, v in state.items()
+        if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())
+    ]
+
+
+def preflight(cfg: TrainConfig, device: torch.device):
+    """The checks that need neither the model nor the data, run before anything is written or computed:
+    float16 on the CPU, Triton without a GPU, a model path that does not exist, the task and its options,
+    the extra rewards' import paths. Returns (task, reward functions)."""
+    from dmpo_fast.config import FLOAT16_ON_CPU
+    from dmpo_fast.tasks import get_task, resolve_reward
+
+    if cfg.dtype == "float16" and device.type == "cpu":
+        raise ValueError(f"{FLOAT16_ON_CPU} (device={cfg.device!r} runs on the CPU here)")
+    if cfg.impl == "triton":
+        from dmpo_fast.kernels import runtime
+
+        if not runtime.available(device):
+            raise ValueError(f"impl='triton' cannot run here: {runtime.unavailable_reason(device)}")
+    for name in ("model", "mro_ppl_model"):
+        _check_model_name(name, getattr(cfg, name))
+    try:
+        task = get_task(cfg.task, **cfg.task_options())
+    except TypeError as e:  # a task class that is not a dataclass, given options it does not take
+        raise ValueError(f"task_kwargs {cfg.task_kwargs!r} do not fit task {cfg.task!r}: {e}") from e
+    return task, [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]
+
+
+def _check_model_name(field: str, name: str | None) -> None:
+    """A built-in name, an existing directory or a hub id (owner/name); a path that does not exist is refused
+    here rather than after the run directory was made."""
+    import os
+    import re
+
+    from dmpo_fast.assets import TINY_MODELS
+
+    if name is None or name in TINY_MODELS or os.path.isdir(os.path.expanduser(name)):
+        return
+    looks_local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+    if looks_local or not hub_id:
+        raise ValueError(
+            f"{field} {name!r} is not a directory that exists, a hub id (owner/name) or a built-in model "
+            f"({', '.join(sorted(TINY_MODELS))})"
+        )
 
 
 def log_row(algo: Algorithm, step: int, stats: dict, bufs: list[Buffer], lr: float, seconds: float) -> dict:
@@ -163,22 +254,44 @@ def _saved_buffers(algo: Algorithm, saved, procs: Processes, step: int, cfg: Tra
     return bufs, bufs[procs.rank]
 
 
+def _wall_before(run: RunDir, state: dict) -> float:
+    """Seconds the run had spent up to the checkpoint it resumes from (checkpoints of earlier releases do not
+    say: a finished run's summary does)."""
+    if "wall_seconds" in state:
+        return float(state["wall_seconds"])
+    import json
+
+    try:
+        summary = json.loads((run.path / "summary.json").read_text())
+        return float(summary["wall_seconds"]) if summary.get("steps") == state["step"] else 0.0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 def train(cfg: TrainConfig | None = None) -> TrainResult:
     """Run the configured algorithm; returns the evaluations and where everything was written."""
     cfg = cfg or TrainConfig()
-    from dmpo_fast.tasks import get_task, resolve_reward
-
     t0 = time.time()
     procs = Processes(cfg)
-    run = RunDir(cfg.output_dir, resume=cfg.resume, main=procs.main)
-    if cfg.resume:
-        check_resume_config(run, cfg)
     device = procs.device
+    task, reward_fns = preflight(cfg, device)
+    run = RunDir(cfg.output_dir, resume=cfg.resume, main=procs.main)
+    latest, state = None, None
+    if cfg.resume:  # the newest checkpoint that passes verification, and its own config as the reference
+        with warnings.catch_warnings():
+            if not procs.main:
+                warnings.simplefilter("ignore")
+            latest = run.latest_checkpoint()
+        if latest is None and run.checkpoint_dirs():
+            raise ValueError(
+                f"resume=true but no checkpoint in {str(run.checkpoints)!r} passes verification (see the warning "
+                "above): move that directory away to start again from step 0"
+            )
+        state = RunDir.load_checkpoint(latest, verify=False, with_model=False) if latest else None  # verified
+        check_resume_config(run, cfg, state)
     torch.manual_seed(cfg.seed)
     algo = algorithms.get(cfg.algorithm)(cfg)
     policy, tokenizer = load_policy(cfg, device)
-    task = get_task(cfg.task, **cfg.task_options())
-    reward_fns = [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]
     reference = Reference(cfg, policy, uses=algo.needs_reference)
     needs_scorer = algo.needs_scorer or (cfg.eval_tts_k > 0 and cfg.effective_ppl_weight > 0)
     scorer = load_scorer(cfg, tokenizer, device) if needs_scorer else None
@@ -207,15 +320,16 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             return evaluate(policy, tokenizer, task, eval_rows, cfg, reward_fns, procs=procs, progress=progress,
                             scorer=scorer)  # fmt: skip
 
-    start, saved, eval_before = 0, None, None
-    latest = run.latest_checkpoint() if cfg.resume else None
-    if latest is not None:
-        state = RunDir.load_checkpoint(latest, with_model=False)
+    start, saved, eval_before, wall_before = 0, None, None, 0.0
+    if state is not None:
         load_training_state(policy, optimizer, state, sharded=procs.fsdp, directory=latest)
         lr_schedule.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start, saved, eval_before = state["step"], state["buffer"], state["eval_before"]
+        wall_before = _wall_before(run, state)
+        del state  # the model and optimizer hold their copies now
         if procs.main:
+            run.discard_checkpoints_after(start)
             run.truncate_metrics(start)
             print(f"resumed from {latest.name} (step {start})")
     else:
@@ -223,6 +337,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
             warnings.warn(
                 f"resume=true but {str(run.path)!r} has no checkpoint: starting from step 0", stacklevel=2
             )
+            run.truncate_metrics(0)  # the lines of a run killed before its first checkpoint
         run.write_config(cfg.to_dict())
         eval_before = evaluation(progress=cfg.progress)
         if procs.main:
@@ -258,7 +373,9 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
         skipped_in_a_row = 0 if stats["finite"] else skipped_in_a_row + 1
         if not stats["finite"] and procs.main:
             warnings.warn(
-                f"step {step + 1}: non-finite loss or gradient, the update was skipped", stacklevel=1
+                f"step {step + 1}: non-finite loss, gradient or updated parameters, the update was skipped "
+                "(the parameters and optimizer state are those before it)",
+                stacklevel=1,
             )
 
         row = log_row(algo, step + 1, stats, bufs, lr, time.time() - t_step)
@@ -287,13 +404,21 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
                 bar.write(f"eval at step {step + 1}: solve rate {ev['accuracy']:.3f}, reward {ev['reward_mean']:.3f}")
         if stats["finite"] and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps):
             model_state, optimizer_state, fmt = training_state(policy, optimizer, sharded=procs.fsdp)
+            # Only a model loaded with non-finite values gets here (updates that make them are undone).
+            bad = _non_finite_names(model_state) if procs.main else []
+            if procs.sum([float(len(bad))])[0]:
+                names = ", ".join(bad[:5]) or "named by the main process"
+                raise RuntimeError(
+                    f"step {step + 1}: the model holds non-finite values ({names}); no checkpoint was written "
+                    f"over the last good one in {str(run.checkpoints)!r}"
+                )
             if procs.main:
                 run.save_checkpoint(
                     step + 1,
                     {
                         "optimizer": optimizer_state, "optimizer_format": fmt, "scheduler": lr_schedule.state_dict(),
                         "rng": torch.get_rng_state(), "step": step + 1, "buffer": [b.to_dict() for b in bufs],
-                        "eval_before": eval_before, "config": cfg.to_dict(),
+                        "eval_before": eval_before, "config": cfg.to_dict(), "wall_seconds": wall_before + time.time() - t0,
                     },
                     keep=cfg.keep_checkpoints,
                     write_files=lambda d: save_model_files(policy, model_state, tokenizer, cfg, d),
@@ -301,7 +426,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     bar.close()
 
     eval_after = evaluation(progress=cfg.progress)
-    wall = time.time() - t0
+    wall = wall_before + time.time() - t0  # every session of the run, up to its checkpoint, and this one
     if procs.main:
         print(f"eval after:  solve rate {eval_after['accuracy']:.3f}, reward {eval_after['reward_mean']:.3f}")
         sharding_name = (

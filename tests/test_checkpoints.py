@@ -105,7 +105,7 @@ def test_a_checkpoint_of_an_older_release_still_resumes_exactly(tmp_path):
     train_mod.train(cfg)
     for ckpt in (Path(cfg.output_dir) / "checkpoints").iterdir():  # rewrite as the older format
         state = RunDir.load_checkpoint(ckpt)
-        for name in ("model.safetensors", "config.json", "tokenizer.json", "dmpo_fast.json"):
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "dmpo_fast.json", "manifest.json"):
             (ckpt / name).unlink()
         torch.save(state, ckpt / "state.pt")
     resumed = train_mod.train(cfg.replace(max_steps=4, resume=True))

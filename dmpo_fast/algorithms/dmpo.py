@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from dmpo_fast import dmpo
-from dmpo_fast.algorithms.base import Algorithm, Buffer, completion_positions, derive_seed
+from dmpo_fast.algorithms.base import Algorithm, Buffer, completion_positions, derive_seed, require_groups
 from dmpo_fast.dmpo import LossOutput, NoiseConfig
 from dmpo_fast.ops import ImportanceWeights, importance_weights
 
@@ -212,6 +212,9 @@ class DMPO(Algorithm):
     @classmethod
     def validate(cls, cfg: TrainConfig) -> None:
         check_options(cfg)
+        if cfg.algorithm == cls.name:
+            # The per-group softmax of a one-rollout group is 1 whatever its reward: nothing is learned.
+            require_groups(cfg)
         if cfg.algorithm == cls.name and cfg.alpha > 0 and cfg.reference == "none":
             raise ValueError(
                 "reference must be 'adapter_disabled' or 'frozen_copy' when alpha > 0 (got 'none')"

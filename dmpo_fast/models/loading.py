@@ -154,8 +154,16 @@ def load(
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"name_or_path {path!r} has no config.json")
-    with open(config_file) as f:
-        model_type = json.load(f).get("model_type")
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file!r} is not a readable JSON file: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_file!r} must hold a JSON object of settings, got a {type(config).__name__}"
+        )
+    model_type = config.get("model_type")
     quant = {"load_in_4bit": load_in_4bit, "load_in_8bit": load_in_8bit}
     if model_type == "llada":
         return LLaDADiffusionLM(load_llada(path, dtype=dtype, device=device, **quant)).eval()
