@@ -49,6 +49,8 @@ PPLText = Literal["visible", "prefix"]
 Shaping = Literal["none", "potential"]
 Returns = Literal["reward_to_go", "window"]
 Importance = Literal["none", "uniform", "advantage"]
+MROBaseline = Literal["none", "group"]
+MROAnchor = Literal["none", "denoise"]
 
 
 # The task options used when task_kwargs is None. The embedded Sudoku run rewards a solved grid (1) or not
@@ -127,6 +129,9 @@ class TrainConfig:
     mro_scale_rewards: ScaleRewards = "none"
     mro_importance: Importance = "none"
     mro_windows_per_rollout: int = 4
+    mro_baseline: MROBaseline = "group"
+    mro_anchor: MROAnchor = "denoise"  # the masked-diffusion loss of the rollouts next to SGRO (docs/mro.md)
+    mro_anchor_weight: float = 1.0
     # --- rejection sampling (algorithm: rejection_sft; MRO's SFT on each group's best rollout) ----
     rs_min_reward: float | None = None  # keep a group's best only when its reward is at least this
     # --- wd1 (algorithm: wd1; ratio-free weighted likelihood, μ is num_iterations) ---------------------
@@ -457,6 +462,15 @@ FIELD_DOCS: dict[str, str] = {
         "or ∝ abs(advantage)"
     ),
     "mro_windows_per_rollout": "MRO: window draws per rollout with mro_importance uniform or advantage",
+    "mro_baseline": (
+        "MRO advantages: group (window return − the group's mean return of that window) or none (the return "
+        "itself, the paper's REINFORCE)"
+    ),
+    "mro_anchor": (
+        "MRO: denoise adds the masked-diffusion loss of the buffer's rollouts (fresh masks, num_replicates, "
+        "mask_rate_min/max) to the SGRO loss, so REINFORCE cannot wear the denoiser down; none: SGRO alone"
+    ),
+    "mro_anchor_weight": "MRO: weight of the mro_anchor loss next to the SGRO loss",
     "rs_min_reward": (
         "rejection_sft: train on a group's best rollout only when its reward is at least this (e.g. 1.0 for "
         "solved); null: every group's best"

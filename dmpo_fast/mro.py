@@ -75,7 +75,9 @@ class MROConfig:
     SGRO: group_size rollouts per prompt; window w steps per group step (8); returns "reward_to_go" |
     "window"; baseline "group" | "none"; scale_std divides advantages by the group std; importance "none" |
     "uniform" | "advantage" with windows_per_rollout K draws; num_iterations optimizer steps per buffer
-    (1: REINFORCE is on-policy). micro_batch: rows per model call when scoring rewards (no grad)."""
+    (1: REINFORCE is on-policy). micro_batch: rows per model call when scoring rewards (no grad).
+    anchor "none" | "denoise": add anchor_weight × the masked-diffusion loss of the buffer's rollouts (fresh
+    masks, weight 1/N per rollout) to the SGRO loss, which keeps the denoiser from drifting (docs/mro.md)."""
 
     group_size: int = 8
     window: int = 8
@@ -95,6 +97,8 @@ class MROConfig:
     windows_per_rollout: int = 4
     num_iterations: int = 1
     micro_batch: int = 64
+    anchor: Literal["none", "denoise"] = "none"
+    anchor_weight: float = 1.0
 
     def __post_init__(self):
         for name in ("group_size", "window", "windows_per_rollout", "num_iterations", "micro_batch"):
@@ -105,11 +109,13 @@ class MROConfig:
             "verification": ("leave_one_out", "pre_step", "final"), "verification_score": ("prob", "logprob"),
             "ppl_text": ("visible", "prefix"), "shaping": ("none", "potential"),
             "returns": ("reward_to_go", "window"), "baseline": ("group", "none"),
-            "importance": ("none", "uniform", "advantage"),
+            "importance": ("none", "uniform", "advantage"), "anchor": ("none", "denoise"),
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.anchor_weight >= 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
         if not (self.ppl_cap > 0 and self.ppl_scale > 0):
             raise ValueError(f"ppl_cap and ppl_scale must be > 0, got {self.ppl_cap!r}, {self.ppl_scale!r}")
 
@@ -519,14 +525,17 @@ def step_rewards(
 
 
 def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, seed: int, scorer=None,
-                row_offset: int = 0, rows_total: int | None = None, impl: str = "auto") -> dict:  # fmt: skip
+                row_offset: int = 0, rows_total: int | None = None, maskable: torch.Tensor | None = None,
+                impl: str = "auto") -> dict:  # fmt: skip
     """Rewards, returns and advantages of one rollout batch (N = prompts × group_size rows, groups
     consecutive), and the rollout tensors ``loss_step`` rebuilds the states from. Row-indexed tensors can be
     sliced by rows (micro-batches); ``rows_total`` and ``seed`` are scalars.
 
     ``row_offset`` and ``rows_total``: when this batch is one process's share of a larger one, the index of
     its first row in the whole batch (the rows' window-draw keys) and the whole batch's rollouts (the loss
-    denominator), so the shares' losses add up to the whole batch's. Defaults: this batch alone."""
+    denominator), so the shares' losses add up to the whole batch's. Defaults: this batch alone.
+    ``maskable``: [N, L] bool, the positions the denoising anchor may mask (default: the completion up to
+    its first EOS)."""
     task = task_rewards.float().to(rollout.ids.device)
     r = step_rewards(policy, rollout, cfg, scorer=scorer, impl=impl)
     returns, valid = window_returns(r["total"], rollout.num_steps, task, window=cfg.window,
@@ -534,11 +543,14 @@ def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, 
     adv = window_advantages(returns, valid, cfg.group_size, baseline=cfg.baseline, scale_std=cfg.scale_std)
     decoded = rollout.commit_step < rollout.num_steps[:, None]  # the tokens the policy chose
     rows = torch.arange(row_offset, row_offset + len(task), device=task.device)  # keys of the window draws
+    if maskable is None:
+        maskable = torch.zeros_like(rollout.ids, dtype=torch.bool)
+        maskable[:, rollout.prompt_length :] = rollout.completion_mask
     buf = {
         "ids": rollout.ids, "attention_mask": rollout.attention_mask, "commit_step": rollout.commit_step,
         "num_steps": rollout.num_steps, "completion_mask": rollout.completion_mask,
         "advantages": adv, "valid": valid, "returns": returns, "task_rewards": task,
-        "tokens": decoded.sum(1).clamp_min(1).float(), "row_keys": rows,
+        "tokens": decoded.sum(1).clamp_min(1).float(), "row_keys": rows, "maskable": maskable,
         "prompt_length": rollout.prompt_length, "mask_id": rollout.mask_id,
         "rows_total": len(task) if rows_total is None else rows_total,
         "seed": seed,
@@ -558,14 +570,29 @@ class _RolloutView:
         self.prompt_length, self.mask_id = buf["prompt_length"], buf["mask_id"]
 
 
-def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, impl: str = "auto") -> LossOutput:
+def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, noise: NoiseConfig | None = None,
+              anchor_seed: int | None = None, impl: str = "auto") -> LossOutput:  # fmt: skip
     """The SGRO loss of optimizer step ``step`` on a buffer or a row slice of it: windows drawn afresh
-    (``importance``), token weights A · c / (n_row · N) with N the whole buffer's rollouts."""
+    (``importance``), token weights A · c / (n_row · N) with N the whole buffer's rollouts; with
+    ``cfg.anchor="denoise"`` plus anchor_weight × the masked-diffusion loss of the rows with a finite task
+    reward (``rejection_sft_loss`` with weight 1/N, masks from ``noise`` keyed by ``anchor_seed`` and the
+    rows' global index, so slices add up to the whole buffer's loss)."""
     c = sample_windows(buf["advantages"], buf["valid"], importance=cfg.importance, k=cfg.windows_per_rollout,
                        seed=buf["seed"], step=step, row_keys=buf["row_keys"])  # fmt: skip
     coef = buf["advantages"] * c / (buf["tokens"][:, None] * buf["rows_total"])
     out = sgro_loss(policy, _RolloutView(buf), coef, window=cfg.window, impl=impl)
     out.stats["windows"] = (c > 0).sum()
+    out.stats["pg_loss"] = out.loss.detach()
+    if cfg.anchor == "denoise" and cfg.anchor_weight > 0:
+        keep = torch.isfinite(buf["task_rewards"])
+        first = int(buf["row_keys"][0]) if buf["row_keys"].numel() else 0
+        anchor = rejection_sft_loss(
+            policy, buf["ids"], buf["maskable"], noise=noise, attention_mask=buf["attention_mask"],
+            selected=keep, total=buf["rows_total"], seed=anchor_seed, row_offset=first, impl=impl,
+        )  # fmt: skip
+        out.stats["anchor_loss"] = anchor.loss.detach()
+        out.stats["masked_tokens"] = out.stats["masked_tokens"] + anchor.stats["masked_tokens"]
+        out = LossOutput(out.loss + cfg.anchor_weight * anchor.loss, out.stats)
     return out
 
 

@@ -249,6 +249,40 @@ def test_sgro_loss_with_sampled_windows_matches_eager(model, rollout):
     assert int(out.stats["states"]) == n_states
 
 
+def test_denoising_anchor_adds_the_masked_diffusion_loss_of_the_rollouts(model, rollout):
+    # anchor="denoise": SGRO + w · rejection_sft_loss of every rollout with a finite task reward (weight 1/N),
+    # its masks keyed by the rows' global index, so row slices still add up to the whole buffer's loss.
+    task = torch.tensor([1.0, 0.0, float("nan"), 0.75])
+    plain = mro.MROConfig(group_size=GROUP, window=3, ppl_weight=0.0)
+    cfg = mro.MROConfig(group_size=GROUP, window=3, ppl_weight=0.0, anchor="denoise", anchor_weight=0.5)
+    buf = mro.make_buffer(model, rollout, task, cfg, seed=0, impl="chunked")
+    noise = dmpo.NoiseConfig(replicates=2)
+    out = mro.loss_step(model, buf, cfg, step=1, noise=noise, anchor_seed=9, impl="chunked")
+    sgro = mro.loss_step(model, buf, plain, step=1, impl="chunked").loss
+    anchor = mro.rejection_sft_loss(
+        model, rollout.ids, buf["maskable"], noise=noise, attention_mask=rollout.attention_mask,
+        selected=torch.tensor([True, True, False, True]), total=4, seed=9, impl="eager",
+    )  # fmt: skip
+    assert anchor.loss > 0
+    torch.testing.assert_close(out.loss, sgro + 0.5 * anchor.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.stats["anchor_loss"], anchor.loss.detach(), rtol=1e-5, atol=1e-6)
+    halves = [{k: (v[s] if torch.is_tensor(v) and v.dim() and v.shape[0] == 4 else v) for k, v in buf.items()}
+              for s in (slice(0, 2), slice(2, 4))]  # fmt: skip
+    total = sum(mro.loss_step(model, h, cfg, 1, noise=noise, anchor_seed=9, impl="chunked").loss for h in halves)
+    torch.testing.assert_close(total, out.loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="anchor"):
+        mro.MROConfig(anchor="kl2")
+    with pytest.raises(ValueError, match="anchor_weight"):
+        mro.MROConfig(anchor_weight=-1.0)
+
+
+def test_baseline_none_keeps_the_returns(model, rollout):
+    task = torch.tensor([1.0, 0.0, 0.25, 0.75])
+    cfg = mro.MROConfig(group_size=GROUP, window=3, ppl_weight=0.0, baseline="none")
+    buf = mro.make_buffer(model, rollout, task, cfg, seed=0, impl="chunked")
+    torch.testing.assert_close(buf["advantages"], torch.where(buf["valid"], buf["returns"], 0.0))
+
+
 def test_a_few_steps_raise_the_advantage_weighted_logprob(rollout):
     policy = ToyDenoiser(vocab=V, hidden=16, mask_id=MASK, seed=1)
     cfg = mro.MROConfig(

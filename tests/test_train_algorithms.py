@@ -327,6 +327,9 @@ def test_cli_eval_tts_option(tmp_path):
         ({"mro_returns": "sum"}, "mro_returns must be one of 'reward_to_go', 'window'"),
         ({"mro_importance": "ppo"}, "mro_importance must be one of 'none', 'uniform', 'advantage'"),
         ({"mro_tv_weight": -1.0}, "mro_tv_weight must be >= 0"),
+        ({"mro_anchor_weight": -1.0}, "mro_anchor_weight must be >= 0"),
+        ({"mro_anchor": "kl2"}, "mro_anchor must be one of 'none', 'denoise'"),
+        ({"mro_baseline": "mean"}, "mro_baseline must be one of 'none', 'group'"),
         ({"mro_ppl_weight": 0.5}, "mro_ppl_weight=0.5 needs mro_ppl_model"),
         ({"mro_ppl_model": ""}, "mro_ppl_model must be"),
         ({"algorithm": "mro", "mro_tv_weight": 0.0, "mro_task_weight": 0.0}, "algorithm='mro' has no reward"),
@@ -353,3 +356,14 @@ def test_algorithm_options_that_are_valid():
     )  # random remasking diversifies at T = 0
     assert TrainConfig(mro_ppl_model="gpt2", mro_ppl_weight=0.0).effective_ppl_weight == 0.0
     assert TrainConfig().effective_ppl_weight == 0.0
+
+
+def test_mro_options_reach_the_mro_config():
+    from dmpo_fast.algorithms.mro import mro_config
+
+    cfg = TrainConfig(algorithm="mro", mro_baseline="none", mro_anchor="none", mro_anchor_weight=0.25)
+    opts = mro_config(cfg)
+    assert (opts.baseline, opts.anchor, opts.anchor_weight) == ("none", "none", 0.25)
+    # The trainer's MRO keeps the denoiser anchored unless told otherwise; DMPO's defaults are untouched.
+    assert mro_config(TrainConfig(algorithm="mro")).anchor == "denoise"
+    assert TrainConfig().learning_rate == 3e-4 and TrainConfig().num_iterations == 2
