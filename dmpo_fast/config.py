@@ -31,7 +31,7 @@ from typing import Any, Literal
 from dmpo_fast.algorithms.dmpo import DEFAULTS as DMPO_DEFAULTS
 
 # The registry dmpo_fast.algorithms.ALGORITHMS holds exactly these names (tests/test_algorithms.py checks).
-Algorithm = Literal["dmpo", "mro", "diffu_grpo", "rejection_sft", "wd1"]
+Algorithm = Literal["dmpo", "mro", "diffu_grpo", "rejection_sft", "wd1", "mro_rs"]
 LossName = Literal["wdce", "wddo"]
 BaselineName = Literal["none", "group", "individual", "model"]
 SamplerName = Literal["llada", "fast_dllm", "roar"]
@@ -50,7 +50,7 @@ Shaping = Literal["none", "potential"]
 Returns = Literal["reward_to_go", "window"]
 Importance = Literal["none", "uniform", "advantage"]
 MROBaseline = Literal["none", "group"]
-MROAnchor = Literal["none", "denoise"]
+MROAnchor = Literal["none", "denoise", "best"]
 
 
 # The task options used when task_kwargs is None. The embedded Sudoku run rewards a solved grid (1) or not
@@ -132,6 +132,8 @@ class TrainConfig:
     mro_baseline: MROBaseline = "group"
     mro_anchor: MROAnchor = "denoise"  # the masked-diffusion loss of the rollouts next to SGRO (docs/mro.md)
     mro_anchor_weight: float = 1.0
+    mro_tts_vote: bool = True  # test-time scaling: the majority-vote quality reward on the final candidates
+    mro_rs_window: int = 4  # algorithm mro_rs: model calls between the branch points of a rollout group
     # --- rejection sampling (algorithm: rejection_sft; MRO's SFT on each group's best rollout) ----
     rs_min_reward: float | None = None  # keep a group's best only when its reward is at least this
     # --- wd1 (algorithm: wd1; ratio-free weighted likelihood, μ is num_iterations) ---------------------
@@ -398,8 +400,9 @@ FIELD_DOCS: dict[str, str] = {
     "reward_funcs": 'extra TRL-style rewards fn(prompts, completions, **columns) by import path "module:function", summed with the task reward',
     "algorithm": (
         "dmpo, mro (step rewards + SGRO, docs/mro.md), diffu_grpo (d1's clipped GRPO), rejection_sft "
-        "(masked-diffusion SFT on each group's best rollout, MRO's rejection sampling) or wd1 (ratio-free "
-        "weighted likelihood, arXiv 2507.08838)"
+        "(masked-diffusion SFT on each group's best rollout), wd1 (ratio-free weighted likelihood, arXiv "
+        "2507.08838) or mro_rs (MRO's rejection sampling: step-wise group sampling, the best by the multi-reward, "
+        "masked-diffusion SFT on it)"
     ),
     "loss": "wdce (weighted denoising cross-entropy) or wddo (weighted direct discriminative optimisation)",
     "prompts_per_step": "prompts per rollout buffer, all processes together (a multiple of the process count)",
@@ -471,6 +474,14 @@ FIELD_DOCS: dict[str, str] = {
         "mask_rate_min/max) to the SGRO loss, so REINFORCE cannot wear the denoiser down; none: SGRO alone"
     ),
     "mro_anchor_weight": "MRO: weight of the mro_anchor loss next to the SGRO loss",
+    "mro_tts_vote": (
+        "test-time scaling (eval_tts_k): the final candidates whose answer is the most common among the "
+        "prompt's candidates earn mro_task_weight (MRO's quality reward by majority vote, never the truth)"
+    ),
+    "mro_rs_window": (
+        "mro_rs: model calls between branch points of step-wise group sampling (the G rollouts of a prompt "
+        "continue from the best partial state by the step rewards)"
+    ),
     "rs_min_reward": (
         "rejection_sft: train on a group's best rollout only when its reward is at least this (e.g. 1.0 for "
         "solved); null: every group's best"
@@ -517,7 +528,8 @@ FIELD_DOCS: dict[str, str] = {
     "eval_temperature": "sampling temperature of the evaluations (0 = greedy)",
     "eval_tts_k": (
         "evaluate with MRO test-time scaling: k candidates per prompt ranked by the MRO step rewards "
-        "(mro_tv_weight, mro_ppl_*; never the task's answer); 0: plain decoding"
+        "(mro_tv_weight, mro_ppl_*) and the majority vote of their answers (mro_tts_vote; never the truth); "
+        "0: plain decoding"
     ),
     "eval_tts_window": "test-time scaling: model calls between branch points (all continue from the best)",
     "output_dir": "the run directory (never overwritten: a non-empty one needs resume)",

@@ -76,8 +76,10 @@ class MROConfig:
     "window"; baseline "group" | "none"; scale_std divides advantages by the group std; importance "none" |
     "uniform" | "advantage" with windows_per_rollout K draws; num_iterations optimizer steps per buffer
     (1: REINFORCE is on-policy). micro_batch: rows per model call when scoring rewards (no grad).
-    anchor "none" | "denoise": add anchor_weight × the masked-diffusion loss of the buffer's rollouts (fresh
-    masks, weight 1/N per rollout) to the SGRO loss, which keeps the denoiser from drifting (docs/mro.md)."""
+    anchor "none" | "denoise" | "best": add anchor_weight × the masked-diffusion loss (fresh masks) of the
+    buffer's rollouts ("denoise", weight 1/N each) or of each group's best rollout by task reward ("best",
+    rejection sampling's rows, weight 1/groups each) to the SGRO loss, which keeps the denoiser from
+    drifting (docs/mro.md)."""
 
     group_size: int = 8
     window: int = 8
@@ -97,7 +99,7 @@ class MROConfig:
     windows_per_rollout: int = 4
     num_iterations: int = 1
     micro_batch: int = 64
-    anchor: Literal["none", "denoise"] = "none"
+    anchor: Literal["none", "denoise", "best"] = "none"
     anchor_weight: float = 1.0
 
     def __post_init__(self):
@@ -109,7 +111,7 @@ class MROConfig:
             "verification": ("leave_one_out", "pre_step", "final"), "verification_score": ("prob", "logprob"),
             "ppl_text": ("visible", "prefix"), "shaping": ("none", "potential"),
             "returns": ("reward_to_go", "window"), "baseline": ("group", "none"),
-            "importance": ("none", "uniform", "advantage"), "anchor": ("none", "denoise"),
+            "importance": ("none", "uniform", "advantage"), "anchor": ("none", "denoise", "best"),
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -575,20 +577,27 @@ def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, noise: NoiseConfi
     """The SGRO loss of optimizer step ``step`` on a buffer or a row slice of it: windows drawn afresh
     (``importance``), token weights A · c / (n_row · N) with N the whole buffer's rollouts; with
     ``cfg.anchor="denoise"`` plus anchor_weight × the masked-diffusion loss of the rows with a finite task
-    reward (``rejection_sft_loss`` with weight 1/N, masks from ``noise`` keyed by ``anchor_seed`` and the
-    rows' global index, so slices add up to the whole buffer's loss)."""
+    reward (``rejection_sft_loss`` with weight 1/N), with ``"best"`` of each group's best row by task reward
+    (weight 1/groups); masks from ``noise`` keyed by ``anchor_seed`` and the rows' global index, so slices
+    of whole groups add up to the whole buffer's loss."""
     c = sample_windows(buf["advantages"], buf["valid"], importance=cfg.importance, k=cfg.windows_per_rollout,
                        seed=buf["seed"], step=step, row_keys=buf["row_keys"])  # fmt: skip
     coef = buf["advantages"] * c / (buf["tokens"][:, None] * buf["rows_total"])
     out = sgro_loss(policy, _RolloutView(buf), coef, window=cfg.window, impl=impl)
     out.stats["windows"] = (c > 0).sum()
     out.stats["pg_loss"] = out.loss.detach()
-    if cfg.anchor == "denoise" and cfg.anchor_weight > 0:
-        keep = torch.isfinite(buf["task_rewards"])
+    if cfg.anchor != "none" and cfg.anchor_weight > 0:
+        if cfg.anchor == "best":
+            keep = torch.zeros_like(buf["task_rewards"], dtype=torch.bool)
+            keep[select_best(buf["task_rewards"], cfg.group_size)] = True
+            keep &= torch.isfinite(buf["task_rewards"])
+            total = buf["rows_total"] // cfg.group_size
+        else:
+            keep, total = torch.isfinite(buf["task_rewards"]), buf["rows_total"]
         first = int(buf["row_keys"][0]) if buf["row_keys"].numel() else 0
         anchor = rejection_sft_loss(
             policy, buf["ids"], buf["maskable"], noise=noise, attention_mask=buf["attention_mask"],
-            selected=keep, total=buf["rows_total"], seed=anchor_seed, row_offset=first, impl=impl,
+            selected=keep, total=total, seed=anchor_seed, row_offset=first, impl=impl,
         )  # fmt: skip
         out.stats["anchor_loss"] = anchor.loss.detach()
         out.stats["masked_tokens"] = out.stats["masked_tokens"] + anchor.stats["masked_tokens"]
@@ -596,22 +605,48 @@ def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, noise: NoiseConfi
     return out
 
 
+def majority_vote(answers: list, group_size: int) -> torch.Tensor:
+    """[M] fp32: 1 where a row's answer equals the most common answer of its group (``group_size``
+    consecutive rows; ties go to the answer seen first), 0 elsewhere; None or "" never votes nor wins."""
+    if len(answers) % group_size:
+        raise ValueError(f"answers ({len(answers)}) must be a multiple of group_size ({group_size})")
+    out = torch.zeros(len(answers))
+    for g in range(0, len(answers), group_size):
+        group = answers[g : g + group_size]
+        counts: dict = {}
+        for a in group:
+            if a is not None and a != "":
+                counts[a] = counts.get(a, 0) + 1
+        if counts:
+            top = max(counts.values())
+            winner = next(a for a in counts if counts[a] == top)
+            out[g : g + group_size] = torch.tensor([float(a == winner) for a in group])
+    return out
+
+
 def tts_reward_fn(
-    policy, cfg: MROConfig, *, scorer=None, task_reward=None, window: int | None = None, impl: str = "auto"
-):
+    policy, cfg: MROConfig, *, scorer=None, task_reward=None, window: int | None = None, vote=None,
+    group_size: int | None = None, impl: str = "auto",
+):  # fmt: skip
     """A ``reward_fn`` for ``generate_tts``: the summed step rewards (λ_tv·r_tv + λ_ppl·r_ppl) of the last
-    ``window`` steps of each candidate (default ``cfg.window``; pass generate_tts's window), plus
-    λ_q·task_reward(rollout) ([M] tensor) on the final call when ``task_reward`` is given."""
+    ``window`` steps of each candidate (default ``cfg.window``; pass generate_tts's window), plus on the final
+    call λ_q·task_reward(rollout) ([M] tensor) when ``task_reward`` is given, and the paper's quality reward
+    by majority vote when ``vote`` is: ``vote(rollout)`` gives each row's final answer (a hashable, None for
+    none) and a candidate whose answer is its prompt's most common one (``group_size`` = k consecutive rows)
+    earns λ_q (``majority_vote``): the answer is never checked against the truth."""
     window = cfg.window if window is None else window
+    if vote is not None and not group_size:
+        raise ValueError("vote needs group_size: the candidates per prompt (generate_tts's k)")
 
     def reward_fn(rollout, *, final: bool) -> torch.Tensor:
         lo = (rollout.num_steps - window).clamp_min(0)
         r = step_rewards(policy, rollout, cfg, scorer=scorer, steps_from=lo, impl=impl)["total"]
         score = torch.nan_to_num(r, nan=0.0).sum(1)
         if final and task_reward is not None:
-            score = score + cfg.task_weight * torch.as_tensor(task_reward(rollout), dtype=score.dtype).to(
-                score
-            )
+            task = torch.as_tensor(task_reward(rollout), dtype=score.dtype)
+            score = score + cfg.task_weight * task.to(score)
+        if final and vote is not None:
+            score = score + cfg.task_weight * majority_vote(list(vote(rollout)), group_size).to(score)
         return score
 
     return reward_fn

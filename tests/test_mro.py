@@ -335,3 +335,18 @@ def test_config_errors_name_the_field():
         mro.MROConfig(ppl_cap=0)
     with pytest.raises(ValueError, match="ARScorer"):
         mro.step_rewards(None, None, mro.MROConfig(tv_weight=0.0))
+
+
+def test_majority_vote_quality_reward(model, rollout):
+    assert mro.majority_vote(["a", "b", "a", None, "", "c", "c", "d"], 4).tolist() == [1, 0, 1, 0, 0, 1, 1, 0]
+    assert mro.majority_vote(["x", "y", None, None], 2).tolist() == [1, 0, 0, 0]  # ties: the first seen
+    # In the TTS reward: λ_q on the final call for the rows that agree with their prompt's majority.
+    cfg = mro.MROConfig(window=2, ppl_weight=0.0, task_weight=0.5)
+    plain = mro.tts_reward_fn(model, cfg, window=2, impl="chunked")
+    voted = mro.tts_reward_fn(model, cfg, window=2, vote=lambda ro: ["7", "7", "1", "2"], group_size=2,
+                              impl="chunked")  # fmt: skip
+    torch.testing.assert_close(voted(rollout, final=False), plain(rollout, final=False))
+    torch.testing.assert_close(voted(rollout, final=True) - plain(rollout, final=True),
+                               torch.tensor([0.5, 0.5, 0.5, 0.0]))  # fmt: skip
+    with pytest.raises(ValueError, match="group_size"):
+        mro.tts_reward_fn(model, cfg, vote=lambda ro: [])

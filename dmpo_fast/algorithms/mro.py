@@ -40,6 +40,28 @@ def mro_config(cfg: TrainConfig) -> mro.MROConfig:
     )  # fmt: skip
 
 
+def answer_of(text: str) -> str:
+    """The answer a completion votes for: its final answer (``tasks.base.final_answer``), spaces removed."""
+    from dmpo_fast.tasks.base import completion_text, final_answer
+
+    return "".join(final_answer(completion_text(text)).split())
+
+
+def tts_reward(policy, cfg: TrainConfig, tokenizer, *, scorer=None):
+    """The ``generate_tts`` reward of an evaluation with ``eval_tts_k`` candidates: the MRO step rewards of
+    the last ``eval_tts_window`` steps, plus the majority-vote quality reward with ``mro_tts_vote``."""
+    vote = {}
+    if cfg.mro_tts_vote:
+        from dmpo_fast.rollouts import decode
+
+        def answers(rollout):
+            return [answer_of(t) for t in decode(tokenizer, rollout.ids[:, rollout.prompt_length :])]
+
+        vote = {"vote": answers, "group_size": cfg.eval_tts_k}
+    return mro.tts_reward_fn(policy, mro_config(cfg), scorer=scorer, window=cfg.eval_tts_window, impl=cfg.impl,
+                             **vote)  # fmt: skip
+
+
 class MRO(Algorithm):
     name = "mro"
     total_keys = ("n_failed", "rows_total")
