@@ -45,6 +45,7 @@ ScaleRewards = Literal["none", "std"]
 GRPONormalize = Literal["token", "sequence"]
 Verification = Literal["leave_one_out", "pre_step", "final"]
 VerificationScore = Literal["prob", "logprob"]
+VerificationTokens = Literal["all", "one"]
 PPLText = Literal["visible", "prefix"]
 Shaping = Literal["none", "potential"]
 Returns = Literal["reward_to_go", "window"]
@@ -116,9 +117,10 @@ class TrainConfig:
     grpo_normalize: GRPONormalize = "token"
 
     # --- MRO (algorithm: mro; SGRO over windows of denoising steps) -----------------------------
-    mro_window: int = 8
+    mro_window: int = 4  # 3 windows of the default 12 steps
     mro_verification: Verification = "leave_one_out"
-    mro_verification_score: VerificationScore = "prob"
+    mro_verification_score: VerificationScore = "logprob"  # the paper's Eq. 4 (with leave_one_out)
+    mro_verification_tokens: VerificationTokens = "one"  # the paper verifies one sampled token per step
     mro_tv_weight: float = 1.0
     mro_ppl_weight: float | None = None  # None: 1 when mro_ppl_model is set, else 0
     mro_ppl_model: str | None = None  # a causal LM (hub name or directory) scoring the perplexity reward
@@ -127,10 +129,10 @@ class TrainConfig:
     mro_shaping: Shaping = "none"
     mro_returns: Returns = "reward_to_go"
     mro_scale_rewards: ScaleRewards = "none"
-    mro_importance: Importance = "none"
-    mro_windows_per_rollout: int = 4
+    mro_importance: Importance = "uniform"  # one window per rollout and step: the cost of a DMPO step
+    mro_windows_per_rollout: int = 1
     mro_baseline: MROBaseline = "group"
-    mro_anchor: MROAnchor = "denoise"  # the masked-diffusion loss of the rollouts next to SGRO (docs/mro.md)
+    mro_anchor: MROAnchor = "best"  # the masked-diffusion loss of each group's best rollout next to SGRO
     mro_anchor_weight: float = 1.0
     mro_tts_vote: bool = True  # test-time scaling: the majority-vote quality reward on the final candidates
     mro_rs_window: int = 4  # algorithm mro_rs: model calls between the branch points of a rollout group
@@ -451,10 +453,20 @@ FIELD_DOCS: dict[str, str] = {
     ),
     "mro_window": "MRO: denoising steps per SGRO window (the unit of rewards, returns and advantages)",
     "mro_verification": "MRO token-verification context: leave_one_out, pre_step or final (docs/mro.md)",
-    "mro_verification_score": "MRO token verification scores a re-masked token by its prob or logprob",
+    "mro_verification_score": (
+        "MRO token verification scores a re-masked token by its prob or logprob (logprob with leave_one_out "
+        "is the paper's Eq. 4)"
+    ),
+    "mro_verification_tokens": (
+        "MRO token verification of one token per step, drawn uniformly (the paper's; one forward per step) "
+        "or of all of them (one forward per committed token with leave_one_out)"
+    ),
     "mro_tv_weight": "MRO: weight of the token-verification reward",
     "mro_ppl_weight": "MRO: weight of the perplexity reward (null: 1 when mro_ppl_model is set, else 0)",
-    "mro_ppl_model": "MRO: causal LM (hub name or directory with its tokenizer) of the perplexity reward",
+    "mro_ppl_model": (
+        "MRO: causal LM of the perplexity reward: a built-in scorer (tiny_ar_sudoku, offline: "
+        "scripts/build_ar_scorer.py), a hub name or a directory with its tokenizer"
+    ),
     "mro_ppl_text": "MRO perplexity of the visible committed tokens, or of the committed prefix only",
     "mro_task_weight": "MRO: weight of the task reward, added to each rollout's last window",
     "mro_shaping": "MRO perplexity reward: none (summed per state) or potential (its change per step)",
@@ -470,8 +482,9 @@ FIELD_DOCS: dict[str, str] = {
         "itself, the paper's REINFORCE)"
     ),
     "mro_anchor": (
-        "MRO: denoise adds the masked-diffusion loss of the buffer's rollouts (fresh masks, num_replicates, "
-        "mask_rate_min/max) to the SGRO loss, so REINFORCE cannot wear the denoiser down; none: SGRO alone"
+        "MRO: best adds the masked-diffusion loss (fresh masks, num_replicates, mask_rate_min/max) of each "
+        "group's best rollout by task reward to the SGRO loss (rejection sampling's rows), denoise that of every "
+        "rollout, so REINFORCE cannot wear the denoiser down; none: SGRO alone (docs/mro.md)"
     ),
     "mro_anchor_weight": "MRO: weight of the mro_anchor loss next to the SGRO loss",
     "mro_tts_vote": (

@@ -64,6 +64,7 @@ from dmpo_fast.ops import linear_logprob, weighted_linear_ce
 from dmpo_fast.ops.philox import philox_uniform
 
 STREAM_WINDOWS = 6  # Philox stream (c3 word) of the window sampling
+STREAM_VERIFY = 7  # Philox stream of the token each step verifies (verification_tokens="one")
 Verification = Literal["leave_one_out", "pre_step", "final"]
 
 
@@ -85,6 +86,7 @@ class MROConfig:
     window: int = 8
     verification: Verification = "leave_one_out"
     verification_score: Literal["prob", "logprob"] = "prob"
+    verification_tokens: Literal["all", "one"] = "all"
     ppl_cap: float = 100.0
     ppl_scale: float = 100.0
     ppl_text: Literal["visible", "prefix"] = "visible"
@@ -109,6 +111,7 @@ class MROConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         choices = {
             "verification": ("leave_one_out", "pre_step", "final"), "verification_score": ("prob", "logprob"),
+            "verification_tokens": ("all", "one"),
             "ppl_text": ("visible", "prefix"), "shaping": ("none", "potential"),
             "returns": ("reward_to_go", "window"), "baseline": ("group", "none"),
             "importance": ("none", "uniform", "advantage"), "anchor": ("none", "denoise", "best"),
@@ -170,33 +173,41 @@ def token_verification_rewards(
     *,
     verification: Verification = "leave_one_out",
     score: Literal["prob", "logprob"] = "prob",
+    tokens: Literal["all", "one"] = "all",
     steps_from: torch.Tensor | int | None = None,
     micro_batch: int = 64,
     impl: str = "auto",
 ) -> torch.Tensor:
     """[N, T] fp32 token-verification reward of each step (module docstring); NaN outside a row's steps
-    (and before ``steps_from``), 0 for a step that committed nothing."""
+    (and before ``steps_from``), 0 for a step that committed nothing. ``tokens="one"``: each step verifies
+    one of its tokens, drawn uniformly (Philox keyed by the rollout's seed, row key and the token's position
+    and step), as the paper does; with "leave_one_out" that is one forward per step instead of per token."""
     if verification not in ("leave_one_out", "pre_step", "final"):
         raise ValueError(
             f"verification must be one of ('leave_one_out', 'pre_step', 'final'), got {verification!r}"
         )
     if score not in ("prob", "logprob"):
         raise ValueError(f"score must be one of ('prob', 'logprob'), got {score!r}")
+    if tokens not in ("all", "one"):
+        raise ValueError(f"tokens must be one of ('all', 'one'), got {tokens!r}")
     cs = rollout.commit_step  # [N, G]
     N, G = cs.shape
     grid = _step_grid(rollout, steps_from)  # [N, T]
     T = grid.shape[1]
     col = torch.arange(G, device=cs.device)[None, :]
+    ok = (cs >= 0) & (cs < T) & grid.gather(1, cs.clamp(0, T - 1))  # decoded, in a scored step
+    if tokens == "one":
+        ok &= _one_per_step(rollout, ok, T)
     if verification == "leave_one_out":  # one query per committed token
-        ok = (cs >= 0) & (cs < T) & grid.gather(1, cs.clamp(0, T - 1))  # decoded, in a scored step
         rows, j = ok.nonzero(as_tuple=True)
         t = cs[rows, j]
         visible = (cs[rows] <= t[:, None]) & (col != j[:, None])
         target = col == j[:, None]
     else:  # one query per step
         rows, t = grid.nonzero(as_tuple=True)
-        target = cs[rows] == t[:, None]
-        visible = cs[rows] < t[:, None] if verification == "pre_step" else ~target
+        committed = cs[rows] == t[:, None]
+        target = committed & ok[rows]
+        visible = cs[rows] < t[:, None] if verification == "pre_step" else ~committed
     logp = _score(model, rollout, rows, visible, target, micro_batch, impl)
     q = target.nonzero(as_tuple=True)[0]  # query of each scored token
     flat = (rows[q] * T + t[q]).to(cs.device)
@@ -205,6 +216,20 @@ def token_verification_rewards(
     counts = torch.zeros(N * T, device=cs.device).index_add_(0, flat, torch.ones_like(val).to(cs.device))
     out = (sums / counts.clamp_min(1)).view(N, T)
     return torch.where(grid, out, float("nan"))
+
+
+def _one_per_step(rollout, ok: torch.Tensor, T: int) -> torch.Tensor:
+    """[N, G] bool: of the ``ok`` tokens committed at each (row, step), the one with the largest Philox
+    uniform (seed; position, row key, step, STREAM_VERIFY): a uniform draw per step, keyed by row."""
+    cs = rollout.commit_step
+    N, G = cs.shape
+    keys = torch.as_tensor(rollout.row_keys, device=cs.device).reshape(N, 1)
+    pos = torch.arange(G, device=cs.device)[None, :]
+    u = philox_uniform(rollout.seed, pos, keys, cs.clamp_min(0), torch.full_like(cs, STREAM_VERIFY))
+    u = torch.where(ok, u, -1.0)
+    flat = (torch.arange(N, device=cs.device)[:, None] * T + cs.clamp(0, T - 1)).reshape(-1)
+    top = torch.full((N * T,), -1.0, device=cs.device).scatter_reduce(0, flat, u.reshape(-1), "amax")
+    return ok & (u == top[flat].view(N, G))
 
 
 @torch.no_grad()
@@ -469,12 +494,22 @@ class ARScorer:
 
 
 def load_ar_scorer(name_or_path, *, bridge_from=None, device=None, dtype=None, **kwargs) -> ARScorer:
-    """An ``ARScorer`` for a causal LM given by hub name or local path (e.g. "gpt2"), or an already built
-    model. ``bridge_from``: the dLLM's tokenizer — its ids are decoded to text and re-encoded with the AR
+    """An ``ARScorer`` for a causal LM given by hub name or local path (e.g. "gpt2"), a built-in scorer
+    ("tiny_ar_sudoku": ``dmpo_fast.assets``, made by scripts/build_ar_scorer.py), or an already built model. ``bridge_from``: the dLLM's tokenizer — its ids are decoded to text and re-encoded with the AR
     model's tokenizer (loaded from the same name); None feeds the dLLM ids straight in (same vocabulary).
     ``kwargs`` go to ``ARScorer``."""
+    from dmpo_fast.assets import TINY_AR_SCORERS, tiny_ar_scorer_dir
+
     if isinstance(name_or_path, torch.nn.Module):
         model, tokenizer = name_or_path, kwargs.pop("tokenizer", None)
+    elif name_or_path in TINY_AR_SCORERS:  # built in: a GPT-2 over the tiny models' character tokenizer
+        import transformers  # noqa: PLC0415
+
+        from dmpo_fast.tokenizer import CharTokenizer
+
+        path = tiny_ar_scorer_dir(name_or_path)
+        model = transformers.GPT2LMHeadModel.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
+        tokenizer = kwargs.pop("tokenizer", None) or CharTokenizer.load(path)
     elif isinstance(name_or_path, str):
         import transformers  # noqa: PLC0415
 
@@ -507,7 +542,7 @@ def step_rewards(
     if cfg.tv_weight:
         tv = token_verification_rewards(
             policy, rollout, verification=cfg.verification, score=cfg.verification_score,
-            steps_from=steps_from, micro_batch=cfg.micro_batch, impl=impl,
+            tokens=cfg.verification_tokens, steps_from=steps_from, micro_batch=cfg.micro_batch, impl=impl,
         )  # fmt: skip
     if cfg.ppl_weight:
         if scorer is None:

@@ -91,6 +91,44 @@ def test_token_verification_matches_direct(model, rollout, verification, score):
             torch.testing.assert_close(got[n, t].double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("verification", ["leave_one_out", "pre_step", "final"])
+def test_one_verified_token_per_step(model, rollout, verification):
+    # tokens="one": each step's reward is one of its tokens' values under tokens="all" contexts, drawn by
+    # row key (a row slice draws the same), not always the same position of the step.
+    from dmpo_fast.sampling.tts import select_rows
+
+    kw = dict(verification=verification, score="logprob", impl="chunked")
+    one = mro.token_verification_rewards(model, rollout, tokens="one", micro_batch=3, **kw)
+    P, cs, ns = rollout.prompt_length, rollout.commit_step, rollout.num_steps
+    picked = []
+    for n in range(cs.shape[0]):
+        for t in range(int(ns[n])):
+            U = [j for j in range(cs.shape[1]) if cs[n, j] == t]
+            if not U:
+                assert one[n, t] == 0
+                continue
+            vals = []
+            for j in U:
+                if verification == "leave_one_out":
+                    x = rollout.state_at(t + 1)[n].clone()
+                    x[P + j] = MASK
+                elif verification == "pre_step":
+                    x = rollout.state_at(t)[n]
+                else:
+                    x = rollout.ids[n].clone()
+                    x[[P + u for u in U]] = MASK
+                lp = _logp_full(model, x, rollout.attention_mask[n], P + j, rollout.ids[n, P + j])
+                vals.append(float(lp.detach()))
+            hits = [i for i, v in enumerate(vals) if abs(v - float(one[n, t])) < 1e-4]
+            assert hits, (n, t)
+            if len(U) > 1:
+                picked.append(hits[0])
+    assert len(set(picked)) > 1  # the drawn token's place in its step varies
+    rows = torch.tensor([2, 3])
+    part = mro.token_verification_rewards(model, select_rows(rollout, rows), tokens="one", **kw)
+    torch.testing.assert_close(part, one[rows, : part.shape[1]], equal_nan=True)
+
+
 def _direct_ppl(gpt2, tokens):
     ar = [BOS] + [t for t in tokens if t not in SPECIAL]
     if len(ar) < 2:
@@ -350,3 +388,19 @@ def test_majority_vote_quality_reward(model, rollout):
                                torch.tensor([0.5, 0.5, 0.5, 0.0]))  # fmt: skip
     with pytest.raises(ValueError, match="group_size"):
         mro.tts_reward_fn(model, cfg, vote=lambda ro: [])
+
+
+def test_the_built_in_perplexity_scorer_knows_sudoku():
+    # dmpo_fast/assets/tiny_ar_sudoku (scripts/build_ar_scorer.py): offline, small, and a valid grid reads as
+    # far more likely than one with a broken row or a half-written one.
+    pytest.importorskip("transformers")
+    from dmpo_fast.assets import ASSETS, tiny_ar_scorer_dir
+
+    path = tiny_ar_scorer_dir("tiny_ar_sudoku")
+    assert sum(f.stat().st_size for f in path.iterdir()) < 2 * 2**20 and path.parent == ASSETS
+    scorer = mro.load_ar_scorer("tiny_ar_sudoku", bridge_from=TOK)
+    good, bad, half = (TOK.encode(t) for t in ("1234/3412/2143/4321", "1134/3412/2143/4311", "12 4/3"))
+    ppl = scorer.perplexity([good, bad, half])
+    assert ppl[0] < 2.0 and ppl[1] > 2 * ppl[0] and ppl[2] > ppl[1]
+    with pytest.raises(ValueError, match="name must be one of"):
+        tiny_ar_scorer_dir("tiny_ar_gsm8k")

@@ -369,7 +369,7 @@ def test_mro_options_reach_the_mro_config():
     opts = mro_config(cfg)
     assert (opts.baseline, opts.anchor, opts.anchor_weight) == ("none", "none", 0.25)
     # The trainer's MRO keeps the denoiser anchored unless told otherwise; DMPO's defaults are untouched.
-    assert mro_config(TrainConfig(algorithm="mro")).anchor == "denoise"
+    assert mro_config(TrainConfig(algorithm="mro")).anchor == "best"
     assert TrainConfig().learning_rate == 3e-4 and TrainConfig().num_iterations == 2
 
 
@@ -406,3 +406,10 @@ def test_mro_rejection_sampling_groups_its_rollouts_and_keeps_the_best_by_multi_
         assert buf["multi_reward"][rows].argmax() == sel[rows].int().argmax()
     step = {"tv": buf["tv_mean"][:, None], "ppl": None}
     torch.testing.assert_close(multi_reward(step, r, algo.options), buf["multi_reward"])
+
+
+def test_mro_with_the_built_in_perplexity_scorer(tmp_path):
+    pytest.importorskip("transformers")
+    result = _train(_cfg(tmp_path, "mro", max_steps=1, num_iterations=1, eval_size=2, mro_ppl_model="tiny_ar_sudoku"))
+    row = result.metrics[0]
+    assert 0.0 <= row["ppl_reward_mean"] <= 1.0 and row["tv_reward_mean"] <= 0.0  # Eq. 4: a log-prob

@@ -8,9 +8,9 @@ selection, masked-diffusion SFT on the kept rollout.
       --> the best of each group (dropped when its task reward is below rs_min_reward)
       --> num_iterations x rejection_sft_loss on the kept rollouts (fresh masks every step)
 
-The step rewards are averaged over a rollout's steps, so each term lies in [0, 1] (token verification with
-``mro_verification_score=prob``, perplexity with C = F) next to a 0/1 task reward at weight 1: a solved
-rollout outranks an unsolved one unless the latter verifies far better on both terms. ``rejection_sft``
+The step rewards are averaged over a rollout's steps, so each term stays on its per-step scale (token
+verification: a log-prob <= 0, or a prob in [0, 1]; perplexity in [0, 1] with C = F) next to a 0/1 task
+reward at weight 1: a solved rollout outranks an unsolved one unless the latter verifies far better. ``rejection_sft``
 is the plain recipe (independent rollouts, best by the task reward alone).
 """
 
