@@ -117,9 +117,9 @@ class TrainConfig:
     grpo_normalize: GRPONormalize = "token"
 
     # --- MRO (algorithm: mro; SGRO over windows of denoising steps) -----------------------------
-    mro_window: int = 4  # 3 windows of the default 12 steps
+    mro_window: int = 8
     mro_verification: Verification = "leave_one_out"
-    mro_verification_score: VerificationScore = "logprob"  # the paper's Eq. 4 (with leave_one_out)
+    mro_verification_score: VerificationScore = "prob"  # logprob (the paper's Eq. 4) scored worse here
     mro_verification_tokens: VerificationTokens = "one"  # the paper verifies one sampled token per step
     mro_tv_weight: float = 1.0
     mro_ppl_weight: float | None = None  # None: 1 when mro_ppl_model is set, else 0
@@ -129,8 +129,8 @@ class TrainConfig:
     mro_shaping: Shaping = "none"
     mro_returns: Returns = "reward_to_go"
     mro_scale_rewards: ScaleRewards = "none"
-    mro_importance: Importance = "uniform"  # one window per rollout and step: the cost of a DMPO step
-    mro_windows_per_rollout: int = 1
+    mro_importance: Importance = "none"
+    mro_windows_per_rollout: int = 4
     mro_baseline: MROBaseline = "group"
     mro_anchor: MROAnchor = "best"  # the masked-diffusion loss of each group's best rollout next to SGRO
     mro_anchor_weight: float = 1.0
