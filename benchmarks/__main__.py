@@ -9,6 +9,7 @@ SCRIPTS = {
     "rollout": "benchmarks.rollout",
     "iteration": "benchmarks.iteration",
     "native": "benchmarks.native",
+    "mro_cost": "benchmarks.mro_cost",  # an MRO rollout buffer against a DMPO one
     "compare": "benchmarks.compare",  # the method comparison (training runs, not a timing)
 }
 

@@ -1,4 +1,4 @@
-"""The method comparison: base vs DMPO vs diffu-GRPO vs MRO vs wd1 on the tiny models, equal rollout budget, seeds.
+"""The method comparison: base vs DMPO vs diffu-GRPO vs MRO (RL and rejection sampling) vs wd1 on the tiny models, equal rollout budget, seeds.
 
     python -m benchmarks compare                          # 2 tasks x 5 methods x 3 seeds (hours on a CPU)
     python -m benchmarks compare --tasks sudoku --methods base,dmpo --seeds 0 --quick    # the plumbing
@@ -8,7 +8,8 @@ For every task x method x seed it trains the task's tiny model (``TASKS``) with 
 so every method sees the same number of rollouts; optimizer steps = buffers x the method's
 ``num_iterations``), logging the held-out accuracy every few buffers (``eval_every``). The final model is
 then decoded three ways at the run's 12 denoising steps (greedy; sampled at T = 0.7; test-time scaling
-with k = 4 candidates at T = 0.7, ranked by MRO's token verification, never by the answer) and greedily
+with k = 4 candidates at T = 0.7, ranked by MRO's token verification and the majority vote of their answers,
+never by the truth) and greedily
 at 4, 8, 12 and 24 steps. "base" is the untrained model through the same evaluations. The held-out rows
 depend on the seed (``task.test(eval_size, seed)``), so methods are compared seed by seed.
 
@@ -59,26 +60,17 @@ METHODS: dict[str, dict] = {
     # GRPO paper's clip 0.2, d1's KL coefficient 0.04 to the frozen starting model. The shared rate 3e-4:
     # Sudoku seed-0 probes at 1e-3 / 1e-4 ended at 0.305 / 0.485 held-out (0.460 at 3e-4; DMPO 0.740).
     "diffu_grpo": {"algorithm": "diffu_grpo", "num_iterations": 2, "grpo_epsilon": 0.2, "grpo_beta": 0.04},
-    # MRO: token-verification step rewards + the task reward, SGRO over windows of 4 of the 12 denoising
-    # steps (3 equal windows; the default 8 would split them 8 + 4), on-policy (one update per buffer:
-    # REINFORCE has no policy ratio, so MRO takes half the optimizer steps of the others on the same
-    # rollouts). Verification "final" (each step's tokens re-masked in the finished sequence) needs one
-    # forward per denoising step, where the default leave_one_out needs one per committed token: twice as
-    # many at 2 tokens per step, and more as steps commit more tokens. Here the loss over every state
-    # dominates an MRO step, so the measured gap is small (one buffer of 8 x 8 rollouts took 6-9 s of CPU
-    # with any of the three), but "final" keeps the cost per rollout at the step count. Unlike "pre_step"
-    # it checks a token against the rest of the answer rather than re-reading the sampler's confidence.
-    # Learning rate 3e-5: at the shared 3e-4 MRO collapsed on Sudoku (held-out solve rate 0.435 -> 0.000 by
-    # buffer 15, seed 0); in 12-buffer probes 1e-4 still drifted down (0.44 -> 0.38 on 50 puzzles) and 3e-5
-    # held (0.44 -> 0.46). REINFORCE on every committed token moves this small model further per step than
-    # DMPO's weighted denoising loss does.
-    "mro": {
-        "algorithm": "mro",
-        "num_iterations": 1,
-        "mro_window": 4,
-        "mro_verification": "final",
-        "learning_rate": 3e-5,
-    },
+    # MRO-RL at its defaults (docs/mro.md): SGRO over windows of 8 steps with the group baseline, token
+    # verification of one drawn token per step (leave-one-out context), plus the masked-diffusion anchor on
+    # each group's best rollout (mro_anchor=best); DMPO's shared rate 3e-4 and F = 2. The earlier row
+    # (num_iterations 1, windows of 4, verification "final", rate 3e-5, no anchor) stayed at the untrained
+    # model's 0.478 on Sudoku: at 3e-4 the bare REINFORCE loss wore the denoiser down (0.435 -> 0.000 by
+    # buffer 15), and at 3e-5 it barely moved.
+    "mro": {"algorithm": "mro"},
+    # MRO's rejection sampling: each prompt's 8 rollouts decoded as one step-wise group (branching every 4
+    # model calls on the step rewards), the best by token verification + task reward kept, masked-diffusion
+    # SFT on it (F = 2 steps per buffer, as DMPO).
+    "mro_rs": {"algorithm": "mro_rs"},
     # wd1 (arXiv 2507.08838): its code's settings (psi = lambda = 1, prompt masking 0.15, a fresh prompt mask
     # per update) with mu = 2 updates per buffer, so it takes DMPO's optimizer steps. Learning rate 3e-5: in
     # Sudoku seed-0 probes with this budget the shared 3e-4 collapsed (0.435 -> 0.000 held-out by buffer 15),
@@ -114,7 +106,9 @@ QUICK_BUDGET = {
 }
 STEPS_SWEEP = (4, 8, 12, 24)  # denoising steps of the greedy decodes of the final model (24 tokens)
 # Test-time scaling against plain decoding, both at the run's denoising steps (TrainConfig.steps).
-TTS = {"k": 4, "temperature": 0.7, "window": 4, "verification": "final"}
+# The candidates are ranked by MRO's token verification of the last window and the paper's quality reward
+# by majority vote of the candidates' answers (never the truth).
+TTS = {"k": 4, "temperature": 0.7, "window": 4, "verification": "final", "vote": True}
 SEEDS = (0, 1, 2)
 # Config fields that may differ between a saved run and the one asked for.
 VOLATILE = ("resume", "progress", "output_dir")
@@ -249,7 +243,8 @@ def _eval_rows(cfg: TrainConfig, checkpoint: str | None) -> list[dict]:
     rows = [one("steps", greedy.replace(steps=s)) for s in STEPS_SWEEP]
     if checkpoint is None:  # the base model has no run: its curve is one point
         rows.insert(0, {**one("curve", greedy), "step": 0, "buffers": 0, "rollouts": 0})
-    sampled = greedy.replace(eval_temperature=TTS["temperature"], mro_verification=TTS["verification"])
+    sampled = greedy.replace(eval_temperature=TTS["temperature"], mro_verification=TTS["verification"],
+                             mro_tts_vote=TTS["vote"])
     rows += [
         one("tts", greedy, decode="greedy"),
         one("tts", sampled, decode="sampled"),

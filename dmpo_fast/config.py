@@ -32,7 +32,7 @@ from typing import Any, Literal
 from dmpo_fast.algorithms.dmpo import DEFAULTS as DMPO_DEFAULTS
 
 # The registry dmpo_fast.algorithms.ALGORITHMS holds exactly these names (tests/test_algorithms.py checks).
-Algorithm = Literal["dmpo", "mro", "diffu_grpo", "rejection_sft", "wd1"]
+Algorithm = Literal["dmpo", "mro", "diffu_grpo", "rejection_sft", "wd1", "mro_rs"]
 LossName = Literal["wdce", "wddo"]
 BaselineName = Literal["none", "group", "individual", "model"]
 SamplerName = Literal["llada", "fast_dllm", "roar"]
@@ -46,11 +46,14 @@ ScaleRewards = Literal["none", "std"]
 GRPONormalize = Literal["token", "sequence"]
 Verification = Literal["leave_one_out", "pre_step", "final"]
 VerificationScore = Literal["prob", "logprob"]
+VerificationTokens = Literal["all", "one"]
 PPLText = Literal["visible", "prefix"]
 Shaping = Literal["none", "potential"]
 Returns = Literal["reward_to_go", "window"]
 Importance = Literal["none", "uniform", "advantage"]
 RewardPreset = Literal["default", "d1"]  # = tasks.presets.REWARD_PRESETS (tests/test_rewards.py checks)
+MROBaseline = Literal["none", "group"]
+MROAnchor = Literal["none", "denoise", "best"]
 
 
 # The task options used when task_kwargs is None. The embedded Sudoku run rewards a solved grid (1) or not
@@ -124,7 +127,8 @@ class TrainConfig:
     # --- MRO (algorithm: mro; SGRO over windows of denoising steps) -----------------------------
     mro_window: int = 8
     mro_verification: Verification = "leave_one_out"
-    mro_verification_score: VerificationScore = "prob"
+    mro_verification_score: VerificationScore = "prob"  # logprob (the paper's Eq. 4) scored worse here
+    mro_verification_tokens: VerificationTokens = "one"  # the paper verifies one sampled token per step
     mro_tv_weight: float = 1.0
     mro_ppl_weight: float | None = None  # None: 1 when mro_ppl_model is set, else 0
     mro_ppl_model: str | None = None  # a causal LM (hub name or directory) scoring the perplexity reward
@@ -135,6 +139,11 @@ class TrainConfig:
     mro_scale_rewards: ScaleRewards = "none"
     mro_importance: Importance = "none"
     mro_windows_per_rollout: int = 4
+    mro_baseline: MROBaseline = "group"
+    mro_anchor: MROAnchor = "best"  # the masked-diffusion loss of each group's best rollout next to SGRO
+    mro_anchor_weight: float = 1.0
+    mro_tts_vote: bool = True  # test-time scaling: the majority-vote quality reward on the final candidates
+    mro_rs_window: int = 4  # algorithm mro_rs: model calls between the branch points of a rollout group
     # --- rejection sampling (algorithm: rejection_sft; MRO's SFT on each group's best rollout) ----
     rs_min_reward: float | None = None  # keep a group's best only when its reward is at least this
     # --- wd1 (algorithm: wd1; ratio-free weighted likelihood, μ is num_iterations) ---------------------
@@ -519,8 +528,9 @@ FIELD_DOCS: dict[str, str] = {
     ),
     "algorithm": (
         "dmpo, mro (step rewards + SGRO, docs/mro.md), diffu_grpo (d1's clipped GRPO), rejection_sft "
-        "(masked-diffusion SFT on each group's best rollout, MRO's rejection sampling) or wd1 (ratio-free "
-        "weighted likelihood, arXiv 2507.08838)"
+        "(masked-diffusion SFT on each group's best rollout), wd1 (ratio-free weighted likelihood, arXiv "
+        "2507.08838) or mro_rs (MRO's rejection sampling: step-wise group sampling, the best by the multi-reward, "
+        "masked-diffusion SFT on it)"
     ),
     "loss": "wdce (weighted denoising cross-entropy) or wddo (weighted direct discriminative optimisation)",
     "prompts_per_step": "prompts per rollout buffer, all processes together (a multiple of the process count)",
@@ -569,10 +579,20 @@ FIELD_DOCS: dict[str, str] = {
     ),
     "mro_window": "MRO: denoising steps per SGRO window (the unit of rewards, returns and advantages)",
     "mro_verification": "MRO token-verification context: leave_one_out, pre_step or final (docs/mro.md)",
-    "mro_verification_score": "MRO token verification scores a re-masked token by its prob or logprob",
+    "mro_verification_score": (
+        "MRO token verification scores a re-masked token by its prob or logprob (logprob with leave_one_out "
+        "is the paper's Eq. 4)"
+    ),
+    "mro_verification_tokens": (
+        "MRO token verification of one token per step, drawn uniformly (the paper's; one forward per step) "
+        "or of all of them (one forward per committed token with leave_one_out)"
+    ),
     "mro_tv_weight": "MRO: weight of the token-verification reward",
     "mro_ppl_weight": "MRO: weight of the perplexity reward (null: 1 when mro_ppl_model is set, else 0)",
-    "mro_ppl_model": "MRO: causal LM (hub name or directory with its tokenizer) of the perplexity reward",
+    "mro_ppl_model": (
+        "MRO: causal LM of the perplexity reward: a built-in scorer (tiny_ar_sudoku, offline: "
+        "scripts/build_ar_scorer.py), a hub name or a directory with its tokenizer"
+    ),
     "mro_ppl_text": "MRO perplexity of the visible committed tokens, or of the committed prefix only",
     "mro_task_weight": "MRO: weight of the task reward, added to each rollout's last window",
     "mro_shaping": "MRO perplexity reward: none (summed per state) or potential (its change per step)",
@@ -583,6 +603,24 @@ FIELD_DOCS: dict[str, str] = {
         "or ∝ abs(advantage)"
     ),
     "mro_windows_per_rollout": "MRO: window draws per rollout with mro_importance uniform or advantage",
+    "mro_baseline": (
+        "MRO advantages: group (window return − the group's mean return of that window) or none (the return "
+        "itself, the paper's REINFORCE)"
+    ),
+    "mro_anchor": (
+        "MRO: best adds the masked-diffusion loss (fresh masks, num_replicates, mask_rate_min/max) of each "
+        "group's best rollout by task reward to the SGRO loss (rejection sampling's rows), denoise that of every "
+        "rollout, so REINFORCE cannot wear the denoiser down; none: SGRO alone (docs/mro.md)"
+    ),
+    "mro_anchor_weight": "MRO: weight of the mro_anchor loss next to the SGRO loss",
+    "mro_tts_vote": (
+        "test-time scaling (eval_tts_k): the final candidates whose answer is the most common among the "
+        "prompt's candidates earn mro_task_weight (MRO's quality reward by majority vote, never the truth)"
+    ),
+    "mro_rs_window": (
+        "mro_rs: model calls between branch points of step-wise group sampling (the G rollouts of a prompt "
+        "continue from the best partial state by the step rewards)"
+    ),
     "rs_min_reward": (
         "rejection_sft: train on a group's best rollout only when its reward is at least this (e.g. 1.0 for "
         "solved); null: every group's best"
@@ -629,7 +667,8 @@ FIELD_DOCS: dict[str, str] = {
     "eval_temperature": "sampling temperature of the evaluations (0 = greedy)",
     "eval_tts_k": (
         "evaluate with MRO test-time scaling: k candidates per prompt ranked by the MRO step rewards "
-        "(mro_tv_weight, mro_ppl_*; never the task's answer); 0: plain decoding"
+        "(mro_tv_weight, mro_ppl_*) and the majority vote of their answers (mro_tts_vote; never the truth); "
+        "0: plain decoding"
     ),
     "eval_tts_window": "test-time scaling: model calls between branch points (all continue from the best)",
     "output_dir": "the run directory (never overwritten: a non-empty one needs resume)",

@@ -7,9 +7,8 @@ import time
 
 import torch
 
-from dmpo_fast import mro
 from dmpo_fast.algorithms import derive_seed
-from dmpo_fast.algorithms.mro import mro_config
+from dmpo_fast.algorithms.mro import tts_reward
 from dmpo_fast.checkpointing import checkpoint_model_state
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.policy import load_policy, load_scorer
@@ -26,7 +25,8 @@ def evaluate(policy, tokenizer, task, rows, cfg: TrainConfig, reward_fns: list, 
     The same rows, seed and decoding before and after training, so the two numbers compare.
     With several processes each takes every world-th batch and the sums are combined.
     With ``cfg.eval_tts_k`` > 0 each prompt is decoded by test-time scaling (``eval_tts_k`` candidates,
-    branching every ``eval_tts_window`` model calls, ranked by the MRO step rewards of ``cfg``; ``scorer``
+    branching every ``eval_tts_window`` model calls, ranked by the MRO step rewards of ``cfg`` and, with
+    ``mro_tts_vote``, the majority vote of the final candidates' answers; ``scorer``
     is the perplexity model, loaded here when needed and not given).
     """
     rank, world = (procs.rank, procs.world) if procs is not None else (0, 1)
@@ -34,9 +34,7 @@ def evaluate(policy, tokenizer, task, rows, cfg: TrainConfig, reward_fns: list, 
     if cfg.eval_tts_k:
         if scorer is None and cfg.effective_ppl_weight:
             scorer = load_scorer(cfg, tokenizer, policy.head_weight.device)
-        fn = mro.tts_reward_fn(
-            policy, mro_config(cfg), scorer=scorer, window=cfg.eval_tts_window, impl=cfg.impl
-        )
+        fn = tts_reward(policy, cfg, tokenizer, scorer=scorer)
         tts = dict(k=cfg.eval_tts_k, window=cfg.eval_tts_window, reward_fn=fn)
     acc, rew, n = 0.0, 0.0, 0
     starts = list(range(0, len(rows), batch_size))[rank::world]

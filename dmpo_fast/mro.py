@@ -64,6 +64,7 @@ from dmpo_fast.ops import linear_logprob, weighted_linear_ce
 from dmpo_fast.ops.philox import philox_uniform
 
 STREAM_WINDOWS = 6  # Philox stream (c3 word) of the window sampling
+STREAM_VERIFY = 7  # Philox stream of the token each step verifies (verification_tokens="one")
 Verification = Literal["leave_one_out", "pre_step", "final"]
 
 
@@ -75,12 +76,17 @@ class MROConfig:
     SGRO: group_size rollouts per prompt; window w steps per group step (8); returns "reward_to_go" |
     "window"; baseline "group" | "none"; scale_std divides advantages by the group std; importance "none" |
     "uniform" | "advantage" with windows_per_rollout K draws; num_iterations optimizer steps per buffer
-    (1: REINFORCE is on-policy). micro_batch: rows per model call when scoring rewards (no grad)."""
+    (1: REINFORCE is on-policy). micro_batch: rows per model call when scoring rewards (no grad).
+    anchor "none" | "denoise" | "best": add anchor_weight × the masked-diffusion loss (fresh masks) of the
+    buffer's rollouts ("denoise", weight 1/N each) or of each group's best rollout by task reward ("best",
+    rejection sampling's rows, weight 1/groups each) to the SGRO loss, which keeps the denoiser from
+    drifting (docs/mro.md)."""
 
     group_size: int = 8
     window: int = 8
     verification: Verification = "leave_one_out"
     verification_score: Literal["prob", "logprob"] = "prob"
+    verification_tokens: Literal["all", "one"] = "all"
     ppl_cap: float = 100.0
     ppl_scale: float = 100.0
     ppl_text: Literal["visible", "prefix"] = "visible"
@@ -95,6 +101,8 @@ class MROConfig:
     windows_per_rollout: int = 4
     num_iterations: int = 1
     micro_batch: int = 64
+    anchor: Literal["none", "denoise", "best"] = "none"
+    anchor_weight: float = 1.0
 
     def __post_init__(self):
         for name in ("group_size", "window", "windows_per_rollout", "num_iterations", "micro_batch"):
@@ -103,13 +111,16 @@ class MROConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         choices = {
             "verification": ("leave_one_out", "pre_step", "final"), "verification_score": ("prob", "logprob"),
+            "verification_tokens": ("all", "one"),
             "ppl_text": ("visible", "prefix"), "shaping": ("none", "potential"),
             "returns": ("reward_to_go", "window"), "baseline": ("group", "none"),
-            "importance": ("none", "uniform", "advantage"),
+            "importance": ("none", "uniform", "advantage"), "anchor": ("none", "denoise", "best"),
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.anchor_weight >= 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight!r}")
         if not (self.ppl_cap > 0 and self.ppl_scale > 0):
             raise ValueError(f"ppl_cap and ppl_scale must be > 0, got {self.ppl_cap!r}, {self.ppl_scale!r}")
 
@@ -162,33 +173,41 @@ def token_verification_rewards(
     *,
     verification: Verification = "leave_one_out",
     score: Literal["prob", "logprob"] = "prob",
+    tokens: Literal["all", "one"] = "all",
     steps_from: torch.Tensor | int | None = None,
     micro_batch: int = 64,
     impl: str = "auto",
 ) -> torch.Tensor:
     """[N, T] fp32 token-verification reward of each step (module docstring); NaN outside a row's steps
-    (and before ``steps_from``), 0 for a step that committed nothing."""
+    (and before ``steps_from``), 0 for a step that committed nothing. ``tokens="one"``: each step verifies
+    one of its tokens, drawn uniformly (Philox keyed by the rollout's seed, row key and the token's position
+    and step), as the paper does; with "leave_one_out" that is one forward per step instead of per token."""
     if verification not in ("leave_one_out", "pre_step", "final"):
         raise ValueError(
             f"verification must be one of ('leave_one_out', 'pre_step', 'final'), got {verification!r}"
         )
     if score not in ("prob", "logprob"):
         raise ValueError(f"score must be one of ('prob', 'logprob'), got {score!r}")
+    if tokens not in ("all", "one"):
+        raise ValueError(f"tokens must be one of ('all', 'one'), got {tokens!r}")
     cs = rollout.commit_step  # [N, G]
     N, G = cs.shape
     grid = _step_grid(rollout, steps_from)  # [N, T]
     T = grid.shape[1]
     col = torch.arange(G, device=cs.device)[None, :]
+    ok = (cs >= 0) & (cs < T) & grid.gather(1, cs.clamp(0, T - 1))  # decoded, in a scored step
+    if tokens == "one":
+        ok &= _one_per_step(rollout, ok, T)
     if verification == "leave_one_out":  # one query per committed token
-        ok = (cs >= 0) & (cs < T) & grid.gather(1, cs.clamp(0, T - 1))  # decoded, in a scored step
         rows, j = ok.nonzero(as_tuple=True)
         t = cs[rows, j]
         visible = (cs[rows] <= t[:, None]) & (col != j[:, None])
         target = col == j[:, None]
     else:  # one query per step
         rows, t = grid.nonzero(as_tuple=True)
-        target = cs[rows] == t[:, None]
-        visible = cs[rows] < t[:, None] if verification == "pre_step" else ~target
+        committed = cs[rows] == t[:, None]
+        target = committed & ok[rows]
+        visible = cs[rows] < t[:, None] if verification == "pre_step" else ~committed
     logp = _score(model, rollout, rows, visible, target, micro_batch, impl)
     q = target.nonzero(as_tuple=True)[0]  # query of each scored token
     flat = (rows[q] * T + t[q]).to(cs.device)
@@ -197,6 +216,20 @@ def token_verification_rewards(
     counts = torch.zeros(N * T, device=cs.device).index_add_(0, flat, torch.ones_like(val).to(cs.device))
     out = (sums / counts.clamp_min(1)).view(N, T)
     return torch.where(grid, out, float("nan"))
+
+
+def _one_per_step(rollout, ok: torch.Tensor, T: int) -> torch.Tensor:
+    """[N, G] bool: of the ``ok`` tokens committed at each (row, step), the one with the largest Philox
+    uniform (seed; position, row key, step, STREAM_VERIFY): a uniform draw per step, keyed by row."""
+    cs = rollout.commit_step
+    N, G = cs.shape
+    keys = torch.as_tensor(rollout.row_keys, device=cs.device).reshape(N, 1)
+    pos = torch.arange(G, device=cs.device)[None, :]
+    u = philox_uniform(rollout.seed, pos, keys, cs.clamp_min(0), torch.full_like(cs, STREAM_VERIFY))
+    u = torch.where(ok, u, -1.0)
+    flat = (torch.arange(N, device=cs.device)[:, None] * T + cs.clamp(0, T - 1)).reshape(-1)
+    top = torch.full((N * T,), -1.0, device=cs.device).scatter_reduce(0, flat, u.reshape(-1), "amax")
+    return ok & (u == top[flat].view(N, G))
 
 
 @torch.no_grad()
@@ -461,12 +494,22 @@ class ARScorer:
 
 
 def load_ar_scorer(name_or_path, *, bridge_from=None, device=None, dtype=None, **kwargs) -> ARScorer:
-    """An ``ARScorer`` for a causal LM given by hub name or local path (e.g. "gpt2"), or an already built
-    model. ``bridge_from``: the dLLM's tokenizer — its ids are decoded to text and re-encoded with the AR
+    """An ``ARScorer`` for a causal LM given by hub name or local path (e.g. "gpt2"), a built-in scorer
+    ("tiny_ar_sudoku": ``dmpo_fast.assets``, made by scripts/build_ar_scorer.py), or an already built model. ``bridge_from``: the dLLM's tokenizer — its ids are decoded to text and re-encoded with the AR
     model's tokenizer (loaded from the same name); None feeds the dLLM ids straight in (same vocabulary).
     ``kwargs`` go to ``ARScorer``."""
+    from dmpo_fast.assets import TINY_AR_SCORERS, tiny_ar_scorer_dir
+
     if isinstance(name_or_path, torch.nn.Module):
         model, tokenizer = name_or_path, kwargs.pop("tokenizer", None)
+    elif name_or_path in TINY_AR_SCORERS:  # built in: a GPT-2 over the tiny models' character tokenizer
+        import transformers  # noqa: PLC0415
+
+        from dmpo_fast.tokenizer import CharTokenizer
+
+        path = tiny_ar_scorer_dir(name_or_path)
+        model = transformers.GPT2LMHeadModel.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
+        tokenizer = kwargs.pop("tokenizer", None) or CharTokenizer.load(path)
     elif isinstance(name_or_path, str):
         import transformers  # noqa: PLC0415
 
@@ -499,7 +542,7 @@ def step_rewards(
     if cfg.tv_weight:
         tv = token_verification_rewards(
             policy, rollout, verification=cfg.verification, score=cfg.verification_score,
-            steps_from=steps_from, micro_batch=cfg.micro_batch, impl=impl,
+            tokens=cfg.verification_tokens, steps_from=steps_from, micro_batch=cfg.micro_batch, impl=impl,
         )  # fmt: skip
     if cfg.ppl_weight:
         if scorer is None:
@@ -519,14 +562,17 @@ def step_rewards(
 
 
 def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, seed: int, scorer=None,
-                row_offset: int = 0, rows_total: int | None = None, impl: str = "auto") -> dict:  # fmt: skip
+                row_offset: int = 0, rows_total: int | None = None, maskable: torch.Tensor | None = None,
+                impl: str = "auto") -> dict:  # fmt: skip
     """Rewards, returns and advantages of one rollout batch (N = prompts × group_size rows, groups
     consecutive), and the rollout tensors ``loss_step`` rebuilds the states from. Row-indexed tensors can be
     sliced by rows (micro-batches); ``rows_total`` and ``seed`` are scalars.
 
     ``row_offset`` and ``rows_total``: when this batch is one process's share of a larger one, the index of
     its first row in the whole batch (the rows' window-draw keys) and the whole batch's rollouts (the loss
-    denominator), so the shares' losses add up to the whole batch's. Defaults: this batch alone."""
+    denominator), so the shares' losses add up to the whole batch's. Defaults: this batch alone.
+    ``maskable``: [N, L] bool, the positions the denoising anchor may mask (default: the completion up to
+    its first EOS)."""
     task = task_rewards.float().to(rollout.ids.device)
     r = step_rewards(policy, rollout, cfg, scorer=scorer, impl=impl)
     returns, valid = window_returns(r["total"], rollout.num_steps, task, window=cfg.window,
@@ -534,11 +580,14 @@ def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, 
     adv = window_advantages(returns, valid, cfg.group_size, baseline=cfg.baseline, scale_std=cfg.scale_std)
     decoded = rollout.commit_step < rollout.num_steps[:, None]  # the tokens the policy chose
     rows = torch.arange(row_offset, row_offset + len(task), device=task.device)  # keys of the window draws
+    if maskable is None:
+        maskable = torch.zeros_like(rollout.ids, dtype=torch.bool)
+        maskable[:, rollout.prompt_length :] = rollout.completion_mask
     buf = {
         "ids": rollout.ids, "attention_mask": rollout.attention_mask, "commit_step": rollout.commit_step,
         "num_steps": rollout.num_steps, "completion_mask": rollout.completion_mask,
         "advantages": adv, "valid": valid, "returns": returns, "task_rewards": task,
-        "tokens": decoded.sum(1).clamp_min(1).float(), "row_keys": rows,
+        "tokens": decoded.sum(1).clamp_min(1).float(), "row_keys": rows, "maskable": maskable,
         "prompt_length": rollout.prompt_length, "mask_id": rollout.mask_id,
         "rows_total": len(task) if rows_total is None else rows_total,
         "seed": seed,
@@ -558,33 +607,81 @@ class _RolloutView:
         self.prompt_length, self.mask_id = buf["prompt_length"], buf["mask_id"]
 
 
-def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, impl: str = "auto") -> LossOutput:
+def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, noise: NoiseConfig | None = None,
+              anchor_seed: int | None = None, impl: str = "auto") -> LossOutput:  # fmt: skip
     """The SGRO loss of optimizer step ``step`` on a buffer or a row slice of it: windows drawn afresh
-    (``importance``), token weights A · c / (n_row · N) with N the whole buffer's rollouts."""
+    (``importance``), token weights A · c / (n_row · N) with N the whole buffer's rollouts; with
+    ``cfg.anchor="denoise"`` plus anchor_weight × the masked-diffusion loss of the rows with a finite task
+    reward (``rejection_sft_loss`` with weight 1/N), with ``"best"`` of each group's best row by task reward
+    (weight 1/groups); masks from ``noise`` keyed by ``anchor_seed`` and the rows' global index, so slices
+    of whole groups add up to the whole buffer's loss."""
     c = sample_windows(buf["advantages"], buf["valid"], importance=cfg.importance, k=cfg.windows_per_rollout,
                        seed=buf["seed"], step=step, row_keys=buf["row_keys"])  # fmt: skip
     coef = buf["advantages"] * c / (buf["tokens"][:, None] * buf["rows_total"])
     out = sgro_loss(policy, _RolloutView(buf), coef, window=cfg.window, impl=impl)
     out.stats["windows"] = (c > 0).sum()
+    out.stats["pg_loss"] = out.loss.detach()
+    if cfg.anchor != "none" and cfg.anchor_weight > 0:
+        if cfg.anchor == "best":
+            keep = torch.zeros_like(buf["task_rewards"], dtype=torch.bool)
+            keep[select_best(buf["task_rewards"], cfg.group_size)] = True
+            keep &= torch.isfinite(buf["task_rewards"])
+            total = buf["rows_total"] // cfg.group_size
+        else:
+            keep, total = torch.isfinite(buf["task_rewards"]), buf["rows_total"]
+        first = int(buf["row_keys"][0]) if buf["row_keys"].numel() else 0
+        anchor = rejection_sft_loss(
+            policy, buf["ids"], buf["maskable"], noise=noise, attention_mask=buf["attention_mask"],
+            selected=keep, total=total, seed=anchor_seed, row_offset=first, impl=impl,
+        )  # fmt: skip
+        out.stats["anchor_loss"] = anchor.loss.detach()
+        out.stats["masked_tokens"] = out.stats["masked_tokens"] + anchor.stats["masked_tokens"]
+        out = LossOutput(out.loss + cfg.anchor_weight * anchor.loss, out.stats)
+    return out
+
+
+def majority_vote(answers: list, group_size: int) -> torch.Tensor:
+    """[M] fp32: 1 where a row's answer equals the most common answer of its group (``group_size``
+    consecutive rows; ties go to the answer seen first), 0 elsewhere; None or "" never votes nor wins."""
+    if len(answers) % group_size:
+        raise ValueError(f"answers ({len(answers)}) must be a multiple of group_size ({group_size})")
+    out = torch.zeros(len(answers))
+    for g in range(0, len(answers), group_size):
+        group = answers[g : g + group_size]
+        counts: dict = {}
+        for a in group:
+            if a is not None and a != "":
+                counts[a] = counts.get(a, 0) + 1
+        if counts:
+            top = max(counts.values())
+            winner = next(a for a in counts if counts[a] == top)
+            out[g : g + group_size] = torch.tensor([float(a == winner) for a in group])
     return out
 
 
 def tts_reward_fn(
-    policy, cfg: MROConfig, *, scorer=None, task_reward=None, window: int | None = None, impl: str = "auto"
-):
+    policy, cfg: MROConfig, *, scorer=None, task_reward=None, window: int | None = None, vote=None,
+    group_size: int | None = None, impl: str = "auto",
+):  # fmt: skip
     """A ``reward_fn`` for ``generate_tts``: the summed step rewards (λ_tv·r_tv + λ_ppl·r_ppl) of the last
-    ``window`` steps of each candidate (default ``cfg.window``; pass generate_tts's window), plus
-    λ_q·task_reward(rollout) ([M] tensor) on the final call when ``task_reward`` is given."""
+    ``window`` steps of each candidate (default ``cfg.window``; pass generate_tts's window), plus on the final
+    call λ_q·task_reward(rollout) ([M] tensor) when ``task_reward`` is given, and the paper's quality reward
+    by majority vote when ``vote`` is: ``vote(rollout)`` gives each row's final answer (a hashable, None for
+    none) and a candidate whose answer is its prompt's most common one (``group_size`` = k consecutive rows)
+    earns λ_q (``majority_vote``): the answer is never checked against the truth."""
     window = cfg.window if window is None else window
+    if vote is not None and not group_size:
+        raise ValueError("vote needs group_size: the candidates per prompt (generate_tts's k)")
 
     def reward_fn(rollout, *, final: bool) -> torch.Tensor:
         lo = (rollout.num_steps - window).clamp_min(0)
         r = step_rewards(policy, rollout, cfg, scorer=scorer, steps_from=lo, impl=impl)["total"]
         score = torch.nan_to_num(r, nan=0.0).sum(1)
         if final and task_reward is not None:
-            score = score + cfg.task_weight * torch.as_tensor(task_reward(rollout), dtype=score.dtype).to(
-                score
-            )
+            task = torch.as_tensor(task_reward(rollout), dtype=score.dtype)
+            score = score + cfg.task_weight * task.to(score)
+        if final and vote is not None:
+            score = score + cfg.task_weight * majority_vote(list(vote(rollout)), group_size).to(score)
         return score
 
     return reward_fn

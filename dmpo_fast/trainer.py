@@ -60,6 +60,7 @@ def make_buffer(algo: Algorithm, policy, reference, tokenizer, task, cfg: TrainC
     result = rollout(
         policy, tokenizer, task, rows, repeat=cfg.num_generations, cfg=cfg, temperature=cfg.temperature,
         seed=derive_seed(cfg.seed, "rollout", buffer_index), reward_fns=reward_fns, first_row=first_row,
+        tts=algo.rollout_tts(policy, scorer),
     )  # fmt: skip
     out, completions, rewards, n_failed, solved = result
     buf = algo.build(policy, out, rewards, reference=reference, scorer=scorer, buffer_index=buffer_index,

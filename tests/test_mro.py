@@ -91,6 +91,44 @@ def test_token_verification_matches_direct(model, rollout, verification, score):
             torch.testing.assert_close(got[n, t].double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("verification", ["leave_one_out", "pre_step", "final"])
+def test_one_verified_token_per_step(model, rollout, verification):
+    # tokens="one": each step's reward is one of its tokens' values under tokens="all" contexts, drawn by
+    # row key (a row slice draws the same), not always the same position of the step.
+    from dmpo_fast.sampling.tts import select_rows
+
+    kw = dict(verification=verification, score="logprob", impl="chunked")
+    one = mro.token_verification_rewards(model, rollout, tokens="one", micro_batch=3, **kw)
+    P, cs, ns = rollout.prompt_length, rollout.commit_step, rollout.num_steps
+    picked = []
+    for n in range(cs.shape[0]):
+        for t in range(int(ns[n])):
+            U = [j for j in range(cs.shape[1]) if cs[n, j] == t]
+            if not U:
+                assert one[n, t] == 0
+                continue
+            vals = []
+            for j in U:
+                if verification == "leave_one_out":
+                    x = rollout.state_at(t + 1)[n].clone()
+                    x[P + j] = MASK
+                elif verification == "pre_step":
+                    x = rollout.state_at(t)[n]
+                else:
+                    x = rollout.ids[n].clone()
+                    x[[P + u for u in U]] = MASK
+                lp = _logp_full(model, x, rollout.attention_mask[n], P + j, rollout.ids[n, P + j])
+                vals.append(float(lp.detach()))
+            hits = [i for i, v in enumerate(vals) if abs(v - float(one[n, t])) < 1e-4]
+            assert hits, (n, t)
+            if len(U) > 1:
+                picked.append(hits[0])
+    assert len(set(picked)) > 1  # the drawn token's place in its step varies
+    rows = torch.tensor([2, 3])
+    part = mro.token_verification_rewards(model, select_rows(rollout, rows), tokens="one", **kw)
+    torch.testing.assert_close(part, one[rows, : part.shape[1]], equal_nan=True)
+
+
 def _direct_ppl(gpt2, tokens):
     ar = [BOS] + [t for t in tokens if t not in SPECIAL]
     if len(ar) < 2:
@@ -249,6 +287,40 @@ def test_sgro_loss_with_sampled_windows_matches_eager(model, rollout):
     assert int(out.stats["states"]) == n_states
 
 
+def test_denoising_anchor_adds_the_masked_diffusion_loss_of_the_rollouts(model, rollout):
+    # anchor="denoise": SGRO + w · rejection_sft_loss of every rollout with a finite task reward (weight 1/N),
+    # its masks keyed by the rows' global index, so row slices still add up to the whole buffer's loss.
+    task = torch.tensor([1.0, 0.0, float("nan"), 0.75])
+    plain = mro.MROConfig(group_size=GROUP, window=3, ppl_weight=0.0)
+    cfg = mro.MROConfig(group_size=GROUP, window=3, ppl_weight=0.0, anchor="denoise", anchor_weight=0.5)
+    buf = mro.make_buffer(model, rollout, task, cfg, seed=0, impl="chunked")
+    noise = dmpo.NoiseConfig(replicates=2)
+    out = mro.loss_step(model, buf, cfg, step=1, noise=noise, anchor_seed=9, impl="chunked")
+    sgro = mro.loss_step(model, buf, plain, step=1, impl="chunked").loss
+    anchor = mro.rejection_sft_loss(
+        model, rollout.ids, buf["maskable"], noise=noise, attention_mask=rollout.attention_mask,
+        selected=torch.tensor([True, True, False, True]), total=4, seed=9, impl="eager",
+    )  # fmt: skip
+    assert anchor.loss > 0
+    torch.testing.assert_close(out.loss, sgro + 0.5 * anchor.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.stats["anchor_loss"], anchor.loss.detach(), rtol=1e-5, atol=1e-6)
+    halves = [{k: (v[s] if torch.is_tensor(v) and v.dim() and v.shape[0] == 4 else v) for k, v in buf.items()}
+              for s in (slice(0, 2), slice(2, 4))]  # fmt: skip
+    total = sum(mro.loss_step(model, h, cfg, 1, noise=noise, anchor_seed=9, impl="chunked").loss for h in halves)
+    torch.testing.assert_close(total, out.loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="anchor"):
+        mro.MROConfig(anchor="kl2")
+    with pytest.raises(ValueError, match="anchor_weight"):
+        mro.MROConfig(anchor_weight=-1.0)
+
+
+def test_baseline_none_keeps_the_returns(model, rollout):
+    task = torch.tensor([1.0, 0.0, 0.25, 0.75])
+    cfg = mro.MROConfig(group_size=GROUP, window=3, ppl_weight=0.0, baseline="none")
+    buf = mro.make_buffer(model, rollout, task, cfg, seed=0, impl="chunked")
+    torch.testing.assert_close(buf["advantages"], torch.where(buf["valid"], buf["returns"], 0.0))
+
+
 def test_a_few_steps_raise_the_advantage_weighted_logprob(rollout):
     policy = ToyDenoiser(vocab=V, hidden=16, mask_id=MASK, seed=1)
     cfg = mro.MROConfig(
@@ -301,3 +373,34 @@ def test_config_errors_name_the_field():
         mro.MROConfig(ppl_cap=0)
     with pytest.raises(ValueError, match="ARScorer"):
         mro.step_rewards(None, None, mro.MROConfig(tv_weight=0.0))
+
+
+def test_majority_vote_quality_reward(model, rollout):
+    assert mro.majority_vote(["a", "b", "a", None, "", "c", "c", "d"], 4).tolist() == [1, 0, 1, 0, 0, 1, 1, 0]
+    assert mro.majority_vote(["x", "y", None, None], 2).tolist() == [1, 0, 0, 0]  # ties: the first seen
+    # In the TTS reward: λ_q on the final call for the rows that agree with their prompt's majority.
+    cfg = mro.MROConfig(window=2, ppl_weight=0.0, task_weight=0.5)
+    plain = mro.tts_reward_fn(model, cfg, window=2, impl="chunked")
+    voted = mro.tts_reward_fn(model, cfg, window=2, vote=lambda ro: ["7", "7", "1", "2"], group_size=2,
+                              impl="chunked")  # fmt: skip
+    torch.testing.assert_close(voted(rollout, final=False), plain(rollout, final=False))
+    torch.testing.assert_close(voted(rollout, final=True) - plain(rollout, final=True),
+                               torch.tensor([0.5, 0.5, 0.5, 0.0]))  # fmt: skip
+    with pytest.raises(ValueError, match="group_size"):
+        mro.tts_reward_fn(model, cfg, vote=lambda ro: [])
+
+
+def test_the_built_in_perplexity_scorer_knows_sudoku():
+    # dmpo_fast/assets/tiny_ar_sudoku (scripts/build_ar_scorer.py): offline, small, and a valid grid reads as
+    # far more likely than one with a broken row or a half-written one.
+    pytest.importorskip("transformers")
+    from dmpo_fast.assets import ASSETS, tiny_ar_scorer_dir
+
+    path = tiny_ar_scorer_dir("tiny_ar_sudoku")
+    assert sum(f.stat().st_size for f in path.iterdir()) < 2 * 2**20 and path.parent == ASSETS
+    scorer = mro.load_ar_scorer("tiny_ar_sudoku", bridge_from=TOK)
+    good, bad, half = (TOK.encode(t) for t in ("1234/3412/2143/4321", "1134/3412/2143/4311", "12 4/3"))
+    ppl = scorer.perplexity([good, bad, half])
+    assert ppl[0] < 2.0 and ppl[1] > 2 * ppl[0] and ppl[2] > ppl[1]
+    with pytest.raises(ValueError, match="name must be one of"):
+        tiny_ar_scorer_dir("tiny_ar_gsm8k")

@@ -35,12 +35,14 @@ ALGORITHMS = {
     "mro": dict(algorithm="mro", mro_window=4, mro_importance="advantage", gradient_accumulation_steps=2),
     "rejection_sft": dict(algorithm="rejection_sft", gradient_accumulation_steps=2),
     "wd1": dict(algorithm="wd1", gradient_accumulation_steps=2),
+    "mro_rs": dict(algorithm="mro_rs", mro_rs_window=3, gradient_accumulation_steps=2),
 }
 COLUMNS = {
     "diffu_grpo": ("kl", "clip_ratio", "ratio_mean", "advantage_abs_mean"),
     "mro": ("states", "windows", "steps_mean", "tv_reward_mean"),
     "rejection_sft": ("selected",),
     "wd1": ("advantage_abs_mean", "w_pos_max_mean", "logp_token_mean"),
+    "mro_rs": ("selected", "tv_reward_mean"),
 }
 VOLATILE = {"seconds", "tokens_per_s"}
 
@@ -327,6 +329,11 @@ def test_cli_eval_tts_option(tmp_path):
         ({"mro_returns": "sum"}, "mro_returns must be one of 'reward_to_go', 'window'"),
         ({"mro_importance": "ppo"}, "mro_importance must be one of 'none', 'uniform', 'advantage'"),
         ({"mro_tv_weight": -1.0}, "mro_tv_weight must be >= 0"),
+        ({"mro_anchor_weight": -1.0}, "mro_anchor_weight must be >= 0"),
+        ({"mro_anchor": "kl2"}, "mro_anchor must be one of 'none', 'denoise'"),
+        ({"mro_baseline": "mean"}, "mro_baseline must be one of 'none', 'group'"),
+        ({"mro_rs_window": 0}, "mro_rs_window must be an int >= 1"),
+        ({"algorithm": "mro_rs", "mro_tv_weight": 0.0}, "algorithm='mro_rs' ranks partial states"),
         ({"mro_ppl_weight": 0.5}, "mro_ppl_weight=0.5 needs mro_ppl_model"),
         ({"mro_ppl_model": ""}, "mro_ppl_model must be"),
         ({"algorithm": "mro", "mro_tv_weight": 0.0, "mro_task_weight": 0.0}, "algorithm='mro' has no reward"),
@@ -353,3 +360,56 @@ def test_algorithm_options_that_are_valid():
     )  # random remasking diversifies at T = 0
     assert TrainConfig(mro_ppl_model="gpt2", mro_ppl_weight=0.0).effective_ppl_weight == 0.0
     assert TrainConfig().effective_ppl_weight == 0.0
+
+
+def test_mro_options_reach_the_mro_config():
+    from dmpo_fast.algorithms.mro import mro_config
+
+    cfg = TrainConfig(algorithm="mro", mro_baseline="none", mro_anchor="none", mro_anchor_weight=0.25)
+    opts = mro_config(cfg)
+    assert (opts.baseline, opts.anchor, opts.anchor_weight) == ("none", "none", 0.25)
+    # The trainer's MRO keeps the denoiser anchored unless told otherwise; DMPO's defaults are untouched.
+    assert mro_config(TrainConfig(algorithm="mro")).anchor == "best"
+    assert TrainConfig().learning_rate == 3e-4 and TrainConfig().num_iterations == 2
+
+
+def test_mro_rejection_sampling_groups_its_rollouts_and_keeps_the_best_by_multi_reward(monkeypatch):
+    # mro_rs: the G rollouts of a prompt are decoded as one step-wise group (generate_tts grouped=True,
+    # branching every mro_rs_window calls) and each group keeps its best by λ_tv·mean r_tv + λ_q·task.
+    from dmpo_fast import sampling
+    from dmpo_fast.algorithms import get
+    from dmpo_fast.algorithms.mro_rs import multi_reward
+    from dmpo_fast.policy import load_policy
+    from dmpo_fast.tasks import get_task
+
+    seen = []
+    real = sampling.generate_tts
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((kwargs["k"], kwargs["window"], kwargs["grouped"], out.branches, out.rollout.ids.shape[0]))
+        return out
+
+    monkeypatch.setattr(sampling, "generate_tts", spy)
+    cfg = TrainConfig(algorithm="mro_rs", prompts_per_step=2, num_generations=4, mro_rs_window=3, impl="chunked",
+                      progress=False)  # fmt: skip
+    algo = get("mro_rs")(cfg)
+    policy, tokenizer = load_policy(cfg, torch.device("cpu"))
+    task = get_task(cfg.task, **cfg.task_options())
+    buf = train_mod.make_buffer(algo, policy, None, tokenizer, task, cfg, [task.reward], task.train()[:2], 0)
+    assert seen == [(4, 3, True, seen[0][3], 8)] and seen[0][3] > 0
+    r, sel = buf["rewards"], buf["selected"]
+    assert int(sel.sum()) == 2 == buf["selected_total"]
+    for g in range(2):
+        rows = slice(4 * g, 4 * g + 4)
+        assert sel[rows].sum() == 1
+        assert buf["multi_reward"][rows].argmax() == sel[rows].int().argmax()
+    step = {"tv": buf["tv_mean"][:, None], "ppl": None}
+    torch.testing.assert_close(multi_reward(step, r, algo.options), buf["multi_reward"])
+
+
+def test_mro_with_the_built_in_perplexity_scorer(tmp_path):
+    pytest.importorskip("transformers")
+    result = _train(_cfg(tmp_path, "mro", max_steps=1, num_iterations=1, eval_size=2, mro_ppl_model="tiny_ar_sudoku"))
+    row = result.metrics[0]
+    assert 0.0 <= row["ppl_reward_mean"] <= 1.0 and 0.0 <= row["tv_reward_mean"] <= 1.0

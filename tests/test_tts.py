@@ -99,6 +99,23 @@ def test_branching_keeps_the_best_partial_state(toy):
     assert torch.equal(out.rollout.ids, out.candidates.ids[torch.arange(2) * k + out.chosen])
 
 
+def test_grouped_rows_are_the_candidates(toy):
+    # Step-wise group sampling: rows arrive repeated (k per prompt, their own keys) and all come back; the
+    # same rows decoded ungrouped with keys key_b * k + j give the same candidates.
+    ids, mask = _prompts()
+    k = 3
+    kw = dict(gen_length=GEN, block_length=BLOCK, steps=8, temperature=1.5, seed=11, eos_id=None)
+    ref = generate_tts(toy, ids, mask, k=k, window=2, reward_fn=_count_reward(7), sampler="llada", **kw)
+    keys = torch.arange(2 * k)
+    out = generate_tts(toy, ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0), k=k, window=2,
+                       reward_fn=_count_reward(7), sampler="llada", row_keys=keys, grouped=True, **kw)  # fmt: skip
+    assert torch.equal(out.rollout.ids, ref.candidates.ids) and out.rollout.ids.shape[0] == 2 * k
+    assert torch.equal(out.rewards, ref.candidate_rewards) and torch.equal(out.chosen, ref.chosen)
+    assert out.branches == ref.branches == 3
+    with pytest.raises(ValueError, match="k consecutive rows"):
+        generate_tts(toy, ids, mask, k=3, reward_fn=_count_reward(1), grouped=True, **kw)
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_reseeded_rows_refresh_the_cache(one_layer, cache, monkeypatch):
     # A re-seeded row's cached keys/values are another row's: the next step must run a full forward

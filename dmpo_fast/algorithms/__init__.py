@@ -10,10 +10,12 @@ from dmpo_fast.algorithms.base import Algorithm, Buffer, derive_seed
 from dmpo_fast.algorithms.diffu_grpo import DiffuGRPO
 from dmpo_fast.algorithms.dmpo import DMPO, DMPOOptions
 from dmpo_fast.algorithms.mro import MRO
+from dmpo_fast.algorithms.mro_rs import MRORejectionSampling
 from dmpo_fast.algorithms.rejection_sft import RejectionSFT
 from dmpo_fast.algorithms.wd1 import WD1
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DMPO, MRO, DiffuGRPO, RejectionSFT, WD1)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (DMPO, MRO, DiffuGRPO, RejectionSFT, WD1,
+                                                                 MRORejectionSampling)}
 
 
 def get(name: str) -> type[Algorithm]:
@@ -26,5 +28,5 @@ def get(name: str) -> type[Algorithm]:
         ) from None
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "Buffer", "DMPO", "DMPOOptions", "DiffuGRPO", "MRO", "RejectionSFT", "WD1",
+__all__ = ["ALGORITHMS", "Algorithm", "Buffer", "DMPO", "DMPOOptions", "DiffuGRPO", "MRO", "MRORejectionSampling", "RejectionSFT", "WD1",
            "derive_seed", "get"]  # fmt: skip

@@ -187,6 +187,11 @@ class Algorithm:
         """Warnings the trainer shows once at the start of a run."""
         return []
 
+    def rollout_tts(self, policy, scorer) -> dict | None:
+        """``generate_tts`` options for the training rollouts (``mro_rs``: step-wise group sampling); None:
+        the run's sampler alone."""
+        return None
+
     # ---- the work ------------------------------------------------------------------------------------
     def build(self, policy, rollout, rewards: torch.Tensor, *, reference, scorer, buffer_index: int,
               first_row: int) -> Buffer:  # fmt: skip

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from dmpo_fast import mro
-from dmpo_fast.algorithms.base import Algorithm, Buffer, derive_seed, require_groups
+from dmpo_fast.algorithms.base import (
+    Algorithm,
+    Buffer,
+    completion_positions,
+    derive_seed,
+    noise_of,
+    require_groups,
+)
 
 if TYPE_CHECKING:
     from dmpo_fast.config import TrainConfig
@@ -25,17 +32,41 @@ def mro_config(cfg: TrainConfig) -> mro.MROConfig:
     """The run's MRO options (G = num_generations); its step rewards also rank TTS candidates."""
     return mro.MROConfig(
         group_size=cfg.num_generations, window=cfg.mro_window, verification=cfg.mro_verification,
-        verification_score=cfg.mro_verification_score, ppl_text=cfg.mro_ppl_text, tv_weight=cfg.mro_tv_weight,
+        verification_score=cfg.mro_verification_score, verification_tokens=cfg.mro_verification_tokens,
+        ppl_text=cfg.mro_ppl_text, tv_weight=cfg.mro_tv_weight,
         ppl_weight=cfg.effective_ppl_weight, task_weight=cfg.mro_task_weight, shaping=cfg.mro_shaping,
         returns=cfg.mro_returns, scale_std=cfg.mro_scale_rewards == "std", importance=cfg.mro_importance,
         windows_per_rollout=cfg.mro_windows_per_rollout, num_iterations=cfg.num_iterations,
+        baseline=cfg.mro_baseline, anchor=cfg.mro_anchor, anchor_weight=cfg.mro_anchor_weight,
     )  # fmt: skip
+
+
+def answer_of(text: str) -> str:
+    """The answer a completion votes for: its final answer (``tasks.base.final_answer``), spaces removed."""
+    from dmpo_fast.tasks.base import completion_text, final_answer
+
+    return "".join(final_answer(completion_text(text)).split())
+
+
+def tts_reward(policy, cfg: TrainConfig, tokenizer, *, scorer=None):
+    """The ``generate_tts`` reward of an evaluation with ``eval_tts_k`` candidates: the MRO step rewards of
+    the last ``eval_tts_window`` steps, plus the majority-vote quality reward with ``mro_tts_vote``."""
+    vote = {}
+    if cfg.mro_tts_vote:
+        from dmpo_fast.rollouts import decode
+
+        def answers(rollout):
+            return [answer_of(t) for t in decode(tokenizer, rollout.ids[:, rollout.prompt_length :])]
+
+        vote = {"vote": answers, "group_size": cfg.eval_tts_k}
+    return mro.tts_reward_fn(policy, mro_config(cfg), scorer=scorer, window=cfg.eval_tts_window, impl=cfg.impl,
+                             **vote)  # fmt: skip
 
 
 class MRO(Algorithm):
     name = "mro"
     total_keys = ("n_failed", "rows_total")
-    summed_stats = ("states", "windows")
+    summed_stats = ("states", "windows", "pg_loss", "anchor_loss")
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
@@ -43,7 +74,7 @@ class MRO(Algorithm):
 
     @classmethod
     def validate(cls, cfg: TrainConfig) -> None:
-        for name in ("mro_tv_weight", "mro_ppl_weight", "mro_task_weight"):
+        for name in ("mro_tv_weight", "mro_ppl_weight", "mro_task_weight", "mro_anchor_weight"):
             if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
         if cfg.mro_ppl_model is not None and not cfg.mro_ppl_model.strip():
@@ -88,7 +119,7 @@ class MRO(Algorithm):
         d = mro.make_buffer(
             policy, rollout, rewards.to(rollout.ids.device), self.options,
             seed=derive_seed(self.seed, self.name, buffer_index), scorer=scorer, row_offset=first_row,
-            impl=self.impl,
+            maskable=completion_positions(rollout, policy.eos_id, self.cfg.include_eos_padding), impl=self.impl,
         )  # fmt: skip
         buf = Buffer.from_dict(d, self.total_keys)
         buf.meta["first_row"] = first_row
@@ -96,15 +127,20 @@ class MRO(Algorithm):
 
     def loss(self, policy, buf: Buffer, step: int):
         out = mro.loss_step(
-            policy, {**buf.rows, **buf.totals, **buf.meta}, self.options, step, impl=self.impl
-        )
-        stats = {k: out.stats[k].detach() for k in ("masked_tokens", "states", "windows")}
+            policy, {**buf.rows, **buf.totals, **buf.meta}, self.options, step,
+            noise=noise_of(self.cfg, self.cfg.num_replicates), anchor_seed=derive_seed(self.seed, "loss", step),
+            impl=self.impl,
+        )  # fmt: skip
+        zero = torch.zeros((), device=out.loss.device)
+        stats = {k: out.stats.get(k, zero).detach() for k in ("masked_tokens", *self.summed_stats)}
         return type(out)(out.loss, stats)
 
     def log_columns(self, rows, totals, sums) -> dict:
         out = {
             "states": int(sums["states"]),
             "windows": int(sums["windows"]),
+            "pg_loss": float(sums["pg_loss"]),
+            "anchor_loss": float(sums["anchor_loss"]),
             "steps_mean": float(rows["num_steps"].float().mean()),
         }
         for name in ("tv_mean", "ppl_mean"):  # per-rollout mean step rewards, when the term is on

@@ -17,6 +17,11 @@ as the worst). A partial rollout has ``mask_id`` at uncommitted positions, whose
 step count (masked in every state, as the samplers mark positions they never decoded), so
 ``Rollout.state_at`` and the MRO step rewards (``dmpo_fast.mro``) work on it unchanged.
 
+Step-wise group sampling (``grouped=True``, MRO's rejection sampling and the trainer's ``mro_rs``): the rows
+come already repeated, k consecutive rows per prompt with their own row keys, and every candidate is returned
+(``out.rollout`` is ``out.candidates``): k siblings that share the best partial state of the last branch
+point, each to be scored and kept or dropped by the caller.
+
 Ties go to the lowest candidate index. With k = 1 nothing is ever replaced, so the tokens equal plain
 decoding's. Branch points count model calls, not per-row steps: with a threshold sampler the rows of a batch
 can take different numbers of steps per block, and the calls are the one clock they share. Sampling with a
@@ -100,6 +105,7 @@ def generate_tts(
     window: int = 32,
     reward_fn: RewardFn,
     row_keys: torch.Tensor | None = None,
+    grouped: bool = False,
     **sampler_kwargs,
 ) -> TTSOutput:
     """Best-of-k decoding with branching every ``window`` model calls (see the module docstring).
@@ -107,7 +113,9 @@ def generate_tts(
     Args:
         k: candidates per prompt; window: model calls between branch points; reward_fn: see the module
         docstring; row_keys: [B] Philox keys of the prompts (default 0..B-1), candidate j of prompt b gets
-        ``row_keys[b] * k + j``; sampler_kwargs: ``generate``'s (``sampler``, ``gen_length``, ``seed``, ...).
+        ``row_keys[b] * k + j``; grouped: the rows are the candidates already (k consecutive rows per
+        prompt, keyed by ``row_keys`` as given, default 0..rows-1) and ``out.rollout`` holds all of them;
+        sampler_kwargs: ``generate``'s (``sampler``, ``gen_length``, ``seed``, ...).
     """
     k = _positive_int("k", k)
     window = _positive_int("window", window)
@@ -118,13 +126,20 @@ def generate_tts(
     if sampler_kwargs.get("seed") is None:  # one seed for the whole search, drawn like the samplers do
         sampler_kwargs["seed"] = draw_seed(sampler_kwargs.pop("generator", None))
     mask = check_prompts(prompt_ids, attention_mask)
-    B = prompt_ids.shape[0]
+    rows_in = prompt_ids.shape[0]
+    if grouped and rows_in % k:
+        raise ValueError(f"grouped=True needs k consecutive rows per prompt: {rows_in} rows, k={k}")
+    B = rows_in // k if grouped else rows_in
     if row_keys is None:
-        row_keys = torch.arange(B, device=prompt_ids.device)
-    if not isinstance(row_keys, torch.Tensor) or row_keys.shape != (B,):
-        raise ValueError(f"row_keys must be None or a tensor of shape [{B}], got {row_keys!r}")
+        row_keys = torch.arange(rows_in, device=prompt_ids.device)
+    if not isinstance(row_keys, torch.Tensor) or row_keys.shape != (rows_in,):
+        raise ValueError(f"row_keys must be None or a tensor of shape [{rows_in}], got {row_keys!r}")
     dev = prompt_ids.device
-    keys = (row_keys.to(dev, torch.int64)[:, None] * k + torch.arange(k, device=dev)).reshape(-1)  # [B*k]
+    if grouped:
+        keys = row_keys.to(dev, torch.int64)
+    else:
+        keys = (row_keys.to(dev, torch.int64)[:, None] * k + torch.arange(k, device=dev)).reshape(-1)  # [B*k]
+        prompt_ids, mask = prompt_ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
     eos = sampler_kwargs.get("eos_id", "model")
     eos_id = getattr(model, "eos_id", None) if eos == "model" else eos
     branches = 0
@@ -143,12 +158,11 @@ def generate_tts(
         return (torch.arange(B, device=best.device) * k + best).repeat_interleave(k)
 
     with step_hook(hook):
-        cands = generate(
-            model, prompt_ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0), row_keys=keys,
-            **sampler_kwargs,
-        )  # fmt: skip
+        cands = generate(model, prompt_ids, mask, row_keys=keys, **sampler_kwargs)
     with torch.no_grad():
         scores = _scores(reward_fn, cands, final=True)
     chosen = _best(scores, k)
+    if grouped:
+        return TTSOutput(cands, scores, cands, scores, chosen, branches)
     rows = torch.arange(B, device=chosen.device) * k + chosen
     return TTSOutput(select_rows(cands, rows), scores[rows], cands, scores, chosen, branches)
