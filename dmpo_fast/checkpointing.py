@@ -202,3 +202,24 @@ def checkpoint_model_state(policy, directory, state: dict, current: dict) -> dic
     if unknown:
         raise ValueError(f"checkpoint {str(directory)!r} holds tensors this model has no place for: {unknown[:3]}")
     return {**current, **files["tensors"]}
+
+
+def resume_point(run: RunDir, cfg: TrainConfig, *, main: bool):
+    """(checkpoint directory, its training state) a resume starts from: the newest checkpoint that passes
+    verification (newer damaged ones are named in a warning), checked against its own config; (None, None)
+    when the run has no checkpoint yet. A run whose every checkpoint is damaged is refused."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if not main:
+            warnings.simplefilter("ignore")
+        latest = run.latest_checkpoint()
+    if latest is None and run.checkpoint_dirs():
+        raise ValueError(
+            f"resume=true but no checkpoint in {str(run.checkpoints)!r} passes verification (see the warning "
+            "above): move that directory away to start again from step 0"
+        )
+    state = RunDir.load_checkpoint(latest, verify=False, with_model=False) if latest else None  # just verified
+    check_resume_config(run, cfg, state)
+    return latest, state
+

@@ -29,9 +29,10 @@ import torch
 from dmpo_fast import algorithms
 from dmpo_fast.algorithms import Algorithm, Buffer, derive_seed
 from dmpo_fast.algorithms.base import merge_for_log
-from dmpo_fast.checkpointing import check_resume_config, load_training_state, save_model_files, training_state
+from dmpo_fast.checkpointing import load_training_state, resume_point, save_model_files, training_state
 from dmpo_fast.config import TrainConfig
 from dmpo_fast.evaluation import evaluate, evaluate_model, resolve_checkpoint  # noqa: F401 (re-exported)
+from dmpo_fast.guards import non_finite_count, non_finite_names, preflight, restore, snapshot
 from dmpo_fast.policy import Reference, load_policy, load_scorer, scheduler
 from dmpo_fast.processes import Processes
 from dmpo_fast.rollouts import rollout
@@ -103,100 +104,15 @@ def update(algo: Algorithm, policy, optimizer, params, buf: Buffer, cfg: TrainCo
     if finite:
         # A finite gradient can still give non-finite parameters (float16 overflow, an absurd learning rate):
         # such a step is undone from the copy taken before it, and counted as a skipped step.
-        before = _snapshot(params, optimizer)
+        before = snapshot(params, optimizer)
         optimizer.step()
-        finite = procs.sum([_non_finite_count(params)])[0] == 0
+        finite = procs.sum([non_finite_count(params)])[0] == 0
         if not finite:
-            _restore(params, optimizer, before)
+            restore(params, optimizer, before)
     if not finite:
         optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_total, "masked_tokens": int(masked_tokens), "grad_norm": float(grad_norm),
             "finite": finite, **dict(zip(algo.summed_stats, extra, strict=True))}  # fmt: skip
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t  # a sharded parameter (FSDP): this process's shard
-
-
-def _snapshot(params, optimizer) -> tuple[list, dict]:
-    """Copies of the trainable parameters and their AdamW state, on their device (with LoRA a few MB; a
-    full fine-tune needs 3x the trainable parameters' memory for it, docs/reliability.md)."""
-    with torch.no_grad():
-        values = [_local(p.detach()).clone() for p in params]
-        state = {
-            i: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
-            for i, p in enumerate(params)
-            if p in optimizer.state
-        }
-    return values, state
-
-
-def _restore(params, optimizer, snapshot: tuple[list, dict]) -> None:
-    values, state = snapshot
-    with torch.no_grad():
-        for i, (p, v) in enumerate(zip(params, values, strict=True)):
-            _local(p.detach()).copy_(v)
-            if i in state:
-                optimizer.state[p] = state[i]
-            else:  # the first step created it
-                optimizer.state.pop(p, None)
-
-
-def _non_finite_count(params) -> float:
-    """How many of this process's trainable parameters (or shards) hold a NaN or an infinity."""
-    if not params:
-        return 0.0
-    return float(torch.stack([~torch.isfinite(_local(p.detach())).all() for p in params]).sum())
-
-
-def _non_finite_names(state: dict) -> list[str]:
-    return [
-        k
-        for k, v in state.items()
-        if torch.is_tensor(v) and v.is_floating_point() and not bool(v.isfinite().all())
-    ]
-
-
-def preflight(cfg: TrainConfig, device: torch.device):
-    """The checks that need neither the model nor the data, run before anything is written or computed:
-    float16 on the CPU, Triton without a GPU, a model path that does not exist, the task and its options,
-    the extra rewards' import paths. Returns (task, reward functions)."""
-    from dmpo_fast.config import FLOAT16_ON_CPU
-    from dmpo_fast.tasks import get_task, resolve_reward
-
-    if cfg.dtype == "float16" and device.type == "cpu":
-        raise ValueError(f"{FLOAT16_ON_CPU} (device={cfg.device!r} runs on the CPU here)")
-    if cfg.impl == "triton":
-        from dmpo_fast.kernels import runtime
-
-        if not runtime.available(device):
-            raise ValueError(f"impl='triton' cannot run here: {runtime.unavailable_reason(device)}")
-    for name in ("model", "mro_ppl_model"):
-        _check_model_name(name, getattr(cfg, name))
-    try:
-        task = get_task(cfg.task, **cfg.task_options())
-    except TypeError as e:  # a task class that is not a dataclass, given options it does not take
-        raise ValueError(f"task_kwargs {cfg.task_kwargs!r} do not fit task {cfg.task!r}: {e}") from e
-    return task, [task.reward, *(resolve_reward(s) for s in cfg.reward_funcs)]
-
-
-def _check_model_name(field: str, name: str | None) -> None:
-    """A built-in name, an existing directory or a hub id (owner/name); a path that does not exist is refused
-    here rather than after the run directory was made."""
-    import os
-    import re
-
-    from dmpo_fast.assets import TINY_MODELS
-
-    if name is None or name in TINY_MODELS or os.path.isdir(os.path.expanduser(name)):
-        return
-    looks_local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
-    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
-    if looks_local or not hub_id:
-        raise ValueError(
-            f"{field} {name!r} is not a directory that exists, a hub id (owner/name) or a built-in model "
-            f"({', '.join(sorted(TINY_MODELS))})"
-        )
 
 
 def log_row(algo: Algorithm, step: int, stats: dict, bufs: list[Buffer], lr: float, seconds: float) -> dict:
@@ -277,19 +193,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
     device = procs.device
     task, reward_fns = preflight(cfg, device)
     run = RunDir(cfg.output_dir, resume=cfg.resume, main=procs.main)
-    latest, state = None, None
-    if cfg.resume:  # the newest checkpoint that passes verification, and its own config as the reference
-        with warnings.catch_warnings():
-            if not procs.main:
-                warnings.simplefilter("ignore")
-            latest = run.latest_checkpoint()
-        if latest is None and run.checkpoint_dirs():
-            raise ValueError(
-                f"resume=true but no checkpoint in {str(run.checkpoints)!r} passes verification (see the warning "
-                "above): move that directory away to start again from step 0"
-            )
-        state = RunDir.load_checkpoint(latest, verify=False, with_model=False) if latest else None  # verified
-        check_resume_config(run, cfg, state)
+    latest, state = resume_point(run, cfg, main=procs.main) if cfg.resume else (None, None)
     torch.manual_seed(cfg.seed)
     algo = algorithms.get(cfg.algorithm)(cfg)
     policy, tokenizer = load_policy(cfg, device)
@@ -406,7 +310,7 @@ def train(cfg: TrainConfig | None = None) -> TrainResult:
         if stats["finite"] and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps):
             model_state, optimizer_state, fmt = training_state(policy, optimizer, sharded=procs.fsdp)
             # Only a model loaded with non-finite values gets here (updates that make them are undone).
-            bad = _non_finite_names(model_state) if procs.main else []
+            bad = non_finite_names(model_state) if procs.main else []
             if procs.sum([float(len(bad))])[0]:
                 names = ", ".join(bad[:5]) or "named by the main process"
                 raise RuntimeError(
