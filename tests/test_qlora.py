@@ -287,7 +287,7 @@ def test_recipes_state_their_quantization(path):
 def test_the_llada_recipe_runs_its_qlora_path_on_the_tiny_model(tmp_path, one_thread):
     cfg = TrainConfig.from_yaml(next(p for p in CONFIGS if p.stem == "llada8b_sudoku")).replace(
         model="tiny", dtype="float32", device="cpu", task="sudoku", task_kwargs={}, prompts_per_step=2,
-        num_generations=2, gen_length=24, block_length=8, steps=6, num_iterations=1, lora_r=4,
+        num_generations=2, reward_preset="default", gen_length=24, block_length=8, steps=6, num_iterations=1, lora_r=4,
         gradient_accumulation_steps=2, max_steps=1, eval_size=2, progress=False, tensorboard=False,
         plot=False,
         output_dir=str(tmp_path / "run"), impl="chunked",
