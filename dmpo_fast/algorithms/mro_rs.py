@@ -22,14 +22,11 @@ import torch
 
 from dmpo_fast import mro
 from dmpo_fast.algorithms.base import (
-    Algorithm,
     Buffer,
-    completion_positions,
-    derive_seed,
-    noise_of,
     require_groups,
 )
 from dmpo_fast.algorithms.mro import mro_config
+from dmpo_fast.algorithms.rejection_sft import RejectionSFT
 
 if TYPE_CHECKING:
     from dmpo_fast.config import TrainConfig
@@ -44,9 +41,10 @@ def multi_reward(step: dict, task: torch.Tensor, cfg: mro.MROConfig) -> torch.Te
     return score
 
 
-class MRORejectionSampling(Algorithm):
+class MRORejectionSampling(RejectionSFT):
+    """Rejection sampling as MRO runs it: the selection differs, the masked-diffusion loss is RejectionSFT's."""
+
     name = "mro_rs"
-    total_keys = ("n_failed", "selected_total")
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
@@ -82,23 +80,8 @@ class MRORejectionSampling(Algorithm):
         best = best[torch.isfinite(task[best])]
         if self.cfg.rs_min_reward is not None:
             best = best[task[best] >= self.cfg.rs_min_reward]
-        selected = torch.zeros(task.shape[0], dtype=torch.bool, device=task.device)
-        selected[best] = True
-        maskable = completion_positions(rollout, policy.eos_id, self.cfg.include_eos_padding)
-        rows = {"ids": rollout.ids, "attention_mask": rollout.attention_mask, "maskable": maskable,
-                "selected": selected, "multi_reward": score}  # fmt: skip
-        for name in ("tv", "ppl"):
-            if step[name] is not None:
-                rows[f"{name}_mean"] = torch.nanmean(step[name], dim=1)
-        return Buffer(rows, {"selected_total": int(selected.sum())}, {"first_row": first_row})
-
-    def loss(self, policy, buf: Buffer, step: int):
-        out = mro.rejection_sft_loss(
-            policy, buf["ids"], buf["maskable"], noise=noise_of(self.cfg, self.cfg.num_replicates),
-            attention_mask=buf["attention_mask"], selected=buf["selected"], total=buf["selected_total"],
-            seed=derive_seed(self.seed, "loss", step), row_offset=buf.first_row, impl=self.impl,
-        )  # fmt: skip
-        return type(out)(out.loss, {"masked_tokens": out.stats["masked_tokens"].detach()})
+        extra = {f"{name}_mean": torch.nanmean(step[name], dim=1) for name in ("tv", "ppl") if step[name] is not None}
+        return self.selection(policy, rollout, best, first_row, multi_reward=score, **extra)
 
     def log_columns(self, rows, totals, sums) -> dict:
         sel = rows["selected"].bool()

@@ -37,11 +37,15 @@ class RejectionSFT(Algorithm):
 
     def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row) -> Buffer:
         best = mro.select_best(rewards, self.group_size, min_reward=self.cfg.rs_min_reward)
-        selected = torch.zeros(rewards.shape[0], dtype=torch.bool, device=rewards.device)
-        selected[best] = True
+        return self.selection(policy, rollout, best, first_row)
+
+    def selection(self, policy, rollout, best: torch.Tensor, first_row: int, **rows) -> Buffer:
+        """The buffer that trains on rows ``best`` of ``rollout`` (and carries ``rows`` for the log)."""
+        selected = torch.zeros(rollout.ids.shape[0], dtype=torch.bool, device=rollout.ids.device)
+        selected[best.to(selected.device)] = True
         maskable = completion_positions(rollout, policy.eos_id, self.cfg.include_eos_padding)
         rows = {"ids": rollout.ids, "attention_mask": rollout.attention_mask, "maskable": maskable,
-                "selected": selected.to(rollout.ids.device)}  # fmt: skip
+                "selected": selected, **rows}  # fmt: skip
         return Buffer(rows, {"selected_total": int(selected.sum())}, {"first_row": first_row})
 
     def loss(self, policy, buf: Buffer, step: int):
