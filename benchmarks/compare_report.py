@@ -27,7 +27,7 @@ interrupted sweep (run directories under `runs/compare/`) and rewrites this file
 the package; the Countdown one is trained on three single-digit numbers and targets up to 30
 (`scripts/pretrain_tiny.py --task countdown`, 0.045 held-out solve rate). The budget is the default DMPO
 run's, 60 buffers of 32 prompts x 8 rollouts: on 2 CPU cores a DMPO run with its evaluations takes about
-6 minutes, and MRO runs take the longest, so the whole sweep (18 training runs) takes several hours.
+6 minutes, and MRO runs take the longest, so the whole sweep (30 training runs) takes many hours.
 
 ```bash
 python -m benchmarks compare     # = --tasks sudoku,countdown --methods base,dmpo,diffu_grpo,mro,mro_rs,wd1 --seeds 0,1,2
