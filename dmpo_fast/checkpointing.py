@@ -16,6 +16,7 @@ RESUMABLE_CHANGES = frozenset(
         "reward_timeout",
         "report_to",
         "log_completions_every",
+        "undo_non_finite",
         "max_steps",  # never below the checkpoint's step (check_resume_config)
         "progress",
         "eval_every",

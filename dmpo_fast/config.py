@@ -170,6 +170,7 @@ class TrainConfig:
     load_in_4bit: bool = False  # QLoRA: the base in 4-bit NF4 (bitsandbytes), LoRA on top (needs lora)
     load_in_8bit: bool = False  # the base in 8-bit LLM.int8 (bitsandbytes), LoRA on top (needs lora)
     gradient_checkpointing: bool = False
+    undo_non_finite: bool = True  # copy the trainable parameters and AdamW state before each step to undo it
     fsdp: bool = False  # shard over the processes with FSDP2 (also on with accelerate's FSDP configs)
     fsdp_reshard_after_forward: bool = True  # ZeRO-3 (True) or ZeRO-2 (False) with fsdp
     impl: ImplName = "auto"
@@ -652,6 +653,11 @@ FIELD_DOCS: dict[str, str] = {
         "with load_in_4bit"
     ),
     "gradient_checkpointing": "recompute each block in backward (less memory, ~30% more compute)",
+    "undo_non_finite": (
+        "keep a copy of the trainable parameters and their AdamW state through each step, to undo a step that "
+        "makes them non-finite (LoRA: a few MB; a full fine-tune: 3x the trainable parameters' memory); false: "
+        "no copy, and such a step stops the run with the last good checkpoint intact"
+    ),
     "fsdp": (
         "shard parameters, gradients and AdamW state over the processes (PyTorch FSDP2; on by itself under "
         "accelerate launch with configs/accelerate/fsdp.yaml); rollouts and evaluation run gathered"

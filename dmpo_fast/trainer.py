@@ -103,10 +103,16 @@ def update(algo: Algorithm, policy, optimizer, params, buf: Buffer, cfg: TrainCo
     finite = math.isfinite(loss_total) and bool(torch.isfinite(grad_norm))
     if finite:
         # A finite gradient can still give non-finite parameters (float16 overflow, an absurd learning rate):
-        # such a step is undone from the copy taken before it, and counted as a skipped step.
-        before = snapshot(params, optimizer)
+        # such a step is undone from the copy taken before it (undo_non_finite) and counted as skipped.
+        before = snapshot(params, optimizer) if cfg.undo_non_finite else None
         optimizer.step()
         finite = procs.sum([non_finite_count(params)])[0] == 0
+        if not finite and before is None:
+            raise RuntimeError(
+                f"step {step + 1}: the update made the parameters non-finite and undo_non_finite=false keeps no "
+                "copy to undo it: the run stopped, and no checkpoint holds these parameters. Lower "
+                "learning_rate (or set undo_non_finite=true), then resume from the last good checkpoint."
+            )
         if not finite:
             restore(params, optimizer, before)
     if not finite:

@@ -106,6 +106,34 @@ def test_a_step_that_makes_the_parameters_non_finite_is_undone(tmp_path, monkeyp
         assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
 
 
+def test_without_the_undo_copy_a_non_finite_update_stops_the_run_and_is_never_saved(tmp_path, monkeypatch):
+    """undo_non_finite=false keeps no copy of the parameters (a full fine-tune's memory): a step that makes
+    them non-finite stops the run, and every checkpoint stays finite."""
+    real = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kw):
+        calls["n"] += 1
+        out = real(self, *args, **kw)
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    def no_copy(*args, **kw):
+        raise AssertionError("undo_non_finite=false must not copy the parameters")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    monkeypatch.setattr(train_mod, "snapshot", no_copy)
+    with pytest.raises(RuntimeError, match="step 3: the update made the parameters non-finite"):
+        train_mod.train(_cfg(tmp_path / "run", save_every=1, undo_non_finite=False))
+    run = RunDir(tmp_path / "run", resume=True)
+    assert [p.name for p in run.checkpoint_dirs()] == ["step-000001", "step-000002"]
+    for ckpt in run.checkpoint_dirs():
+        model = RunDir.load_checkpoint(ckpt)["model"]
+        assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("learning_rate", float("inf")), ("max_grad_norm", float("nan")), ("alpha", float("nan")),
