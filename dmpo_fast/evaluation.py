@@ -4,6 +4,7 @@ and of a model or checkpoint (``dmpo-fast eval``)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,18 +73,20 @@ def resolve_checkpoint(path: str):
 
 
 def saved_config(path: str) -> TrainConfig:
-    """The config a run was trained with, from a run directory or one of its checkpoints: the checkpoint's own
-    copy (the truth a resume is checked against), else the run's ``config.yaml``."""
+    """The config a run was trained with, from a run directory or one of its checkpoints: the newest
+    checkpoint's own copy (the truth a resume is checked against), else the run's ``config.yaml``. Reads only
+    the small ``state.pt`` (the model's files are separate) and verifies nothing: the trainer and the
+    evaluation verify the checkpoint they load, once."""
     from pathlib import Path
 
     p = Path(path)
-    try:
-        ckpt = resolve_checkpoint(path)
-    except ValueError:
-        ckpt = None
-    if ckpt is not None:  # mmap: the config without reading the weights into memory
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
-        return TrainConfig.from_dict(state["config"])
+    candidates = [p] if (p / "state.pt").is_file() else RunDir(p, resume=True, main=False).checkpoint_dirs()[::-1]
+    for ckpt in candidates:
+        try:
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
+            return TrainConfig.from_dict(state["config"])
+        except Exception:  # a damaged checkpoint: the next older one, or config.yaml, says the same
+            continue
     if (p / "config.yaml").is_file():
         return TrainConfig.from_yaml(p / "config.yaml")
     raise ValueError(f"{path!r} is neither a run directory (config.yaml, checkpoints/) nor a checkpoint directory")
@@ -99,8 +102,9 @@ def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengt
     from dmpo_fast.tasks import get_task, resolve_reward
 
     if checkpoint is not None:
-        ckpt_dir = resolve_checkpoint(checkpoint)
-        state = RunDir.load_checkpoint(ckpt_dir, with_model=False)
+        ckpt_dir = resolve_checkpoint(checkpoint)  # a run's newest intact checkpoint (verified), or the one given
+        from_run = ckpt_dir != Path(checkpoint)
+        state = RunDir.load_checkpoint(ckpt_dir, with_model=False, verify=not from_run)
         saved = TrainConfig.from_dict(state["config"])
         # The model comes from the checkpoint's run; decoding and task options come from cfg.
         cfg = cfg.replace(model=saved.model, dtype=saved.dtype, lora=saved.lora, lora_r=saved.lora_r,
