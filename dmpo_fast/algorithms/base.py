@@ -127,9 +127,10 @@ class Buffer:
         return {**self.rows, **self.totals, **self.meta, "buffer_version": BUFFER_VERSION}
 
     @classmethod
-    def from_dict(cls, d: dict, total_keys: tuple[str, ...]) -> Buffer:
-        """A buffer from a checkpoint's flat dict: ``total_keys`` name the totals, tensors with the rows'
-        length are rows, everything else is metadata."""
+    def from_dict(cls, d: dict, total_keys: tuple[str, ...], *, first_row: int | None = None) -> Buffer:
+        """A buffer from a flat dict (a checkpoint's, or a math module's ``make_buffer``): ``total_keys`` name
+        the totals, tensors with the rows' length are rows, everything else is metadata; ``first_row`` sets
+        the rows' global index when the dict does not hold it."""
         version = d.get("buffer_version", 1)
         if version > BUFFER_VERSION:
             raise ValueError(
@@ -141,6 +142,8 @@ class Buffer:
         rows = {k: v for k, v in d.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n}
         totals = {k: d[k] for k in total_keys if k in d}
         meta = {k: v for k, v in d.items() if k not in rows and k not in totals and k != "buffer_version"}
+        if first_row is not None:
+            meta["first_row"] = first_row
         return cls(rows, totals, meta)
 
 

@@ -65,9 +65,7 @@ class DiffuGRPO(Algorithm):
             seed=derive_seed(self.seed, self.name, buffer_index),
             reference=reference if self.needs_reference else None, row_offset=first_row, impl=self.impl,
         )  # fmt: skip
-        buf = Buffer.from_dict(d, self.total_keys)
-        buf.meta["first_row"] = first_row
-        return buf
+        return Buffer.from_dict(d, self.total_keys, first_row=first_row)
 
     def loss(self, policy, buf: Buffer, step: int):
         out = grpo.loss_step(

@@ -121,9 +121,7 @@ class MRO(Algorithm):
             seed=derive_seed(self.seed, self.name, buffer_index), scorer=scorer, row_offset=first_row,
             maskable=completion_positions(rollout, policy.eos_id, self.cfg.include_eos_padding), impl=self.impl,
         )  # fmt: skip
-        buf = Buffer.from_dict(d, self.total_keys)
-        buf.meta["first_row"] = first_row
-        return buf
+        return Buffer.from_dict(d, self.total_keys, first_row=first_row)
 
     def loss(self, policy, buf: Buffer, step: int):
         out = mro.loss_step(

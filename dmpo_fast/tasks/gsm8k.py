@@ -57,13 +57,7 @@ class GSM8KTask(DatasetTask):
     reward_preset: presets.RewardPreset = "default"
 
     def __post_init__(self) -> None:
-        presets.check_preset(self.name, self.reward_preset)
-        if self.prompt_template is not None and "{question}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain '{{question}}', got {self.prompt_template!r}")
-        if self.reward_preset == "d1" and self.format_score != 0.1:
-            raise ValueError(
-                "format_score is the default preset's: it does not apply with reward_preset='d1'"
-            )
+        presets.check_math_task(self.name, self.reward_preset, self.prompt_template, "question", self.format_score)
         require_math_verify(self.name)
 
     @property

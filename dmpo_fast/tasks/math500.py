@@ -47,13 +47,7 @@ class Math500Task(DatasetTask):
     reward_preset: presets.RewardPreset = "default"
 
     def __post_init__(self) -> None:
-        presets.check_preset(self.name, self.reward_preset)
-        if self.prompt_template is not None and "{problem}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain '{{problem}}', got {self.prompt_template!r}")
-        if self.reward_preset == "d1" and self.format_score != 0.1:
-            raise ValueError(
-                "format_score is the default preset's: it does not apply with reward_preset='d1'"
-            )
+        presets.check_math_task(self.name, self.reward_preset, self.prompt_template, "problem", self.format_score)
         require_math_verify(self.name)
 
     @property

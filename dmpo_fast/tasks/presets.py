@@ -63,6 +63,16 @@ def check_preset(task: str, preset: Any) -> None:
         )
 
 
+def check_math_task(task: str, preset: Any, prompt_template: str | None, field: str, format_score: float) -> None:
+    """The checks the math tasks (gsm8k, math500) share: the preset, a template that has ``{field}``, and no
+    ``format_score`` (the default preset's) with the d1 preset."""
+    check_preset(task, preset)
+    if prompt_template is not None and "{" + field + "}" not in prompt_template:
+        raise ValueError(f"prompt_template must contain '{{{field}}}', got {prompt_template!r}")
+    if preset == "d1" and format_score != 0.1:
+        raise ValueError("format_score is the default preset's: it does not apply with reward_preset='d1'")
+
+
 def answer_block(text: str) -> str:
     """The text after the last ``<answer>`` up to the next ``</answer>`` (or the end), stripped; the whole
     text when there is no ``<answer>`` (d1's reading of the answer)."""
