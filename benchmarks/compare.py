@@ -142,7 +142,7 @@ def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, de
     """The TrainConfig of one run: the task's model, the method's settings, the shared budget."""
     budget = QUICK_BUDGET if quick else BUDGET
     settings = METHODS[method]
-    F = settings.get("num_iterations", TrainConfig().num_iterations)
+    F = TrainConfig(**{k: v for k, v in settings.items() if k in ("algorithm", "num_iterations")}).num_iterations
     every = budget["eval_every_buffers"] * F
     return TrainConfig(
         **TASKS[task], **settings, prompts_per_step=budget["prompts_per_step"],

@@ -61,6 +61,13 @@ MROAnchor = Literal["none", "denoise", "best"]
 # wrong answer of a group that solved nothing (docs/default_run.md). Other tasks keep their own defaults.
 DEFAULT_TASK_KWARGS: dict[str, dict] = {"sudoku": {"reward_type": "solved"}}
 
+# Defaults that depend on the algorithm: (the default, {algorithm: its own}) of a field left at None. They
+# are resolved when the config is made, so a saved config holds the number.
+ALGORITHM_DEFAULTS: dict[str, tuple[object, dict[str, object]]] = {
+    # MRO's REINFORCE loss has no policy ratio: one optimizer step per buffer keeps it on-policy.
+    "num_iterations": (2, {"mro": 1}),
+}
+
 # The largest eval_size: the held-out rows are built in memory before the first step (GSM8K's test set has
 # 1319 rows, MATH-500's 500; the procedural tasks draw as many as asked, 1e8 of them never finishes).
 MAX_EVAL_SIZE = 100_000
@@ -98,7 +105,7 @@ class TrainConfig:
     threshold: float | None = None  # fast_dllm confidence threshold (None: fixed tokens per step)
 
     # --- DMPO ----------------------------------------------------------------------------------
-    num_iterations: int = 2  # F: optimizer steps per rollout buffer (off-policy reuse)
+    num_iterations: int | None = None  # F: optimizer steps per rollout buffer (None: ALGORITHM_DEFAULTS)
     num_replicates: int = DMPO_DEFAULTS.num_replicates  # noisy copies per rollout in the loss
     elbo_replicates: int = DMPO_DEFAULTS.elbo_replicates  # noisy copies per rollout for log p_ref / log p_old
     antithetic: bool = DMPO_DEFAULTS.antithetic
@@ -130,8 +137,9 @@ class TrainConfig:
     mro_verification_score: VerificationScore = "prob"  # logprob (the paper's Eq. 4) scored worse here
     mro_verification_tokens: VerificationTokens = "one"  # the paper verifies one sampled token per step
     mro_tv_weight: float = 1.0
-    mro_ppl_weight: float | None = None  # None: 1 when mro_ppl_model is set, else 0
-    mro_ppl_model: str | None = None  # a causal LM (hub name or directory) scoring the perplexity reward
+    mro_ppl_weight: float | None = None  # None: 1 when there is a perplexity scorer (ppl_model), else 0
+    # A causal LM (hub name or directory) scoring the perplexity reward; "auto": the task's built-in scorer.
+    mro_ppl_model: str | None = "auto"
     mro_ppl_text: PPLText = "visible"
     mro_task_weight: float = 1.0
     mro_shaping: Shaping = "none"
@@ -139,6 +147,7 @@ class TrainConfig:
     mro_scale_rewards: ScaleRewards = "none"
     mro_importance: Importance = "none"
     mro_windows_per_rollout: int = 4
+    mro_states_per_window: int | None = 1  # states of each window run in the loss per step (None: all)
     mro_baseline: MROBaseline = "group"
     mro_anchor: MROAnchor = "best"  # the masked-diffusion loss of each group's best rollout next to SGRO
     mro_anchor_weight: float = 1.0
@@ -193,6 +202,13 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        defaulted = []
+        for name, (default, per_algorithm) in ALGORITHM_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, per_algorithm.get(self.algorithm, default))
+                defaulted.append(name)
+        # Not a field: replace() leaves these to the new algorithm's defaults unless it sets them.
+        object.__setattr__(self, "_algorithm_defaulted", tuple(defaulted))
         _check_types(self)
         positive = [
             "prompts_per_step", "num_generations", "gen_length", "block_length", "steps", "num_iterations",
@@ -203,6 +219,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.mro_states_per_window is not None and self.mro_states_per_window < 1:
+            raise ValueError(
+                f"mro_states_per_window must be an int >= 1 or null (every state), got {self.mro_states_per_window!r}"
+            )
         for name in ("warmup_steps", "eval_every", "seed", "eval_tts_k", "log_completions_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
@@ -320,11 +340,21 @@ class TrainConfig:
         return self.prompts_per_step * self.num_generations
 
     @property
+    def ppl_model(self) -> str | None:
+        """MRO's perplexity scorer: mro_ppl_model, where "auto" is the task's built-in scorer
+        (``dmpo_fast.assets.TINY_AR_SCORERS``: Sudoku and Countdown) and None for any other task."""
+        if self.mro_ppl_model != "auto":
+            return self.mro_ppl_model
+        from dmpo_fast.assets import TINY_AR_SCORERS
+
+        return next((name for name, task in TINY_AR_SCORERS.items() if task == self.task), None)
+
+    @property
     def effective_ppl_weight(self) -> float:
-        """λ_ppl of MRO's perplexity reward: mro_ppl_weight, or (null) 1 with an mro_ppl_model, else 0."""
+        """λ_ppl of MRO's perplexity reward: mro_ppl_weight, or (null) 1 with a scorer (ppl_model), else 0."""
         if self.mro_ppl_weight is not None:
             return float(self.mro_ppl_weight)
-        return 1.0 if self.mro_ppl_model is not None else 0.0
+        return 1.0 if self.ppl_model is not None else 0.0
 
     def task_options(self) -> dict:
         """The task's constructor options: ``task_kwargs``, or for None the embedded defaults of the task, and
@@ -345,8 +375,10 @@ class TrainConfig:
         return d
 
     def replace(self, **changes) -> TrainConfig:
+        """A copy with ``changes``; fields that took their algorithm's default (``ALGORITHM_DEFAULTS``) take
+        the new algorithm's unless ``changes`` sets them."""
         _check_names(changes)
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **{**dict.fromkeys(self._algorithm_defaulted), **changes})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -545,8 +577,8 @@ FIELD_DOCS: dict[str, str] = {
     "remasking": "which tokens a step commits: low_confidence or random",
     "threshold": "fast_dllm confidence threshold (null: the fixed schedule of `steps`)",
     "num_iterations": (
-        "F (DMPO) or μ (diffu-GRPO): optimizer steps per rollout buffer (off-policy reuse, fresh masks each "
-        "step); keep 1 for MRO, whose REINFORCE loss has no policy ratio"
+        "F (DMPO) or μ (diffu-GRPO, wd1): optimizer steps per rollout buffer (off-policy reuse, fresh masks "
+        "each step); null: 2, or 1 for mro (its REINFORCE loss has no policy ratio: 1 keeps it on-policy)"
     ),
     "num_replicates": "noisy copies of each rollout in the loss",
     "elbo_replicates": "noisy copies of each rollout for the ELBO of log p_ref and log p_old",
@@ -589,10 +621,11 @@ FIELD_DOCS: dict[str, str] = {
         "or of all of them (one forward per committed token with leave_one_out)"
     ),
     "mro_tv_weight": "MRO: weight of the token-verification reward",
-    "mro_ppl_weight": "MRO: weight of the perplexity reward (null: 1 when mro_ppl_model is set, else 0)",
+    "mro_ppl_weight": "MRO: weight of the perplexity reward (null: 1 when mro_ppl_model gives a scorer, else 0)",
     "mro_ppl_model": (
-        "MRO: causal LM of the perplexity reward: a built-in scorer (tiny_ar_sudoku, offline: "
-        "scripts/build_ar_scorer.py), a hub name or a directory with its tokenizer"
+        "MRO: causal LM of the perplexity reward: auto (the task's built-in scorer, tiny_ar_sudoku or "
+        "tiny_ar_countdown, offline; none for other tasks), a built-in name, a hub name or a directory with "
+        "its tokenizer, or null (no perplexity reward)"
     ),
     "mro_ppl_text": "MRO perplexity of the visible committed tokens, or of the committed prefix only",
     "mro_task_weight": "MRO: weight of the task reward, added to each rollout's last window",
@@ -604,6 +637,10 @@ FIELD_DOCS: dict[str, str] = {
         "or ∝ abs(advantage)"
     ),
     "mro_windows_per_rollout": "MRO: window draws per rollout with mro_importance uniform or advantage",
+    "mro_states_per_window": (
+        "MRO: denoising states of each window in an optimizer step's SGRO loss, drawn afresh and reweighted "
+        "(an unbiased estimate of the window's sum at k / window of its cost); null: every state"
+    ),
     "mro_baseline": (
         "MRO advantages: group (window return − the group's mean return of that window) or none (the return "
         "itself, the paper's REINFORCE)"

@@ -66,8 +66,8 @@ def preflight(cfg: TrainConfig, device: torch.device):
 
         if not runtime.available(device):
             raise ValueError(f"impl='triton' cannot run here: {runtime.unavailable_reason(device)}")
-    for name in ("model", "mro_ppl_model"):
-        _check_model_name(name, getattr(cfg, name))
+    _check_model_name("model", cfg.model)
+    _check_model_name("mro_ppl_model", cfg.ppl_model)
     try:
         task = get_task(cfg.task, **cfg.task_options())
     except TypeError as e:  # a task class that is not a dataclass, given options it does not take
@@ -81,9 +81,9 @@ def _check_model_name(field: str, name: str | None) -> None:
     import os
     import re
 
-    from dmpo_fast.assets import TINY_MODELS
+    from dmpo_fast.assets import TINY_AR_SCORERS, TINY_MODELS
 
-    if name is None or name in TINY_MODELS or os.path.isdir(os.path.expanduser(name)):
+    if name is None or name in TINY_MODELS or name in TINY_AR_SCORERS or os.path.isdir(os.path.expanduser(name)):
         return
     looks_local = name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
     hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None

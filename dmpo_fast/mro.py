@@ -29,7 +29,9 @@ The loss is REINFORCE over the tokens committed in each window:
 
 with n_row the tokens the row committed and N the rollouts, computed by ``weighted_linear_ce`` on the
 committed positions only (one state per step). c_j = 1, or the importance factor of a window sampled for
-this optimizer step (``importance``) so the estimate stays unbiased while fewer states are run.
+this optimizer step (``importance``) so the estimate stays unbiased while fewer states are run. Likewise
+the sum over a window's steps can be estimated from k of them drawn per optimizer step, each weighted
+m / k (``states_per_window``): the loss then runs k states per window instead of all of them.
 
 Readings of what the paper leaves open (each an option; defaults in ``MROConfig``):
 - "group size": ``window`` is the number of denoising steps per group step (SGRO's grouping of steps);
@@ -65,6 +67,7 @@ from dmpo_fast.ops.philox import philox_uniform
 
 STREAM_WINDOWS = 6  # Philox stream (c3 word) of the window sampling
 STREAM_VERIFY = 7  # Philox stream of the token each step verifies (verification_tokens="one")
+STREAM_STATES = 8  # Philox stream of the steps whose states enter the loss (states_per_window)
 Verification = Literal["leave_one_out", "pre_step", "final"]
 
 
@@ -75,7 +78,9 @@ class MROConfig:
     bounded perplexity reward (100, 100); ppl_text "visible" | "prefix"; shaping "none" | "potential".
     SGRO: group_size rollouts per prompt; window w steps per group step (8); returns "reward_to_go" |
     "window"; baseline "group" | "none"; scale_std divides advantages by the group std; importance "none" |
-    "uniform" | "advantage" with windows_per_rollout K draws; num_iterations optimizer steps per buffer
+    "uniform" | "advantage" with windows_per_rollout K draws; states_per_window k: the steps of each window
+    whose states run through the policy in an optimizer step (None: all; k: k drawn afresh per step, without
+    replacement, each weighted m / k for the window's m steps); num_iterations optimizer steps per buffer
     (1: REINFORCE is on-policy). micro_batch: rows per model call when scoring rewards (no grad).
     anchor "none" | "denoise" | "best": add anchor_weight × the masked-diffusion loss (fresh masks) of the
     buffer's rollouts ("denoise", weight 1/N each) or of each group's best rollout by task reward ("best",
@@ -99,6 +104,7 @@ class MROConfig:
     scale_std: bool = False
     importance: Literal["none", "uniform", "advantage"] = "none"
     windows_per_rollout: int = 4
+    states_per_window: int | None = None
     num_iterations: int = 1
     micro_batch: int = 64
     anchor: Literal["none", "denoise", "best"] = "none"
@@ -109,6 +115,9 @@ class MROConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        k = self.states_per_window
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"states_per_window must be an int >= 1 or None (every state), got {k!r}")
         choices = {
             "verification": ("leave_one_out", "pre_step", "final"), "verification_score": ("prob", "logprob"),
             "verification_tokens": ("all", "one"),
@@ -367,23 +376,60 @@ def sample_windows(
     return torch.where(counts > 0, counts / (k * q.clamp_min(1e-30)), 0.0) * valid
 
 
+def sample_steps(
+    num_steps: torch.Tensor,
+    *,
+    window: int,
+    k: int | None,
+    seed: int,
+    step: int,
+    row_keys: torch.Tensor,
+) -> torch.Tensor:
+    """[N, T] fp32 step weights: of each row's window of m steps, k drawn uniformly without replacement, each
+    weighted m / k, 0 on the others — an unbiased estimate of the window's sum over its steps; 1 on every
+    step with ``k=None`` or k >= m. The draw of (row, step t) is the Philox uniform (seed; t, row key,
+    optimizer step, STREAM_STATES), so a row draws the same states in any micro-batch or process."""
+    ns = num_steps
+    T = max(int(ns.max()), 1) if ns.numel() else 1
+    t = torch.arange(T, device=ns.device)[None, :]
+    live = t < ns[:, None]  # [N, T]
+    if k is None:
+        return live.float()
+    J = math.ceil(T / window)
+    u = philox_uniform(seed, t.expand_as(live), row_keys.reshape(-1, 1).to(ns.device).expand_as(live),
+                       torch.full_like(live, step, dtype=torch.long),
+                       torch.full_like(live, STREAM_STATES, dtype=torch.long))  # fmt: skip
+    u = torch.where(live, u, 2.0)  # steps past the row's end sort last
+    pad = J * window - T
+    u = torch.cat((u, u.new_full((u.shape[0], pad), 2.0)), dim=1).view(-1, J, window)
+    rank = u.argsort(dim=2).argsort(dim=2)  # rank of each step's draw within its window
+    m = (u < 2.0).sum(dim=2, keepdim=True)  # the window's steps in this row
+    weight = torch.where(rank < k, m.float() / m.clamp(max=k).clamp_min(1).float(), 0.0)
+    return (weight.view(-1, J * window)[:, :T] * live).float()
+
+
 def sgro_loss(
     policy,
     rollout,
     coef: torch.Tensor,
     *,
     window: int,
+    step_weights: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> LossOutput:
-    """Σ over (row, step t) of coef[row, t // window] · Σ_{i ∈ U_t} −log p_θ(x_i | s_t), the states of the
-    steps with a non-zero coefficient rebuilt from the rollout and run through the policy (with grad).
+    """Σ over (row, step t) of coef[row, t // window] · s[row, t] · Σ_{i ∈ U_t} −log p_θ(x_i | s_t), the
+    states of the steps with a non-zero weight rebuilt from the rollout and run through the policy (with
+    grad).
 
-    coef: [N, J] per-window token weight (A · c / normaliser, see ``loss_step``)."""
+    coef: [N, J] per-window token weight (A · c / normaliser, see ``loss_step``); step_weights s: [N, T]
+    (``sample_steps``; None: 1 on every step)."""
     cs, ns = rollout.commit_step, rollout.num_steps
     N, G = cs.shape
     T = max(int(ns.max()), 1)
     t = torch.arange(T, device=cs.device)[None, :]
     step_coef = coef.repeat_interleave(window, dim=1)[:, :T]  # [N, T]
+    if step_weights is not None:
+        step_coef = step_coef * step_weights[:, :T]
     rows, steps = ((t < ns[:, None]) & (step_coef != 0)).nonzero(as_tuple=True)
     P = rollout.prompt_length
     if rows.numel() == 0:  # nothing selected: an exact zero that still reaches the parameters
@@ -609,8 +655,8 @@ class _RolloutView:
 
 def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, noise: NoiseConfig | None = None,
               anchor_seed: int | None = None, impl: str = "auto") -> LossOutput:  # fmt: skip
-    """The SGRO loss of optimizer step ``step`` on a buffer or a row slice of it: windows drawn afresh
-    (``importance``), token weights A · c / (n_row · N) with N the whole buffer's rollouts; with
+    """The SGRO loss of optimizer step ``step`` on a buffer or a row slice of it: windows and their states
+    drawn afresh (``importance``, ``states_per_window``), token weights A · c / (n_row · N) with N the whole buffer's rollouts; with
     ``cfg.anchor="denoise"`` plus anchor_weight × the masked-diffusion loss of the rows with a finite task
     reward (``rejection_sft_loss`` with weight 1/N), with ``"best"`` of each group's best row by task reward
     (weight 1/groups); masks from ``noise`` keyed by ``anchor_seed`` and the rows' global index, so slices
@@ -618,7 +664,11 @@ def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, noise: NoiseConfi
     c = sample_windows(buf["advantages"], buf["valid"], importance=cfg.importance, k=cfg.windows_per_rollout,
                        seed=buf["seed"], step=step, row_keys=buf["row_keys"])  # fmt: skip
     coef = buf["advantages"] * c / (buf["tokens"][:, None] * buf["rows_total"])
-    out = sgro_loss(policy, _RolloutView(buf), coef, window=cfg.window, impl=impl)
+    states = None
+    if cfg.states_per_window is not None:
+        states = sample_steps(buf["num_steps"], window=cfg.window, k=cfg.states_per_window, seed=buf["seed"],
+                              step=step, row_keys=buf["row_keys"])  # fmt: skip
+    out = sgro_loss(policy, _RolloutView(buf), coef, window=cfg.window, step_weights=states, impl=impl)
     out.stats["windows"] = (c > 0).sum()
     out.stats["pg_loss"] = out.loss.detach()
     if cfg.anchor != "none" and cfg.anchor_weight > 0:

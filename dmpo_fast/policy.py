@@ -53,19 +53,22 @@ def _add_lora(lm, cfg: TrainConfig):
 
 
 def load_scorer(cfg: TrainConfig, tokenizer, device):
-    """MRO's perplexity scorer: cfg.mro_ppl_model with its own tokenizer (the policy's text is re-encoded)."""
-    if cfg.mro_ppl_model is None:
-        raise ValueError("the perplexity reward needs mro_ppl_model (a causal LM name or directory)")
+    """MRO's perplexity scorer: cfg.ppl_model (mro_ppl_model, "auto" resolved) with its own tokenizer (the
+    policy's text is re-encoded)."""
+    name = cfg.ppl_model
+    if name is None:
+        raise ValueError(
+            f"the perplexity reward needs mro_ppl_model (a causal LM name or directory); 'auto' has no built-in "
+            f"scorer for task {cfg.task!r}"
+        )
     dtype = getattr(torch, cfg.dtype)
     from dmpo_fast import mro
 
     try:
-        return mro.load_ar_scorer(
-            cfg.mro_ppl_model, bridge_from=tokenizer, device=device, dtype=dtype, impl=cfg.impl
-        )
+        return mro.load_ar_scorer(name, bridge_from=tokenizer, device=device, dtype=dtype, impl=cfg.impl)
     except (OSError, ValueError) as e:  # not on disk and not fetchable (offline), or not a causal LM
         raise ValueError(
-            f"mro_ppl_model {cfg.mro_ppl_model!r} cannot be loaded (a causal LM's directory, or a hub name "
+            f"mro_ppl_model {name!r} cannot be loaded (a causal LM's directory, or a hub name "
             f"that is cached or can be fetched): {e}"
         ) from e
 

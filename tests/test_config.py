@@ -86,3 +86,38 @@ def test_task_options_default_per_task():
     get_task(cd.task, **cd.task_options())  # constructs
     assert TrainConfig(task_kwargs={}).task_options() == {}  # explicit: the task's own defaults (cell reward)
     assert TrainConfig(task_kwargs={"reward_cells": "all"}).task_options() == {"reward_cells": "all"}
+
+
+def test_algorithm_defaults_resolve_per_algorithm_and_follow_a_change_of_algorithm(tmp_path):
+    # num_iterations left at null: 2 optimizer steps per buffer, 1 for MRO (its REINFORCE has no ratio).
+    assert TrainConfig().num_iterations == 2
+    mro = TrainConfig(algorithm="mro")
+    assert mro.num_iterations == 1
+    assert TrainConfig().replace(algorithm="mro").num_iterations == 1
+    assert TrainConfig().with_overrides(["algorithm=mro"]).num_iterations == 1
+    assert mro.replace(algorithm="dmpo").num_iterations == 2
+    # A value the user states is kept, whatever the algorithm.
+    assert TrainConfig(algorithm="mro", num_iterations=2).num_iterations == 2
+    assert TrainConfig(num_iterations=3).replace(algorithm="mro").num_iterations == 3
+    assert TrainConfig().with_overrides(["algorithm=mro", "num_iterations=2"]).num_iterations == 2
+    # A saved config holds the number, so a resumed run keeps it.
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(mro.to_dict()))
+    assert "num_iterations: 1" in (tmp_path / "c.yaml").read_text()
+    assert TrainConfig.from_yaml(tmp_path / "c.yaml").replace(algorithm="dmpo").num_iterations == 1
+    with pytest.raises(ValueError, match="num_iterations must be an int >= 1"):
+        TrainConfig(num_iterations=0)
+
+
+def test_mro_perplexity_scorer_auto_is_the_tasks_built_in_one():
+    assert TrainConfig(algorithm="mro").ppl_model == "tiny_ar_sudoku"
+    assert TrainConfig(algorithm="mro").effective_ppl_weight == 1.0
+    assert TrainConfig(algorithm="mro", task="countdown").ppl_model == "tiny_ar_countdown"
+    gsm8k = TrainConfig(algorithm="mro", task="gsm8k")
+    assert gsm8k.ppl_model is None and gsm8k.effective_ppl_weight == 0.0
+    off = TrainConfig(algorithm="mro", mro_ppl_model=None)
+    assert off.ppl_model is None and off.effective_ppl_weight == 0.0
+    assert TrainConfig(mro_ppl_model="gpt2").ppl_model == "gpt2"
+    with pytest.raises(ValueError, match="mro_states_per_window must be an int >= 1 or null"):
+        TrainConfig(mro_states_per_window=0)

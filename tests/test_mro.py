@@ -287,6 +287,65 @@ def test_sgro_loss_with_sampled_windows_matches_eager(model, rollout):
     assert int(out.stats["states"]) == n_states
 
 
+def test_state_sampling_is_unbiased_row_keyed_and_runs_k_states_per_window():
+    num_steps = torch.tensor([12, 5, 9, 1])
+    window, reps = 4, 3000
+    keys = torch.arange(4 * reps)
+    draws = mro.sample_steps(num_steps.repeat(reps), window=window, k=1, seed=7, step=3, row_keys=keys)
+    draws = draws.view(reps, 4, 12)
+    live = torch.arange(12)[None, :] < num_steps[:, None]
+    assert (draws[:, ~live] == 0).all()
+    # One state per window of each row, weighted by the window's steps in that row: 4, 4, 4 | 4, 1 | 4, 4, 1 | 1.
+    picked = (draws > 0).view(reps, 4, 3, 4).sum(-1)
+    windows = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    assert (picked == windows).all()
+    assert draws.view(reps, 4, 3, 4).sum(-1).unique().tolist() == [0.0, 1.0, 4.0]
+    # Unbiased: E[weight] = 1 on every live step, so E[loss] is the loss over every state (it is linear in them).
+    assert torch.allclose(draws.mean(0)[live], torch.ones(()), atol=0.12), draws.mean(0)
+    part = mro.sample_steps(num_steps[1:3], window=window, k=1, seed=7, step=3, row_keys=keys[1:3])
+    torch.testing.assert_close(part, draws[0, 1:3, :9])  # a row draws the same states in any micro-batch
+    other = mro.sample_steps(num_steps, window=window, k=1, seed=7, step=4, row_keys=keys[:4])
+    assert not torch.equal(other.repeat(50, 1), draws[:50].reshape(200, 12))  # each optimizer step draws anew
+    # k >= the window's steps, or None: every state, weight 1.
+    torch.testing.assert_close(
+        mro.sample_steps(num_steps, window=window, k=4, seed=7, step=3, row_keys=keys[:4]), live.float()
+    )
+    torch.testing.assert_close(
+        mro.sample_steps(num_steps, window=window, k=None, seed=7, step=3, row_keys=keys[:4]), live.float()
+    )
+    two = mro.sample_steps(num_steps, window=window, k=2, seed=7, step=3, row_keys=keys[:4])
+    assert ((two > 0).view(4, 3, 4).sum(-1) == torch.tensor([[2, 2, 2], [2, 1, 0], [2, 2, 1], [1, 0, 0]])).all()
+    with pytest.raises(ValueError, match="states_per_window"):
+        mro.MROConfig(states_per_window=0)
+
+
+def test_loss_step_with_sampled_states_runs_k_states_and_matches_eager(model, rollout):
+    cfg = mro.MROConfig(group_size=GROUP, window=2, ppl_weight=0.0, states_per_window=1)
+    task = torch.tensor([1.0, 0.0, 0.25, 0.75])
+    buf = mro.make_buffer(model, rollout, task, cfg, seed=0, impl="chunked")
+    out = mro.loss_step(model, buf, cfg, step=5, impl="chunked")
+    s = mro.sample_steps(buf["num_steps"], window=2, k=1, seed=0, step=5, row_keys=buf["row_keys"])
+    windows = (buf["num_steps"] + 1) // 2
+    assert int(out.stats["states"]) == int(((s > 0) & (buf["advantages"].repeat_interleave(2, 1) != 0)).sum())
+    assert int(out.stats["states"]) <= int(windows.sum())
+    # The eager sum over each drawn state, weighted A / normaliser × (the window's steps / 1).
+    coef = buf["advantages"] / (buf["tokens"][:, None] * 4)
+    ref = 0.0
+    P, cs = rollout.prompt_length, rollout.commit_step
+    for n in range(4):
+        for t in range(int(rollout.num_steps[n])):
+            if s[n, t] == 0 or coef[n, t // 2] == 0:
+                continue
+            logits = model.logits(rollout.state_at(t)[n : n + 1], rollout.attention_mask[n : n + 1])[0]
+            for j in (cs[n] == t).nonzero().flatten().tolist():
+                ref = ref + coef[n, t // 2] * s[n, t] * F.cross_entropy(logits[P + j], rollout.ids[n, P + j])
+    torch.testing.assert_close(out.loss, ref.float(), rtol=1e-5, atol=1e-6)
+    halves = [{k: (v[s_] if torch.is_tensor(v) and v.dim() and v.shape[0] == 4 else v) for k, v in buf.items()}
+              for s_ in (slice(0, 2), slice(2, 4))]  # fmt: skip
+    total = sum(mro.loss_step(model, h, cfg, step=5, impl="chunked").loss for h in halves)
+    torch.testing.assert_close(total, out.loss, rtol=1e-5, atol=1e-7)
+
+
 def test_denoising_anchor_adds_the_masked_diffusion_loss_of_the_rollouts(model, rollout):
     # anchor="denoise": SGRO + w · rejection_sft_loss of every rollout with a finite task reward (weight 1/N),
     # its masks keyed by the rows' global index, so row slices still add up to the whole buffer's loss.

@@ -333,14 +333,24 @@ def test_cli_eval_tts_option(tmp_path):
         ({"mro_anchor": "kl2"}, "mro_anchor must be one of 'none', 'denoise'"),
         ({"mro_baseline": "mean"}, "mro_baseline must be one of 'none', 'group'"),
         ({"mro_rs_window": 0}, "mro_rs_window must be an int >= 1"),
-        ({"algorithm": "mro_rs", "mro_tv_weight": 0.0}, "algorithm='mro_rs' ranks partial states"),
-        ({"mro_ppl_weight": 0.5}, "mro_ppl_weight=0.5 needs mro_ppl_model"),
+        (
+            {"algorithm": "mro_rs", "mro_tv_weight": 0.0, "mro_ppl_model": None},
+            "algorithm='mro_rs' ranks partial states",
+        ),
+        ({"mro_ppl_weight": 0.5, "mro_ppl_model": None}, "mro_ppl_weight=0.5 needs mro_ppl_model"),
+        (
+            {"mro_ppl_weight": 0.5, "task": "gsm8k"},
+            "mro_ppl_weight=0.5 needs mro_ppl_model .*'auto' has no built-in scorer for task 'gsm8k'",
+        ),
         ({"mro_ppl_model": ""}, "mro_ppl_model must be"),
-        ({"algorithm": "mro", "mro_tv_weight": 0.0, "mro_task_weight": 0.0}, "algorithm='mro' has no reward"),
+        (
+            {"algorithm": "mro", "mro_tv_weight": 0.0, "mro_task_weight": 0.0, "mro_ppl_model": None},
+            "algorithm='mro' has no reward",
+        ),
         ({"eval_tts_k": -1}, "eval_tts_k must be an int >= 0"),
         ({"eval_tts_k": 2}, "eval_tts_k > 0 needs eval_temperature > 0"),
         (
-            {"eval_tts_k": 2, "eval_temperature": 0.7, "mro_tv_weight": 0.0},
+            {"eval_tts_k": 2, "eval_temperature": 0.7, "mro_tv_weight": 0.0, "mro_ppl_model": None},
             "eval_tts_k > 0 .* mro_tv_weight > 0",
         ),
         ({"eval_tts_window": 0}, "eval_tts_window must be an int >= 1"),

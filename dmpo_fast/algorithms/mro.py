@@ -36,7 +36,8 @@ def mro_config(cfg: TrainConfig) -> mro.MROConfig:
         ppl_text=cfg.mro_ppl_text, tv_weight=cfg.mro_tv_weight,
         ppl_weight=cfg.effective_ppl_weight, task_weight=cfg.mro_task_weight, shaping=cfg.mro_shaping,
         returns=cfg.mro_returns, scale_std=cfg.mro_scale_rewards == "std", importance=cfg.mro_importance,
-        windows_per_rollout=cfg.mro_windows_per_rollout, num_iterations=cfg.num_iterations,
+        windows_per_rollout=cfg.mro_windows_per_rollout, states_per_window=cfg.mro_states_per_window,
+        num_iterations=cfg.num_iterations,
         baseline=cfg.mro_baseline, anchor=cfg.mro_anchor, anchor_weight=cfg.mro_anchor_weight,
     )  # fmt: skip
 
@@ -79,10 +80,11 @@ class MRO(Algorithm):
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
         if cfg.mro_ppl_model is not None and not cfg.mro_ppl_model.strip():
             raise ValueError("mro_ppl_model must be a model name, a directory or null, got ''")
-        if cfg.mro_ppl_weight and cfg.mro_ppl_model is None:
+        if cfg.mro_ppl_weight and cfg.ppl_model is None:
+            auto = f" ('auto' has no built-in scorer for task {cfg.task!r})" if cfg.mro_ppl_model else ""
             raise ValueError(
                 f"mro_ppl_weight={cfg.mro_ppl_weight} needs mro_ppl_model (a causal LM scoring the "
-                "perplexity reward, e.g. gpt2); set mro_ppl_weight=0 or null to go without"
+                f"perplexity reward, e.g. gpt2){auto}; set mro_ppl_weight=0 or null to go without"
             )
         if cfg.eval_tts_k:
             if not (cfg.mro_tv_weight or cfg.effective_ppl_weight):
