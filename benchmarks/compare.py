@@ -60,13 +60,14 @@ METHODS: dict[str, dict] = {
     # GRPO paper's clip 0.2, d1's KL coefficient 0.04 to the frozen starting model. The shared rate 3e-4:
     # Sudoku seed-0 probes at 1e-3 / 1e-4 ended at 0.305 / 0.485 held-out (0.460 at 3e-4; DMPO 0.740).
     "diffu_grpo": {"algorithm": "diffu_grpo", "num_iterations": 2, "grpo_epsilon": 0.2, "grpo_beta": 0.04},
-    # MRO-RL at its defaults (docs/mro.md): SGRO over windows of 8 steps with the group baseline, token
-    # verification of one drawn token per step (leave-one-out context), plus the masked-diffusion anchor on
-    # each group's best rollout (mro_anchor=best); DMPO's shared rate 3e-4 and F = 2. The earlier row
+    # MRO-RL at its defaults (docs/mro.md): SGRO over windows of 8 steps with the group baseline, one state
+    # of each window per optimizer step, token verification of one drawn token per step (leave-one-out
+    # context) and the perplexity reward of the task's built-in scorer, plus the masked-diffusion anchor on
+    # each group's best rollout (mro_anchor=best); F = 2 (its default is 1) so it takes DMPO's optimizer steps. The earlier row
     # (num_iterations 1, windows of 4, verification "final", rate 3e-5, no anchor) stayed at the untrained
     # model's 0.478 on Sudoku: at 3e-4 the bare REINFORCE loss wore the denoiser down (0.435 -> 0.000 by
     # buffer 15), and at 3e-5 it barely moved.
-    "mro": {"algorithm": "mro"},
+    "mro": {"algorithm": "mro", "num_iterations": 2},
     # MRO's rejection sampling: each prompt's 8 rollouts decoded as one step-wise group (branching every 4
     # model calls on the step rewards), the best by token verification + task reward kept, masked-diffusion
     # SFT on it (F = 2 steps per buffer, as DMPO).
@@ -110,6 +111,9 @@ STEPS_SWEEP = (4, 8, 12, 24)  # denoising steps of the greedy decodes of the fin
 # by majority vote of the candidates' answers (never the truth).
 TTS = {"k": 4, "temperature": 0.7, "window": 4, "verification": "final", "vote": True}
 SEEDS = (0, 1, 2)
+# The learning-rate sweep (--learning-rates): every method at each rate on seed 0, before the best rate per
+# method runs on every seed.
+LEARNING_RATES = (3e-5, 1e-4, 3e-4)
 # Config fields that may differ between a saved run and the one asked for.
 VOLATILE = ("resume", "progress", "output_dir")
 
@@ -138,17 +142,25 @@ def parse_seeds(value: str) -> list[int]:
     return seeds
 
 
-def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, device: str) -> TrainConfig:
-    """The TrainConfig of one run: the task's model, the method's settings, the shared budget."""
+def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, device: str,
+               learning_rate: float | None = None) -> TrainConfig:  # fmt: skip
+    """The TrainConfig of one run: the task's model, the method's settings, the shared budget.
+    ``learning_rate`` (the sweep) replaces the method's rate; a run at another rate than the method's own
+    lives in ``<method>/lr<rate>/seed<k>``, one at its own rate is the comparison's run."""
     budget = QUICK_BUDGET if quick else BUDGET
-    settings = METHODS[method]
-    F = TrainConfig(**{k: v for k, v in settings.items() if k in ("algorithm", "num_iterations")}).num_iterations
+    settings = dict(METHODS[method])
+    own = TrainConfig(**{k: v for k, v in settings.items() if k in ("algorithm", "num_iterations", "learning_rate")})
+    F = own.num_iterations
     every = budget["eval_every_buffers"] * F
+    path = runs / task / method
+    if learning_rate is not None and learning_rate != own.learning_rate:
+        settings["learning_rate"] = learning_rate
+        path = path / f"lr{learning_rate:g}"
     return TrainConfig(
         **TASKS[task], **settings, prompts_per_step=budget["prompts_per_step"],
         num_generations=budget["num_generations"], max_steps=budget["buffers"] * F, eval_every=every,
         save_every=every, keep_checkpoints=1, eval_size=budget["eval_size"], seed=seed, device=device,
-        output_dir=str(runs / task / method / f"seed{seed}"), progress=False, tensorboard=False, plot=False,
+        output_dir=str(path / f"seed{seed}"), progress=False, tensorboard=False, plot=False,
     )  # fmt: skip
 
 
@@ -342,9 +354,77 @@ def compare(tasks, methods, seeds, *, out: Path = RESULTS, runs: Path | None = N
         print(f"wrote {path}" + "".join(f"\nwrote {p}" for p in pngs))
         paths.append(path)
     report = Path(report) if report is not None else (Path(out) / "comparison-quick.md" if quick else REPORT)
-    write_report(paths if quick else report_inputs(paths, out, device), report)
+    write_report(paths if quick else report_inputs(paths, out, device), report,
+                 sweep_paths=[] if quick else sweep_inputs([], out, device))  # fmt: skip
     print(f"wrote {report}")
     return paths
+
+
+def sweep(tasks, methods, rates, *, seed: int = 0, out: Path = RESULTS, runs: Path | None = None,
+          quick: bool = False, device: str = "cpu", report: Path | None = None) -> list[Path]:  # fmt: skip
+    """The learning-rate sweep: every method at every rate on one seed, trained (or resumed) with the
+    comparison's budget; its held-out curves go to ``compare-sweep-<task>-<device>-<date>.json`` (rows of
+    (method, rate) pairs this sweep did not run are carried over from the newest earlier file) and the
+    report's sweep table. The JSON paths."""
+    tasks = _split(",".join(tasks), "tasks", TASKS)
+    methods = _split(",".join(methods), "methods", [m for m in METHODS if m != "base"])
+    if not rates or any(not isinstance(r, float) or not r > 0 for r in rates):
+        raise ValueError(f"learning rates must be numbers > 0, got {rates!r}")
+    runs = Path(runs) if runs is not None else ROOT / "runs" / ("compare-quick" if quick else "compare")
+    for task in tasks:
+        ensure_model(task, quick=quick)
+    date = datetime.date.today().isoformat()
+    jobs = [(t, m, r) for t in tasks for m in methods for r in rates]
+    by_task = {t: [] for t in tasks}
+    for i, (task, method, rate) in enumerate(jobs, 1):
+        cfg = run_config(task, method, seed, runs=runs, quick=quick, device=device, learning_rate=rate)
+        head = f"[{i}/{len(jobs)}] sweep {task} {method} lr {rate:g} seed {seed}"
+        print(f"{head}: {cfg.max_steps} steps of {cfg.rollouts_per_step} rollouts", flush=True)
+        t = time.time()
+        done = train_run(cfg) or "finished before"
+        rows = [{"benchmark": "compare-sweep", "task": task, "method": method, "seed": seed,
+                 "learning_rate": rate, "settings": METHODS[method], "config": _nondefault(cfg), **r,
+                 **environment(torch.device(cfg.device)), "quick": quick} for r in _curve_rows(cfg)]  # fmt: skip
+        curve = [f"{r['accuracy']:.3f}" for r in rows]
+        print(f"{head}: {done} in {time.time() - t:.0f} s; held-out accuracy {' -> '.join(curve)}", flush=True)
+        by_task[task] += rows
+    paths = []
+    for task in tasks:
+        tag = "quick" if quick else device
+        path = Path(out) / f"compare-sweep-{task}-{tag}-{date}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ran = {(r["method"], r["learning_rate"]) for r in by_task[task]}
+        earlier = [] if quick else sorted(Path(out).glob(f"compare-sweep-{task}-{device}-*.json"))
+        kept = [r for r in json.loads(earlier[-1].read_text()) if (r["method"], r["learning_rate"]) not in ran] \
+            if earlier else []  # fmt: skip
+        atomic_write_text(path, json.dumps(kept + by_task[task], indent=1) + "\n")
+        print(f"wrote {path}")
+        paths.append(path)
+    report = Path(report) if report is not None else (Path(out) / "comparison-quick.md" if quick else REPORT)
+    main_inputs = [] if quick else report_inputs([], out, device)
+    write_report(main_inputs, report, sweep_paths=paths if quick else sweep_inputs(paths, out, device))
+    print(f"wrote {report}")
+    return paths
+
+
+def sweep_inputs(paths, out, device: str) -> list[Path]:
+    """Per task, this sweep's JSON or the newest ``compare-sweep-<task>-<device>-<date>.json`` in ``out``."""
+    paths = [Path(p) for p in paths]
+    chosen = []
+    for task in TASKS:
+        mine = [p for p in paths if p.name.startswith(f"compare-sweep-{task}-")]
+        chosen += mine or sorted(Path(out).glob(f"compare-sweep-{task}-{device}-*.json"))[-1:]
+    return chosen
+
+
+def parse_rates(value: str) -> list[float]:
+    try:
+        rates = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        rates = []
+    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise ValueError(f"--learning-rates must be comma-separated numbers > 0 (e.g. 3e-5,1e-4,3e-4), got {value!r}")
+    return rates
 
 
 def main(argv=None) -> int:
@@ -358,11 +438,21 @@ def main(argv=None) -> int:
     p.add_argument("--report", type=Path, default=None, help="markdown report (default docs/comparison.md)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--learning-rates", default=None, metavar="RATES",
+        help=f"the learning-rate sweep instead: every method at each rate (comma-separated, e.g. "
+        f"{','.join(f'{r:g}' for r in LEARNING_RATES)}) on the first of --seeds",
+    )  # fmt: skip
     args = p.parse_args(argv)
     try:
         tasks = _split(args.tasks, "--tasks", TASKS)
         methods = _split(args.methods, "--methods", METHODS)
         seeds = parse_seeds(args.seeds)
+        rates = parse_rates(args.learning_rates) if args.learning_rates is not None else None
+        if rates is not None and "base" in methods:
+            methods = [m for m in methods if m != "base"]  # the untrained model has no rate
+            if not methods:
+                raise ValueError("--learning-rates needs a trained method in --methods, not only base")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
     except ValueError as e:
@@ -370,8 +460,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        compare(tasks, methods, seeds, out=args.out, runs=args.runs, quick=args.quick, device=args.device,
-                report=args.report)  # fmt: skip
+        if rates is not None:
+            sweep(tasks, methods, rates, seed=seeds[0], out=args.out, runs=args.runs, quick=args.quick,
+                  device=args.device, report=args.report)  # fmt: skip
+        else:
+            compare(tasks, methods, seeds, out=args.out, runs=args.runs, quick=args.quick, device=args.device,
+                    report=args.report)  # fmt: skip
     except CompareError as e:  # a missing model (with --quick), a finished run with other settings
         print(f"python -m benchmarks compare: {e}", file=sys.stderr)
         return 1

@@ -248,8 +248,33 @@ def _rel(path: Path, md_dir: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), md_dir.resolve())).as_posix()
 
 
-def write_report(json_paths, md_path) -> Path:
-    """Write the markdown report of the comparison rows in ``json_paths`` to ``md_path`` (header first)."""
+def sweep_section(rows, task: str, md_dir: Path, json_path: Path) -> list[str]:
+    """The learning-rate sweep of one task: final held-out accuracy per method and rate (one seed), the
+    best rate of each method in bold."""
+    rates = sorted({r["learning_rate"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    out = [f"### {task}: learning-rate sweep (seed {', '.join(map(str, seeds))})", "",
+           f"Final held-out accuracy after the full budget (`{_rel(json_path, md_dir)}`); the run's "
+           "accuracy at each evaluation is in the JSON. The best rate of each method (bold) is the one its "
+           "seeds are compared at.", "",
+           "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " |",
+           "|---|" + "---|" * len(rates)]  # fmt: skip
+    for method in _methods(rows):
+        finals = {}
+        for rate in rates:
+            curve = _by(rows, method=method, learning_rate=rate)
+            if curve:
+                finals[rate] = max(curve, key=lambda r: r["step"])["accuracy"]
+        best = max(finals.values()) if finals else None
+        cells = [("–" if rate not in finals else
+                  (f"**{finals[rate]:.3f}**" if finals[rate] == best else f"{finals[rate]:.3f}")) for rate in rates]
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def write_report(json_paths, md_path, *, sweep_paths=()) -> Path:
+    """Write the markdown report of the comparison rows in ``json_paths`` to ``md_path`` (header first),
+    then the learning-rate sweeps of ``sweep_paths`` (``compare --learning-rates``)."""
     md_path = Path(md_path)
     lines = [HEADER]
     paths = [Path(p) for p in json_paths]
@@ -259,6 +284,15 @@ def write_report(json_paths, md_path) -> Path:
         rows = load_rows([path])
         for task in dict.fromkeys(r["task"] for r in rows):
             lines += _task_section([r for r in rows if r["task"] == task], task, md_path.parent, path)
+    sweeps = [Path(p) for p in sweep_paths]
+    if sweeps:
+        lines += ["## Learning-rate sweeps", "",
+                  "`python -m benchmarks compare --learning-rates 3e-5,1e-4,3e-4 --seeds 0`: every method at "
+                  "each rate with the same budget, on one seed.", ""]  # fmt: skip
+    for path in sweeps:
+        rows = [r for r in json.loads(path.read_text()) if r.get("benchmark") == "compare-sweep"]
+        for task in dict.fromkeys(r["task"] for r in rows):
+            lines += sweep_section([r for r in rows if r["task"] == task], task, md_path.parent, path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines).rstrip() + "\n")
     return md_path

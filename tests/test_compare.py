@@ -275,3 +275,24 @@ def test_a_field_added_later_at_its_default_does_not_invalidate_a_finished_run(m
         "drop_tied_groups"
     ]
     assert compare._changed(saved, cfg.replace(learning_rate=3e-4)) == ["learning_rate"]
+
+
+def test_learning_rate_sweep_runs_each_rate_and_reports_the_best(tmp_path):
+    from benchmarks import compare
+
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    paths = compare.sweep(["sudoku"], ["dmpo"], [1e-4, 3e-4], out=out, runs=runs, quick=True,
+                          report=tmp_path / "r.md")  # fmt: skip
+    rows = json.loads(paths[0].read_text())
+    assert {r["learning_rate"] for r in rows} == {1e-4, 3e-4}
+    assert all(r["benchmark"] == "compare-sweep" and r["seed"] == 0 for r in rows)
+    # DMPO's own rate (3e-4) is the comparison's run; another rate lives beside it.
+    assert (runs / "sudoku" / "dmpo" / "seed0" / "summary.json").is_file()
+    assert (runs / "sudoku" / "dmpo" / "lr0.0001" / "seed0" / "summary.json").is_file()
+    report = (tmp_path / "r.md").read_text()
+    assert "### sudoku: learning-rate sweep (seed 0)" in report
+    assert "| method | lr 0.0001 | lr 0.0003 |" in report and "| dmpo | " in report
+    with pytest.raises(ValueError, match="--learning-rates must be"):
+        compare.parse_rates("1e-4,-1")
+    with pytest.raises(ValueError, match="methods: unknown base"):
+        compare.sweep(["sudoku"], ["base"], [1e-4], out=out, runs=runs, quick=True)
