@@ -53,7 +53,7 @@ Returns = Literal["reward_to_go", "window"]
 Importance = Literal["none", "uniform", "advantage"]
 RewardPreset = Literal["default", "d1"]  # = tasks.presets.REWARD_PRESETS (tests/test_rewards.py checks)
 MROBaseline = Literal["none", "group"]
-MROAnchor = Literal["none", "denoise", "best"]
+MROAnchor = Literal["none", "denoise", "best", "kl"]
 
 
 # The task options used when task_kwargs is None. The embedded Sudoku run rewards a solved grid (1) or not
@@ -652,7 +652,8 @@ FIELD_DOCS: dict[str, str] = {
     "mro_anchor": (
         "MRO: best adds the masked-diffusion loss (fresh masks, num_replicates, mask_rate_min/max) of each "
         "group's best rollout by task reward to the SGRO loss (rejection sampling's rows), denoise that of every "
-        "rollout, so REINFORCE cannot wear the denoiser down; none: SGRO alone (docs/mro.md)"
+        "rollout, so REINFORCE cannot wear the denoiser down; kl the KL to the reference model (k3, on the "
+        "tokens of the loss's states; needs reference); none: SGRO alone (docs/mro.md)"
     ),
     "mro_anchor_weight": "MRO: weight of the mro_anchor loss next to the SGRO loss",
     "mro_tts_vote": (

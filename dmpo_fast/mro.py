@@ -85,7 +85,9 @@ class MROConfig:
     anchor "none" | "denoise" | "best": add anchor_weight × the masked-diffusion loss (fresh masks) of the
     buffer's rollouts ("denoise", weight 1/N each) or of each group's best rollout by task reward ("best",
     rejection sampling's rows, weight 1/groups each) to the SGRO loss, which keeps the denoiser from
-    drifting (docs/mro.md)."""
+    drifting (docs/mro.md); "kl": anchor_weight × the KL to the reference model instead, k3 = e^d − d − 1
+    (d = log p_ref − log p_θ) on each token of the loss's states, token weights as the SGRO loss's
+    (``make_buffer`` needs the reference)."""
 
     group_size: int = 8
     window: int = 8
@@ -107,7 +109,7 @@ class MROConfig:
     states_per_window: int | None = None
     num_iterations: int = 1
     micro_batch: int = 64
-    anchor: Literal["none", "denoise", "best"] = "none"
+    anchor: Literal["none", "denoise", "best", "kl"] = "none"
     anchor_weight: float = 1.0
 
     def __post_init__(self):
@@ -123,7 +125,7 @@ class MROConfig:
             "verification_tokens": ("all", "one"),
             "ppl_text": ("visible", "prefix"), "shaping": ("none", "potential"),
             "returns": ("reward_to_go", "window"), "baseline": ("group", "none"),
-            "importance": ("none", "uniform", "advantage"), "anchor": ("none", "denoise", "best"),
+            "importance": ("none", "uniform", "advantage"), "anchor": ("none", "denoise", "best", "kl"),
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -239,6 +241,21 @@ def _one_per_step(rollout, ok: torch.Tensor, T: int) -> torch.Tensor:
     flat = (torch.arange(N, device=cs.device)[:, None] * T + cs.clamp(0, T - 1)).reshape(-1)
     top = torch.full((N * T,), -1.0, device=cs.device).scatter_reduce(0, flat, u.reshape(-1), "amax")
     return ok & (u == top[flat].view(N, G))
+
+
+@torch.no_grad()
+def committed_logprobs(model, rollout, *, micro_batch: int = 64, impl: str = "auto") -> torch.Tensor:
+    """[N, G] fp32 log p(x_i | s_t) of every token the sampler decoded, at the state before its own step
+    (NaN elsewhere): one forward per (row, step). The reference's, for the KL anchor."""
+    cs = rollout.commit_step
+    N, G = cs.shape
+    rows, t = _step_grid(rollout, None).nonzero(as_tuple=True)
+    target = cs[rows] == t[:, None]
+    logp = _score(model, rollout, rows, cs[rows] < t[:, None], target, micro_batch, impl)
+    q, j = target.nonzero(as_tuple=True)
+    out = torch.full((N, G), float("nan"), device=cs.device)
+    out[rows[q].to(cs.device), j.to(cs.device)] = logp.to(cs.device)
+    return out
 
 
 @torch.no_grad()
@@ -415,6 +432,7 @@ def sgro_loss(
     *,
     window: int,
     step_weights: torch.Tensor | None = None,
+    kl: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     impl: str = "auto",
 ) -> LossOutput:
     """Σ over (row, step t) of coef[row, t // window] · s[row, t] · Σ_{i ∈ U_t} −log p_θ(x_i | s_t), the
@@ -422,7 +440,9 @@ def sgro_loss(
     grad).
 
     coef: [N, J] per-window token weight (A · c / normaliser, see ``loss_step``); step_weights s: [N, T]
-    (``sample_steps``; None: 1 on every step)."""
+    (``sample_steps``; None: 1 on every step). kl = (ref_logp [N, G], kl_coef [N, T], weight): adds
+    weight × Σ kl_coef[row, t] · k3(log p_ref(x_i) − log p_θ(x_i | s_t)) over the same tokens, the states
+    with a non-zero kl_coef included (``stats["kl"]`` holds the sum before the weight)."""
     cs, ns = rollout.commit_step, rollout.num_steps
     N, G = cs.shape
     T = max(int(ns.max()), 1)
@@ -430,7 +450,10 @@ def sgro_loss(
     step_coef = coef.repeat_interleave(window, dim=1)[:, :T]  # [N, T]
     if step_weights is not None:
         step_coef = step_coef * step_weights[:, :T]
-    rows, steps = ((t < ns[:, None]) & (step_coef != 0)).nonzero(as_tuple=True)
+    chosen = step_coef != 0
+    if kl is not None:
+        chosen = chosen | (kl[1][:, :T] != 0)
+    rows, steps = ((t < ns[:, None]) & chosen).nonzero(as_tuple=True)
     P = rollout.prompt_length
     if rows.numel() == 0:  # nothing selected: an exact zero that still reaches the parameters
         hidden, head = _hidden_and_head(policy, rollout.ids[:1], rollout.attention_mask[:1])
@@ -443,12 +466,16 @@ def sgro_loss(
     hidden, head = _hidden_and_head(policy, states, rollout.attention_mask[rows])
     m_idx, j_idx = target.nonzero(as_tuple=True)
     w = step_coef[rows[m_idx], steps[m_idx]].float()
-    loss = weighted_linear_ce(
-        hidden[m_idx, P + j_idx], head, rollout.ids[rows[m_idx], P + j_idx], w, impl=impl
-    )
-    return LossOutput(
-        loss, {"states": torch.tensor(rows.numel()), "masked_tokens": torch.tensor(m_idx.numel())}
-    )
+    h, y = hidden[m_idx, P + j_idx], rollout.ids[rows[m_idx], P + j_idx]
+    loss = weighted_linear_ce(h, head, y, w, impl=impl)
+    stats = {"states": torch.tensor(rows.numel()), "masked_tokens": torch.tensor(m_idx.numel())}
+    if kl is not None:
+        ref_logp, kl_coef, weight = kl
+        d = ref_logp[rows[m_idx], j_idx].float() - linear_logprob(h, head, y, impl=impl).float()
+        term = (kl_coef[rows[m_idx], steps[m_idx]].float() * (d.exp() - d - 1.0)).sum()
+        stats["kl"] = term.detach()
+        loss = loss + weight * term
+    return LossOutput(loss, stats)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,7 +636,7 @@ def step_rewards(
 
 def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, seed: int, scorer=None,
                 row_offset: int = 0, rows_total: int | None = None, maskable: torch.Tensor | None = None,
-                impl: str = "auto") -> dict:  # fmt: skip
+                reference=None, impl: str = "auto") -> dict:  # fmt: skip
     """Rewards, returns and advantages of one rollout batch (N = prompts × group_size rows, groups
     consecutive), and the rollout tensors ``loss_step`` rebuilds the states from. Row-indexed tensors can be
     sliced by rows (micro-batches); ``rows_total`` and ``seed`` are scalars.
@@ -618,7 +645,8 @@ def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, 
     its first row in the whole batch (the rows' window-draw keys) and the whole batch's rollouts (the loss
     denominator), so the shares' losses add up to the whole batch's. Defaults: this batch alone.
     ``maskable``: [N, L] bool, the positions the denoising anchor may mask (default: the completion up to
-    its first EOS)."""
+    its first EOS). ``reference``: the reference model (a model or a zero-arg callable returning a context
+    that gives it) whose log-probs of the decoded tokens the KL anchor (``anchor="kl"``) needs."""
     task = task_rewards.float().to(rollout.ids.device)
     r = step_rewards(policy, rollout, cfg, scorer=scorer, impl=impl)
     returns, valid = window_returns(r["total"], rollout.num_steps, task, window=cfg.window,
@@ -641,6 +669,13 @@ def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, 
     for name in ("tv", "ppl"):
         if r[name] is not None:
             buf[f"{name}_mean"] = torch.nanmean(r[name], dim=1)  # [N] for logging
+    if cfg.anchor == "kl":
+        from dmpo_fast.grpo import _reference_scope
+
+        if reference is None:
+            raise ValueError("anchor='kl' needs the reference model: pass reference=...")
+        with _reference_scope(reference) as ref:
+            buf["ref_logp"] = committed_logprobs(ref, rollout, micro_batch=cfg.micro_batch, impl=impl)
     return buf
 
 
@@ -656,11 +691,12 @@ class _RolloutView:
 def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, noise: NoiseConfig | None = None,
               anchor_seed: int | None = None, impl: str = "auto") -> LossOutput:  # fmt: skip
     """The SGRO loss of optimizer step ``step`` on a buffer or a row slice of it: windows and their states
-    drawn afresh (``importance``, ``states_per_window``), token weights A · c / (n_row · N) with N the whole buffer's rollouts; with
-    ``cfg.anchor="denoise"`` plus anchor_weight × the masked-diffusion loss of the rows with a finite task
-    reward (``rejection_sft_loss`` with weight 1/N), with ``"best"`` of each group's best row by task reward
-    (weight 1/groups); masks from ``noise`` keyed by ``anchor_seed`` and the rows' global index, so slices
-    of whole groups add up to the whole buffer's loss."""
+    drawn afresh (``importance``, ``states_per_window``), token weights A · c / (n_row · N) with N the whole
+    buffer's rollouts; with ``cfg.anchor="denoise"`` plus anchor_weight × the masked-diffusion loss of the
+    rows with a finite task reward (``rejection_sft_loss`` with weight 1/N), with ``"best"`` of each group's
+    best row by task reward (weight 1/groups); masks from ``noise`` keyed by ``anchor_seed`` and the rows'
+    global index, so slices of whole groups add up to the whole buffer's loss. With ``"kl"`` plus
+    anchor_weight × the k3 KL to the reference on the tokens of the drawn states (weight s / (n_row · N))."""
     c = sample_windows(buf["advantages"], buf["valid"], importance=cfg.importance, k=cfg.windows_per_rollout,
                        seed=buf["seed"], step=step, row_keys=buf["row_keys"])  # fmt: skip
     coef = buf["advantages"] * c / (buf["tokens"][:, None] * buf["rows_total"])
@@ -668,10 +704,21 @@ def loss_step(policy, buf: dict, cfg: MROConfig, step: int, *, noise: NoiseConfi
     if cfg.states_per_window is not None:
         states = sample_steps(buf["num_steps"], window=cfg.window, k=cfg.states_per_window, seed=buf["seed"],
                               step=step, row_keys=buf["row_keys"])  # fmt: skip
-    out = sgro_loss(policy, _RolloutView(buf), coef, window=cfg.window, step_weights=states, impl=impl)
+    kl = None
+    if cfg.anchor == "kl":  # k3 on every token of the drawn states, weighted as one token of the row's SGRO
+        live = (torch.arange(buf["advantages"].shape[1] * cfg.window, device=coef.device)[None, :]
+                < buf["num_steps"][:, None]).float()  # fmt: skip
+        s = states if states is not None else live
+        kl_coef = s[:, : live.shape[1]] / (buf["tokens"][:, None] * buf["rows_total"])
+        kl = (buf["ref_logp"], kl_coef, cfg.anchor_weight)
+    out = sgro_loss(policy, _RolloutView(buf), coef, window=cfg.window, step_weights=states, kl=kl, impl=impl)
     out.stats["windows"] = (c > 0).sum()
-    out.stats["pg_loss"] = out.loss.detach()
-    if cfg.anchor != "none" and cfg.anchor_weight > 0:
+    if kl is not None:
+        out.stats["anchor_loss"] = out.stats.pop("kl")
+        out.stats["pg_loss"] = out.loss.detach() - cfg.anchor_weight * out.stats["anchor_loss"]
+    else:
+        out.stats["pg_loss"] = out.loss.detach()
+    if cfg.anchor in ("denoise", "best") and cfg.anchor_weight > 0:
         if cfg.anchor == "best":
             keep = torch.zeros_like(buf["task_rewards"], dtype=torch.bool)
             keep[select_best(buf["task_rewards"], cfg.group_size)] = True

@@ -2,6 +2,7 @@
 REINFORCE loss and its gradient against an eager full-logit version, rejection SFT."""
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -371,6 +372,49 @@ def test_denoising_anchor_adds_the_masked_diffusion_loss_of_the_rollouts(model, 
         mro.MROConfig(anchor="kl2")
     with pytest.raises(ValueError, match="anchor_weight"):
         mro.MROConfig(anchor_weight=-1.0)
+
+
+def test_kl_anchor_is_the_k3_kl_to_the_reference_on_the_loss_states(model, rollout):
+    task = torch.tensor([1.0, 0.0, 0.25, 0.75])
+    plain = mro.MROConfig(group_size=GROUP, window=2, ppl_weight=0.0, states_per_window=1)
+    cfg = mro.MROConfig(group_size=GROUP, window=2, ppl_weight=0.0, states_per_window=1, anchor="kl",
+                        anchor_weight=0.5)  # fmt: skip
+    with pytest.raises(ValueError, match="anchor='kl' needs the reference model"):
+        mro.make_buffer(model, rollout, task, cfg, seed=0, impl="chunked")
+    # The policy as its own reference: k3 = 0 and its gradient is 0, so the loss is SGRO's.
+    buf = mro.make_buffer(model, rollout, task, cfg, seed=0, reference=model, impl="chunked")
+    decoded = rollout.commit_step < rollout.num_steps[:, None]
+    assert torch.isfinite(buf["ref_logp"][decoded]).all() and buf["ref_logp"][~decoded].isnan().all()
+    out = mro.loss_step(model, buf, cfg, step=2, impl="chunked")
+    sgro = mro.loss_step(model, buf, plain, step=2, impl="chunked")
+    torch.testing.assert_close(out.loss, sgro.loss, rtol=1e-5, atol=1e-7)
+    assert abs(float(out.stats["anchor_loss"])) < 1e-6
+    # Another reference: the eager sum of s / (n_row · N) · (e^d − d − 1) over every token of the drawn states.
+    ref_model = ToyDenoiser(vocab=V, hidden=16, mask_id=MASK, seed=5)
+    buf = mro.make_buffer(model, rollout, task, cfg, seed=0, reference=lambda: nullcontext(ref_model),
+                          impl="chunked")  # fmt: skip
+    out = mro.loss_step(model, buf, cfg, step=2, impl="chunked")
+    s = mro.sample_steps(buf["num_steps"], window=2, k=1, seed=0, step=2, row_keys=buf["row_keys"])
+    P, cs = rollout.prompt_length, rollout.commit_step
+    want = 0.0
+    for n in range(4):
+        for t in range(int(rollout.num_steps[n])):
+            if s[n, t] == 0:
+                continue
+            state = rollout.state_at(t)[n : n + 1], rollout.attention_mask[n : n + 1]
+            lp = torch.log_softmax(model.logits(*state)[0].double(), -1)
+            lr = torch.log_softmax(ref_model.logits(*state)[0].double(), -1)
+            for j in (cs[n] == t).nonzero().flatten().tolist():
+                d = lr[P + j, rollout.ids[n, P + j]] - lp[P + j, rollout.ids[n, P + j]]
+                want = want + s[n, t] / (buf["tokens"][n] * 4) * (d.exp() - d - 1)
+    assert want > 0
+    torch.testing.assert_close(out.stats["anchor_loss"], want.float(), rtol=1e-4, atol=1e-7)
+    sgro = mro.loss_step(model, buf, plain, step=2, impl="chunked")
+    torch.testing.assert_close(out.loss, sgro.loss + 0.5 * want.float(), rtol=1e-4, atol=1e-6)
+    halves = [{k: (v[s_] if torch.is_tensor(v) and v.dim() and v.shape[0] == 4 else v) for k, v in buf.items()}
+              for s_ in (slice(0, 2), slice(2, 4))]  # fmt: skip
+    total = sum(mro.loss_step(model, h, cfg, step=2, impl="chunked").loss for h in halves)
+    torch.testing.assert_close(total, out.loss, rtol=1e-5, atol=1e-7)
 
 
 def test_baseline_none_keeps_the_returns(model, rollout):

@@ -369,7 +369,8 @@ def test_algorithm_options_that_are_valid():
         TrainConfig(eval_tts_k=2, remasking="random").eval_tts_k == 2
     )  # random remasking diversifies at T = 0
     assert TrainConfig(mro_ppl_model="gpt2", mro_ppl_weight=0.0).effective_ppl_weight == 0.0
-    assert TrainConfig().effective_ppl_weight == 0.0
+    assert TrainConfig(mro_ppl_model=None).effective_ppl_weight == 0.0
+    assert TrainConfig().effective_ppl_weight == 1.0  # "auto": Sudoku's built-in scorer
 
 
 def test_mro_options_reach_the_mro_config():
@@ -423,3 +424,12 @@ def test_mro_with_the_built_in_perplexity_scorer(tmp_path):
     result = _train(_cfg(tmp_path, "mro", max_steps=1, num_iterations=1, eval_size=2, mro_ppl_model="tiny_ar_sudoku"))
     row = result.metrics[0]
     assert 0.0 <= row["ppl_reward_mean"] <= 1.0 and 0.0 <= row["tv_reward_mean"] <= 1.0
+
+
+def test_mro_with_the_kl_anchor_to_the_reference(tmp_path):
+    # The frozen copy starts equal to the policy: KL 0 on the first step, > 0 once the policy has moved.
+    result = _train(_cfg(tmp_path, "mro", mro_anchor="kl", mro_anchor_weight=0.5, mro_ppl_model=None))
+    kl = [row["anchor_loss"] for row in result.metrics]
+    assert kl[0] == pytest.approx(0.0, abs=1e-7) and kl[1] > 0
+    with pytest.raises(ValueError, match="mro_anchor='kl' needs a reference model"):
+        TrainConfig(algorithm="mro", mro_anchor="kl", reference="none")

@@ -100,6 +100,11 @@ class MRO(Algorithm):
         if cfg.algorithm != cls.name:
             return
         require_groups(cfg)
+        if cfg.mro_anchor == "kl" and cfg.reference == "none":
+            raise ValueError(
+                "mro_anchor='kl' needs a reference model: reference must be 'frozen_copy' or 'adapter_disabled' "
+                "(got 'none')"
+            )
         if not any((cfg.mro_tv_weight, cfg.effective_ppl_weight, cfg.mro_task_weight)):
             raise ValueError(
                 "mro_tv_weight, mro_ppl_weight and mro_task_weight are all 0: algorithm='mro' has no reward"
@@ -108,6 +113,10 @@ class MRO(Algorithm):
     @property
     def needs_scorer(self) -> bool:
         return self.options.ppl_weight > 0
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.options.anchor == "kl" and self.options.anchor_weight > 0
 
     def notes(self) -> list[str]:
         if self.cfg.num_iterations > 1:
@@ -121,6 +130,7 @@ class MRO(Algorithm):
         d = mro.make_buffer(
             policy, rollout, rewards.to(rollout.ids.device), self.options,
             seed=derive_seed(self.seed, self.name, buffer_index), scorer=scorer, row_offset=first_row,
+            reference=reference if self.needs_reference else None,
             maskable=completion_positions(rollout, policy.eos_id, self.cfg.include_eos_padding), impl=self.impl,
         )  # fmt: skip
         return Buffer.from_dict(d, self.total_keys, first_row=first_row)
