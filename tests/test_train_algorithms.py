@@ -403,7 +403,7 @@ def test_mro_rejection_sampling_groups_its_rollouts_and_keeps_the_best_by_multi_
 
     monkeypatch.setattr(sampling, "generate_tts", spy)
     cfg = TrainConfig(algorithm="mro_rs", prompts_per_step=2, num_generations=4, mro_rs_window=3, impl="chunked",
-                      progress=False)  # fmt: skip
+                      progress=False, mro_ppl_model=None)  # fmt: skip
     algo = get("mro_rs")(cfg)
     policy, tokenizer = load_policy(cfg, torch.device("cpu"))
     task = get_task(cfg.task, **cfg.task_options())
