@@ -68,13 +68,17 @@ from dmpo_fast.ops.philox import philox_uniform
 STREAM_WINDOWS = 6  # Philox stream (c3 word) of the window sampling
 STREAM_VERIFY = 7  # Philox stream of the token each step verifies (verification_tokens="one")
 STREAM_STATES = 8  # Philox stream of the steps whose states enter the loss (states_per_window)
+STREAM_VERIFY_STEPS = 9  # Philox stream of the steps whose tokens are verified (verification_steps)
 Verification = Literal["leave_one_out", "pre_step", "final"]
 
 
 @dataclass(frozen=True)
 class MROConfig:
     """MRO / SGRO options. Rewards: weights tv_weight, ppl_weight, task_weight (1 each, as the paper sums
-    them); verification / verification_score (see the module docstring); ppl_cap C and ppl_scale F of the
+    them); verification / verification_score / verification_tokens (see the module docstring);
+    verification_steps k: of each window's m steps, the token-verification reward is computed at k drawn
+    once per buffer and each weighted m / k in the window's reward (an unbiased estimate of its sum at k / m
+    of the forwards; None: every step); ppl_cap C and ppl_scale F of the
     bounded perplexity reward (100, 100); ppl_text "visible" | "prefix"; shaping "none" | "potential".
     SGRO: group_size rollouts per prompt; window w steps per group step (8); returns "reward_to_go" |
     "window"; baseline "group" | "none"; scale_std divides advantages by the group std; importance "none" |
@@ -94,6 +98,7 @@ class MROConfig:
     verification: Verification = "leave_one_out"
     verification_score: Literal["prob", "logprob"] = "prob"
     verification_tokens: Literal["all", "one"] = "all"
+    verification_steps: int | None = None
     ppl_cap: float = 100.0
     ppl_scale: float = 100.0
     ppl_text: Literal["visible", "prefix"] = "visible"
@@ -117,9 +122,10 @@ class MROConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        k = self.states_per_window
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"states_per_window must be an int >= 1 or None (every state), got {k!r}")
+        for name in ("states_per_window", "verification_steps"):
+            k = getattr(self, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None (every step), got {k!r}")
         choices = {
             "verification": ("leave_one_out", "pre_step", "final"), "verification_score": ("prob", "logprob"),
             "verification_tokens": ("all", "one"),
@@ -186,11 +192,13 @@ def token_verification_rewards(
     score: Literal["prob", "logprob"] = "prob",
     tokens: Literal["all", "one"] = "all",
     steps_from: torch.Tensor | int | None = None,
+    steps: torch.Tensor | None = None,
     micro_batch: int = 64,
     impl: str = "auto",
 ) -> torch.Tensor:
     """[N, T] fp32 token-verification reward of each step (module docstring); NaN outside a row's steps
-    (and before ``steps_from``), 0 for a step that committed nothing. ``tokens="one"``: each step verifies
+    (and before ``steps_from``, and where ``steps`` [N, T] bool is False), 0 for a step that committed
+    nothing. ``tokens="one"``: each step verifies
     one of its tokens, drawn uniformly (Philox keyed by the rollout's seed, row key and the token's position
     and step), as the paper does; with "leave_one_out" that is one forward per step instead of per token."""
     if verification not in ("leave_one_out", "pre_step", "final"):
@@ -205,6 +213,8 @@ def token_verification_rewards(
     N, G = cs.shape
     grid = _step_grid(rollout, steps_from)  # [N, T]
     T = grid.shape[1]
+    if steps is not None:
+        grid = grid & steps[:, :T].to(grid.device)
     col = torch.arange(G, device=cs.device)[None, :]
     ok = (cs >= 0) & (cs < T) & grid.gather(1, cs.clamp(0, T - 1))  # decoded, in a scored step
     if tokens == "one":
@@ -401,11 +411,12 @@ def sample_steps(
     seed: int,
     step: int,
     row_keys: torch.Tensor,
+    stream: int = STREAM_STATES,
 ) -> torch.Tensor:
     """[N, T] fp32 step weights: of each row's window of m steps, k drawn uniformly without replacement, each
     weighted m / k, 0 on the others — an unbiased estimate of the window's sum over its steps; 1 on every
     step with ``k=None`` or k >= m. The draw of (row, step t) is the Philox uniform (seed; t, row key,
-    optimizer step, STREAM_STATES), so a row draws the same states in any micro-batch or process."""
+    optimizer step, ``stream``), so a row draws the same states in any micro-batch or process."""
     ns = num_steps
     T = max(int(ns.max()), 1) if ns.numel() else 1
     t = torch.arange(T, device=ns.device)[None, :]
@@ -415,7 +426,7 @@ def sample_steps(
     J = math.ceil(T / window)
     u = philox_uniform(seed, t.expand_as(live), row_keys.reshape(-1, 1).to(ns.device).expand_as(live),
                        torch.full_like(live, step, dtype=torch.long),
-                       torch.full_like(live, STREAM_STATES, dtype=torch.long))  # fmt: skip
+                       torch.full_like(live, stream, dtype=torch.long))  # fmt: skip
     u = torch.where(live, u, 2.0)  # steps past the row's end sort last
     pad = J * window - T
     u = torch.cat((u, u.new_full((u.shape[0], pad), 2.0)), dim=1).view(-1, J, window)
@@ -608,15 +619,31 @@ def load_ar_scorer(name_or_path, *, bridge_from=None, device=None, dtype=None, *
 
 @torch.no_grad()
 def step_rewards(
-    policy, rollout, cfg: MROConfig, *, scorer=None, steps_from=None, impl: str = "auto"
+    policy, rollout, cfg: MROConfig, *, scorer=None, steps_from=None, verify_keys=None, impl: str = "auto"
 ) -> dict:
-    """{"tv", "ppl", "total"}: [N, T] per-step rewards of a rollout (a term of weight 0 is None)."""
+    """{"tv", "ppl", "total"}: [N, T] per-step rewards of a rollout (a term of weight 0 is None).
+
+    ``verify_keys`` = (seed, row keys [N]): with ``cfg.verification_steps`` = k, token verification runs at
+    k steps per window drawn from them (``sample_steps``, stream STREAM_VERIFY_STEPS); "tv" holds the
+    verified steps' rewards (NaN elsewhere) and "total" each weighted m / k."""
     tv = ppl = None
+    tv_total = None
     if cfg.tv_weight:
+        steps = None
+        if cfg.verification_steps is not None and verify_keys is not None:
+            seed, keys = verify_keys
+            weights = sample_steps(rollout.num_steps, window=cfg.window, k=cfg.verification_steps, seed=seed,
+                                   step=0, row_keys=keys, stream=STREAM_VERIFY_STEPS)  # fmt: skip
+            steps = weights > 0
         tv = token_verification_rewards(
             policy, rollout, verification=cfg.verification, score=cfg.verification_score,
-            tokens=cfg.verification_tokens, steps_from=steps_from, micro_batch=cfg.micro_batch, impl=impl,
+            tokens=cfg.verification_tokens, steps_from=steps_from, steps=steps, micro_batch=cfg.micro_batch,
+            impl=impl,
         )  # fmt: skip
+        tv_total = tv
+        if steps is not None:
+            live = _step_grid(rollout, steps_from)
+            tv_total = torch.where(steps, tv * weights, torch.where(live, 0.0, float("nan")))
     if cfg.ppl_weight:
         if scorer is None:
             raise ValueError(
@@ -631,7 +658,7 @@ def step_rewards(
             "ppl": None,
             "total": torch.zeros(rollout.ids.shape[0], T, device=rollout.ids.device),
         }
-    return {"tv": tv, "ppl": ppl, "total": combine_step_rewards(tv, ppl, cfg)}
+    return {"tv": tv, "ppl": ppl, "total": combine_step_rewards(tv_total, ppl, cfg)}
 
 
 def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, seed: int, scorer=None,
@@ -648,12 +675,12 @@ def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, 
     its first EOS). ``reference``: the reference model (a model or a zero-arg callable returning a context
     that gives it) whose log-probs of the decoded tokens the KL anchor (``anchor="kl"``) needs."""
     task = task_rewards.float().to(rollout.ids.device)
-    r = step_rewards(policy, rollout, cfg, scorer=scorer, impl=impl)
+    rows = torch.arange(row_offset, row_offset + len(task), device=task.device)  # keys of the row draws
+    r = step_rewards(policy, rollout, cfg, scorer=scorer, verify_keys=(seed, rows), impl=impl)
     returns, valid = window_returns(r["total"], rollout.num_steps, task, window=cfg.window,
                                     task_weight=cfg.task_weight, returns=cfg.returns)  # fmt: skip
     adv = window_advantages(returns, valid, cfg.group_size, baseline=cfg.baseline, scale_std=cfg.scale_std)
     decoded = rollout.commit_step < rollout.num_steps[:, None]  # the tokens the policy chose
-    rows = torch.arange(row_offset, row_offset + len(task), device=task.device)  # keys of the window draws
     if maskable is None:
         maskable = torch.zeros_like(rollout.ids, dtype=torch.bool)
         maskable[:, rollout.prompt_length :] = rollout.completion_mask

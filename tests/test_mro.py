@@ -320,6 +320,27 @@ def test_state_sampling_is_unbiased_row_keyed_and_runs_k_states_per_window():
         mro.MROConfig(states_per_window=0)
 
 
+def test_verification_on_sampled_steps_scores_k_per_window_and_reweights_the_window_sums(model, rollout):
+    full_cfg = mro.MROConfig(group_size=GROUP, window=3, ppl_weight=0.0, verification_tokens="one")
+    cfg = mro.MROConfig(group_size=GROUP, window=3, ppl_weight=0.0, verification_tokens="one",
+                        verification_steps=1)  # fmt: skip
+    keys = torch.arange(10, 14)
+    full = mro.step_rewards(model, rollout, full_cfg, verify_keys=(5, keys), impl="chunked")
+    part = mro.step_rewards(model, rollout, cfg, verify_keys=(5, keys), impl="chunked")
+    w = mro.sample_steps(rollout.num_steps, window=3, k=1, seed=5, step=0, row_keys=keys,
+                         stream=mro.STREAM_VERIFY_STEPS)  # fmt: skip
+    scored = torch.isfinite(part["tv"])
+    torch.testing.assert_close(scored, w > 0)  # one verified step per window of each row
+    torch.testing.assert_close(part["tv"][scored], full["tv"][scored])  # the same reward where scored
+    live = torch.isfinite(full["tv"])
+    torch.testing.assert_close(part["total"][live], (full["tv"] * w)[live])  # weighted m / k, 0 elsewhere
+    assert part["total"][~live].isnan().all()
+    # Without the keys (rejection sampling, test-time scaling) every step is verified.
+    torch.testing.assert_close(mro.step_rewards(model, rollout, cfg, impl="chunked")["tv"], full["tv"])
+    with pytest.raises(ValueError, match="verification_steps"):
+        mro.MROConfig(verification_steps=0)
+
+
 def test_loss_step_with_sampled_states_runs_k_states_and_matches_eager(model, rollout):
     cfg = mro.MROConfig(group_size=GROUP, window=2, ppl_weight=0.0, states_per_window=1)
     task = torch.tensor([1.0, 0.0, 0.25, 0.75])

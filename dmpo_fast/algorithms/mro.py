@@ -33,6 +33,7 @@ def mro_config(cfg: TrainConfig) -> mro.MROConfig:
     return mro.MROConfig(
         group_size=cfg.num_generations, window=cfg.mro_window, verification=cfg.mro_verification,
         verification_score=cfg.mro_verification_score, verification_tokens=cfg.mro_verification_tokens,
+        verification_steps=cfg.mro_verification_steps,
         ppl_text=cfg.mro_ppl_text, tv_weight=cfg.mro_tv_weight,
         ppl_weight=cfg.effective_ppl_weight, task_weight=cfg.mro_task_weight, shaping=cfg.mro_shaping,
         returns=cfg.mro_returns, scale_std=cfg.mro_scale_rewards == "std", importance=cfg.mro_importance,
