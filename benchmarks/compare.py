@@ -42,7 +42,7 @@ import torch
 from benchmarks.common import RESULTS, environment
 from benchmarks.compare_report import plot_task, write_report
 from dmpo_fast.assets import TINY_TASK_KWARGS
-from dmpo_fast.config import TrainConfig
+from dmpo_fast.config import SAVED_WITHOUT, TrainConfig
 from dmpo_fast.run_io import RunDir, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,9 +171,9 @@ def _comparable(config: dict) -> dict:
 
 def _changed(saved: dict, cfg: TrainConfig) -> list[str]:
     """Fields whose value differs; a field added to TrainConfig after the run was saved counts only when it
-    is set away from its default (the saved run had the default's behaviour)."""
+    is set away from what the saved run did (``config.SAVED_WITHOUT``, else the field's default)."""
     now, saved = _comparable(cfg.to_dict()), _comparable(saved)
-    defaults = _comparable(TrainConfig().to_dict())
+    defaults = {**_comparable(TrainConfig().to_dict()), **SAVED_WITHOUT}  # what a run without the field did
     return sorted(
         k for k in now.keys() | saved.keys()
         if now.get(k) != saved.get(k) and not (k not in saved and now.get(k) == defaults.get(k))

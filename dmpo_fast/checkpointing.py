@@ -3,7 +3,7 @@ eval before, config), how it is loaded into a sharded or unsharded run, and what
 
 from __future__ import annotations
 
-from dmpo_fast.config import TrainConfig
+from dmpo_fast.config import SAVED_WITHOUT, TrainConfig
 from dmpo_fast.run_io import ADAPTER_NAME as _ADAPTER
 from dmpo_fast.run_io import MODEL_INFO, RunDir
 
@@ -61,6 +61,7 @@ def check_resume_config(run: RunDir, cfg: TrainConfig, state: dict | None = None
             raise ValueError(f"resume=true but the saved config {str(saved_file)!r} is not a mapping")
         source = repr(str(saved_file))
     now = cfg.to_dict()
+    saved = {**{k: v for k, v in SAVED_WITHOUT.items() if k not in saved}, **saved}  # what an older run did
     changed = sorted(k for k in now if k in saved and saved[k] != now[k] and k not in RESUMABLE_CHANGES)
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)

@@ -72,6 +72,17 @@ ALGORITHM_DEFAULTS: dict[str, tuple[object, dict[str, object]]] = {
     "learning_rate": (3e-4, {"mro": 1e-4, "wd1": 3e-5}),
 }
 
+# Fields added after runs were saved without them, with the value that reproduces such a run: a saved config
+# that lacks one had this behaviour, not the field's default. ``from_saved`` fills them in, and a resume
+# that would change one is refused like any other change.
+SAVED_WITHOUT: dict[str, object] = {
+    "mro_anchor": "none",
+    "mro_verification_tokens": "all",
+    "mro_tts_vote": False,
+    "mro_states_per_window": None,
+    "mro_verification_steps": None,
+}
+
 # The largest eval_size: the held-out rows are built in memory before the first step (GSM8K's test set has
 # 1319 rows, MATH-500's 500; the procedural tasks draw as many as asked, 1e8 of them never finishes).
 MAX_EVAL_SIZE = 100_000
@@ -394,7 +405,16 @@ class TrainConfig:
         return cls(**{k: _coerce_number(k, v) for k, v in d.items()})
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
+    def from_saved(cls, d: dict[str, Any]) -> TrainConfig:
+        """The config of a saved run (a checkpoint's or its ``config.yaml``): ``from_dict``, with the
+        fields the run predates set to the behaviour it had (``SAVED_WITHOUT``)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a mapping of field names to values, got {type(d).__name__}")
+        return cls.from_dict({**{k: v for k, v in SAVED_WITHOUT.items() if k not in d}, **d})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, *, saved: bool = False) -> TrainConfig:
+        """A YAML file of fields; ``saved``: a run's own ``config.yaml`` (``from_saved``)."""
         import yaml
 
         path = Path(path)
@@ -414,7 +434,7 @@ class TrainConfig:
                 f"{type(data).__name__}"
             )
         try:
-            return cls.from_dict(data)
+            return cls.from_saved(data) if saved else cls.from_dict(data)
         except ValueError as e:
             raise ValueError(f"{e} (in config file {str(path)!r})") from e
 

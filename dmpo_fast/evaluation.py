@@ -84,11 +84,11 @@ def saved_config(path: str) -> TrainConfig:
     for ckpt in candidates:
         try:
             state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False, mmap=True)
-            return TrainConfig.from_dict(state["config"])
+            return TrainConfig.from_saved(state["config"])
         except Exception:  # a damaged checkpoint: the next older one, or config.yaml, says the same
             continue
     if (p / "config.yaml").is_file():
-        return TrainConfig.from_yaml(p / "config.yaml")
+        return TrainConfig.from_yaml(p / "config.yaml", saved=True)
     raise ValueError(f"{path!r} is neither a run directory (config.yaml, checkpoints/) nor a checkpoint directory")
 
 
@@ -105,7 +105,7 @@ def evaluate_model(cfg: TrainConfig, *, checkpoint: str | None = None, gen_lengt
         ckpt_dir = resolve_checkpoint(checkpoint)  # a run's newest intact checkpoint (verified), or the one given
         from_run = ckpt_dir != Path(checkpoint)
         state = RunDir.load_checkpoint(ckpt_dir, with_model=False, verify=not from_run)
-        saved = TrainConfig.from_dict(state["config"])
+        saved = TrainConfig.from_saved(state["config"])
         # The model comes from the checkpoint's run; decoding and task options come from cfg.
         cfg = cfg.replace(model=saved.model, dtype=saved.dtype, lora=saved.lora, lora_r=saved.lora_r,
                           lora_alpha=saved.lora_alpha, lora_target_modules=saved.lora_target_modules,

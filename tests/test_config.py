@@ -121,3 +121,31 @@ def test_mro_perplexity_scorer_auto_is_the_tasks_built_in_one():
     assert TrainConfig(mro_ppl_model="gpt2").ppl_model == "gpt2"
     with pytest.raises(ValueError, match="mro_states_per_window must be an int >= 1 or null"):
         TrainConfig(mro_states_per_window=0)
+
+
+def test_a_saved_run_without_a_newer_field_keeps_its_own_behaviour(tmp_path):
+    # A run saved before mro_states_per_window etc. existed ran every state, verified every token, had no
+    # anchor: from_saved (saved_config, --resume) restores that, and a resume that would change it is refused.
+    import yaml
+
+    from dmpo_fast.checkpointing import check_resume_config
+    from dmpo_fast.config import SAVED_WITHOUT
+    from dmpo_fast.evaluation import saved_config
+    from dmpo_fast.run_io import RunDir
+
+    old = TrainConfig(algorithm="mro", output_dir=str(tmp_path / "run")).to_dict()
+    for name in SAVED_WITHOUT:
+        del old[name]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = saved_config(str(tmp_path / "run"))
+    assert (cfg.mro_anchor, cfg.mro_verification_tokens, cfg.mro_tts_vote) == ("none", "all", False)
+    assert cfg.mro_states_per_window is None and cfg.mro_verification_steps is None
+    run = RunDir(tmp_path / "run", resume=True, main=False)
+    check_resume_config(run, cfg.replace(resume=True), {"step": 1, "config": old})  # the same run: accepted
+    with pytest.raises(ValueError, match=r"mro_states_per_window: None -> 1"):
+        check_resume_config(run, TrainConfig(algorithm="mro", resume=True, output_dir=str(tmp_path / "run")),
+                            {"step": 1, "config": old})  # fmt: skip
+    # A user's YAML file is not a saved run: absent fields take their defaults.
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"algorithm": "mro"}))
+    assert TrainConfig.from_yaml(tmp_path / "mine.yaml").mro_states_per_window == 1
