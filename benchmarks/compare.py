@@ -8,7 +8,7 @@ For every task x method x seed it trains the task's tiny model (``TASKS``) with 
 so every method sees the same number of rollouts; optimizer steps = buffers x the method's
 ``num_iterations``), logging the held-out accuracy every few buffers (``eval_every``). The final model is
 then decoded three ways at the run's 12 denoising steps (greedy; sampled at T = 0.7; test-time scaling
-with k = 4 candidates at T = 0.7, ranked by MRO's token verification and the majority vote of their answers,
+with k = 4 candidates at T = 0.7, ranked by MRO's token verification and perplexity and the majority vote of their answers,
 never by the truth) and greedily
 at 4, 8, 12 and 24 steps. "base" is the untrained model through the same evaluations. The held-out rows
 depend on the seed (``task.test(eval_size, seed)``), so methods are compared seed by seed.
@@ -107,7 +107,8 @@ QUICK_BUDGET = {
 }
 STEPS_SWEEP = (4, 8, 12, 24)  # denoising steps of the greedy decodes of the final model (24 tokens)
 # Test-time scaling against plain decoding, both at the run's denoising steps (TrainConfig.steps).
-# The candidates are ranked by MRO's token verification of the last window and the paper's quality reward
+# The candidates are ranked by MRO's step rewards of the last window (token verification, and the perplexity
+# of the task's built-in scorer) and the paper's quality reward
 # by majority vote of the candidates' answers (never the truth).
 TTS = {"k": 4, "temperature": 0.7, "window": 4, "verification": "final", "vote": True}
 SEEDS = (0, 1, 2)

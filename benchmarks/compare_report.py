@@ -38,7 +38,8 @@ What it runs (`benchmarks/compare.py`: the per-method settings are the `METHODS`
 method fine-tunes the task's tiny model (0.8M parameters) on the same rollout budget (prompts per buffer x
 rollouts per prompt x buffers), with the held-out accuracy measured every few buffers; the final model is
 then decoded greedily at 4 to 24 denoising steps, and at the run's steps greedily, sampled (T = 0.7) and
-with test-time scaling (k = 4 candidates at T = 0.7, ranked by MRO's token verification, never by the
+with test-time scaling (k = 4 candidates at T = 0.7, ranked by MRO's step rewards, token verification
+and the perplexity of the task's built-in scorer, and the majority vote of their answers, never by the
 answer). `base` is the untrained model. The JSON rows and plots are in `benchmarks/results/compare-*`.
 
 Learning rates. The protocol: every method at 3e-5, 1e-4 and 3e-4 on seed 0 with the same budget (the
