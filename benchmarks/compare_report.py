@@ -49,7 +49,7 @@ learning-rate sweep, its table at the end of this file), then each method at its
 python -m benchmarks compare --learning-rates 3e-5,1e-4,3e-4 --seeds 0 --methods dmpo,diffu_grpo,mro,mro_rs,wd1
 ```
 
-The comparison's own rates are each method's default (`TrainConfig`: 3e-4; MRO 1e-4, wd1 3e-5) unless its
+The comparison's own rates are each method's default (`TrainConfig`: 3e-4; MRO and wd1 3e-5) unless its
 `METHODS` entry names another; a run at a method's own rate is shared by the sweep and the comparison.
 Earlier single-run probes outside the sweep (not in the JSON rows): diffu-GRPO on Sudoku seed 0 ended at
 0.305 at 1e-3 and 0.485 at 1e-4 (0.460 at 3e-4); wd1 at 0.000 at 3e-4, 0.095 at 1e-4 and 0.425 at 3e-5

@@ -80,9 +80,10 @@ class MROConfig:
     once per buffer and each weighted m / k in the window's reward (an unbiased estimate of its sum at k / m
     of the forwards; None: every step); ppl_cap C and ppl_scale F of the
     bounded perplexity reward (100, 100); ppl_text "visible" | "prefix"; shaping "none" | "potential".
-    SGRO: group_size rollouts per prompt; window w steps per group step (8); returns "reward_to_go" |
-    "window"; baseline "group" | "none"; scale_std divides advantages by the group std; importance "none" |
-    "uniform" | "advantage" with windows_per_rollout K draws; states_per_window k: the steps of each window
+    SGRO: group_size rollouts per prompt; window w steps per group step (8); window_reward "sum" | "mean"
+    (a window's step rewards summed, or averaged over its steps so they weigh like the task reward);
+    returns "reward_to_go" | "window"; baseline "group" | "none"; scale_std divides advantages by the group
+    std; importance "none" | "uniform" | "advantage" with windows_per_rollout K draws; states_per_window k: the steps of each window
     whose states run through the policy in an optimizer step (None: all; k: k drawn afresh per step, without
     replacement, each weighted m / k for the window's m steps); num_iterations optimizer steps per buffer
     (1: REINFORCE is on-policy). micro_batch: rows per model call when scoring rewards (no grad).
@@ -107,6 +108,7 @@ class MROConfig:
     task_weight: float = 1.0
     shaping: Literal["none", "potential"] = "none"
     returns: Literal["reward_to_go", "window"] = "reward_to_go"
+    window_reward: Literal["sum", "mean"] = "sum"
     baseline: Literal["group", "none"] = "group"
     scale_std: bool = False
     importance: Literal["none", "uniform", "advantage"] = "none"
@@ -130,7 +132,7 @@ class MROConfig:
             "verification": ("leave_one_out", "pre_step", "final"), "verification_score": ("prob", "logprob"),
             "verification_tokens": ("all", "one"),
             "ppl_text": ("visible", "prefix"), "shaping": ("none", "potential"),
-            "returns": ("reward_to_go", "window"), "baseline": ("group", "none"),
+            "returns": ("reward_to_go", "window"), "window_reward": ("sum", "mean"), "baseline": ("group", "none"),
             "importance": ("none", "uniform", "advantage"), "anchor": ("none", "denoise", "best", "kl"),
         }  # fmt: skip
         for name, allowed in choices.items():
@@ -330,14 +332,21 @@ def window_returns(
     window: int,
     task_weight: float = 1.0,
     returns: str = "reward_to_go",
+    reduce: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(returns [N, J], valid [N, J]): window sums of the step rewards, λ_q·task in each row's last window,
-    then reward-to-go or per-window. A row with a non-finite task reward has no valid window."""
+    """(returns [N, J], valid [N, J]): window sums (``reduce="sum"``) or means over the row's steps in the
+    window (``"mean"``) of the step rewards, λ_q·task in each row's last window, then reward-to-go or
+    per-window. A row with a non-finite task reward has no valid window."""
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be one of ('sum', 'mean'), got {reduce!r}")
     N, T = step_rewards.shape
     J = max(1, math.ceil(T / window))
     r = torch.nan_to_num(step_rewards.float(), nan=0.0)
     r = torch.cat((r, r.new_zeros(N, J * window - T)), dim=1)
     R = r.view(N, J, window).sum(dim=2)  # [N, J]
+    if reduce == "mean":
+        starts = torch.arange(J, device=R.device)[None, :] * window
+        R = R / (num_steps[:, None].to(R.device) - starts).clamp(1, window)
     n_windows = (num_steps + window - 1) // window  # [N]
     valid = torch.arange(J, device=R.device)[None, :] < n_windows[:, None]
     valid &= torch.isfinite(task_rewards)[:, None]
@@ -678,7 +687,8 @@ def make_buffer(policy, rollout, task_rewards: torch.Tensor, cfg: MROConfig, *, 
     rows = torch.arange(row_offset, row_offset + len(task), device=task.device)  # keys of the row draws
     r = step_rewards(policy, rollout, cfg, scorer=scorer, verify_keys=(seed, rows), impl=impl)
     returns, valid = window_returns(r["total"], rollout.num_steps, task, window=cfg.window,
-                                    task_weight=cfg.task_weight, returns=cfg.returns)  # fmt: skip
+                                    task_weight=cfg.task_weight, returns=cfg.returns,
+                                    reduce=cfg.window_reward)  # fmt: skip
     adv = window_advantages(returns, valid, cfg.group_size, baseline=cfg.baseline, scale_std=cfg.scale_std)
     decoded = rollout.commit_step < rollout.num_steps[:, None]  # the tokens the policy chose
     if maskable is None:

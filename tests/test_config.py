@@ -96,6 +96,11 @@ def test_algorithm_defaults_resolve_per_algorithm_and_follow_a_change_of_algorit
     assert TrainConfig().replace(algorithm="mro").num_iterations == 1
     assert TrainConfig().with_overrides(["algorithm=mro"]).num_iterations == 1
     assert mro.replace(algorithm="dmpo").num_iterations == 2
+    # The learning rate: 3e-4, MRO and wd1 3e-5.
+    assert (TrainConfig().learning_rate, mro.learning_rate) == (3e-4, 3e-5)
+    assert TrainConfig(algorithm="wd1").learning_rate == 3e-5
+    assert mro.replace(algorithm="dmpo").learning_rate == 3e-4
+    assert TrainConfig(algorithm="mro", learning_rate=1e-4).replace(algorithm="dmpo").learning_rate == 1e-4
     # A value the user states is kept, whatever the algorithm.
     assert TrainConfig(algorithm="mro", num_iterations=2).num_iterations == 2
     assert TrainConfig(num_iterations=3).replace(algorithm="mro").num_iterations == 3

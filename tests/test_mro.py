@@ -219,6 +219,25 @@ def test_window_returns_and_advantages_match_loops():
         torch.testing.assert_close(mro.window_advantages(R, valid, GROUP, baseline="none"), R)
 
 
+def test_window_reward_mean_averages_each_windows_steps():
+    g = torch.Generator().manual_seed(2)
+    step_r = torch.rand(3, 5, generator=g)
+    ns = torch.tensor([5, 3, 4])
+    step_r[1, 3:] = step_r[2, 4:] = float("nan")
+    task = torch.tensor([1.0, 0.0, 0.5])
+    R, valid = mro.window_returns(step_r, ns, task, window=2, task_weight=3.0, returns="window", reduce="mean")
+    for n in range(3):
+        for j in range(math.ceil(ns[n].item() / 2)):
+            steps = range(2 * j, min(2 * j + 2, int(ns[n])))
+            want = sum(step_r[n, t].item() for t in steps) / len(steps)
+            want += 3.0 * task[n].item() if j == math.ceil(ns[n].item() / 2) - 1 else 0.0
+            assert R[n, j].item() == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        mro.window_returns(step_r, ns, task, window=2, reduce="max")
+    with pytest.raises(ValueError, match="window_reward"):
+        mro.MROConfig(window_reward="max")
+
+
 @pytest.mark.parametrize("importance", ["uniform", "advantage"])
 def test_window_sampling_is_unbiased_and_row_keyed(importance):
     A = torch.tensor([[0.5, -1.0, 0.0, 2.0], [1.0, 0.0, 0.0, 0.0], [0.3, 0.3, 0.0, 0.0]])

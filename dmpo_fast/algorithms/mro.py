@@ -36,7 +36,7 @@ def mro_config(cfg: TrainConfig) -> mro.MROConfig:
         verification_steps=cfg.mro_verification_steps,
         ppl_text=cfg.mro_ppl_text, tv_weight=cfg.mro_tv_weight,
         ppl_weight=cfg.effective_ppl_weight, task_weight=cfg.mro_task_weight, shaping=cfg.mro_shaping,
-        returns=cfg.mro_returns, scale_std=cfg.mro_scale_rewards == "std", importance=cfg.mro_importance,
+        returns=cfg.mro_returns, window_reward=cfg.mro_window_reward, scale_std=cfg.mro_scale_rewards == "std", importance=cfg.mro_importance,
         windows_per_rollout=cfg.mro_windows_per_rollout, states_per_window=cfg.mro_states_per_window,
         num_iterations=cfg.num_iterations,
         baseline=cfg.mro_baseline, anchor=cfg.mro_anchor, anchor_weight=cfg.mro_anchor_weight,
