@@ -389,23 +389,28 @@ def sweep(tasks, methods, rates, *, seed: int = 0, out: Path = RESULTS, runs: Pa
         curve = [f"{r['accuracy']:.3f}" for r in rows]
         print(f"{head}: {done} in {time.time() - t:.0f} s; held-out accuracy {' -> '.join(curve)}", flush=True)
         by_task[task] += rows
-    paths = []
-    for task in tasks:
-        tag = "quick" if quick else device
-        path = Path(out) / f"compare-sweep-{task}-{tag}-{date}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ran = {(r["method"], r["learning_rate"]) for r in by_task[task]}
-        earlier = [] if quick else sorted(Path(out).glob(f"compare-sweep-{task}-{device}-*.json"))
-        kept = [r for r in json.loads(earlier[-1].read_text()) if (r["method"], r["learning_rate"]) not in ran] \
-            if earlier else []  # fmt: skip
-        atomic_write_text(path, json.dumps(kept + by_task[task], indent=1) + "\n")
-        print(f"wrote {path}")
-        paths.append(path)
+        _write_sweep(task, by_task[task], out=out, device=device, quick=quick, date=date)  # after every run
+    paths = [_write_sweep(task, by_task[task], out=out, device=device, quick=quick, date=date) for task in tasks]
+    print("".join(f"wrote {p}\n" for p in paths), end="")
     report = Path(report) if report is not None else (Path(out) / "comparison-quick.md" if quick else REPORT)
     main_inputs = [] if quick else report_inputs([], out, device)
     write_report(main_inputs, report, sweep_paths=paths if quick else sweep_inputs(paths, out, device))
     print(f"wrote {report}")
     return paths
+
+
+def _write_sweep(task: str, rows: list[dict], *, out, device: str, quick: bool, date: str) -> Path:
+    """``compare-sweep-<task>-<device>-<date>.json``: ``rows``, and the rows of the (method, rate) pairs they
+    do not cover from the task's newest sweep file (this one, when a run of the same day wrote it)."""
+    path = Path(out) / f"compare-sweep-{task}-{'quick' if quick else device}-{date}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ran = {(r["method"], r["learning_rate"]) for r in rows}
+    earlier = [] if quick else sorted(Path(out).glob(f"compare-sweep-{task}-{device}-*.json"))
+    kept = []
+    if earlier:
+        kept = [r for r in json.loads(earlier[-1].read_text()) if (r["method"], r["learning_rate"]) not in ran]
+    atomic_write_text(path, json.dumps(kept + rows, indent=1) + "\n")
+    return path
 
 
 def sweep_inputs(paths, out, device: str) -> list[Path]:
