@@ -277,7 +277,8 @@ def test_a_field_added_later_at_its_default_does_not_invalidate_a_finished_run(m
     assert compare._changed(saved, cfg.replace(learning_rate=3e-4)) == ["learning_rate"]
 
 
-def test_learning_rate_sweep_runs_each_rate_and_reports_the_best(tmp_path):
+def test_learning_rate_sweep_runs_each_rate_and_reports_the_best(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks import compare
 
     out, runs = tmp_path / "out", tmp_path / "runs"
