@@ -179,12 +179,12 @@ def _eval(args) -> int:
 def _print_config(markdown: bool = False) -> int:
     import yaml
 
-    from dmpo_fast.config import TrainConfig, markdown_table
+    from dmpo_fast.config import default_dict, markdown_table
 
     if markdown:
         print(markdown_table(), end="")
         return 0
-    print(yaml.safe_dump(TrainConfig().to_dict(), sort_keys=False), end="")
+    print(yaml.safe_dump(default_dict(), sort_keys=False), end="")
     return 0
 
 

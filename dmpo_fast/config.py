@@ -764,11 +764,17 @@ FIELD_DOCS: dict[str, str] = {
 }
 
 
+def default_dict() -> dict[str, Any]:
+    """Every field's default as ``dmpo-fast config`` prints it: the fields whose default depends on the
+    algorithm (``ALGORITHM_DEFAULTS``) as null, so a YAML file made from it follows its ``algorithm``."""
+    return {**TrainConfig().to_dict(), **dict.fromkeys(ALGORITHM_DEFAULTS)}
+
+
 def markdown_table() -> str:
     """Every field with its type, default and description, as the markdown table of docs/config.md."""
     hints = typing.get_type_hints(TrainConfig)
     lines = ["| field | type | default | what it does |", "|---|---|---|---|"]
-    defaults = TrainConfig().to_dict()
+    defaults = default_dict()
     for name in field_names():
         hint = hints[name]
         if typing.get_origin(hint) is Literal:

@@ -154,3 +154,18 @@ def test_a_saved_run_without_a_newer_field_keeps_its_own_behaviour(tmp_path):
     # A user's YAML file is not a saved run: absent fields take their defaults.
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"algorithm": "mro"}))
     assert TrainConfig.from_yaml(tmp_path / "mine.yaml").mro_states_per_window == 1
+
+
+def test_printed_defaults_leave_the_algorithm_dependent_fields_to_the_algorithm(tmp_path, capsys):
+    # `dmpo-fast config > my.yaml`, then algorithm: mro in it: MRO's own rate and steps per buffer, not DMPO's.
+    import yaml
+
+    from dmpo_fast import cli
+
+    assert cli.main(["config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["learning_rate"] is None and printed["num_iterations"] is None
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump({**printed, "algorithm": "mro"}))
+    cfg = TrainConfig.from_yaml(tmp_path / "my.yaml")
+    assert (cfg.learning_rate, cfg.num_iterations) == (3e-5, 1)
+    assert TrainConfig.from_dict(printed) == TrainConfig()
