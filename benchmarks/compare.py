@@ -133,14 +133,23 @@ def _split(value: str, name: str, allowed) -> list:
     return items
 
 
-def parse_seeds(value: str) -> list[int]:
+def _parse_list(value: str, cast, ok, message: str) -> list:
     try:
-        seeds = [int(v) for v in value.split(",") if v.strip()]
+        items = [cast(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0:
-        raise ValueError(f"--seeds must be comma-separated ints >= 0 (e.g. 0,1,2), got {value!r}")
-    return seeds
+        items = []
+    if not items or not all(ok(v) for v in items):
+        raise ValueError(f"{message}, got {value!r}")
+    return items
+
+
+def parse_seeds(value: str) -> list[int]:
+    return _parse_list(value, int, lambda s: s >= 0, "--seeds must be comma-separated ints >= 0 (e.g. 0,1,2)")
+
+
+def parse_rates(value: str) -> list[float]:
+    return _parse_list(value, float, lambda r: math.isfinite(r) and r > 0,
+                       "--learning-rates must be comma-separated numbers > 0 (e.g. 3e-5,1e-4,3e-4)")  # fmt: skip
 
 
 def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, device: str,
@@ -306,15 +315,16 @@ def _other_methods(task: str, methods: list[str], out, device: str) -> list[dict
     return [r for r in json.loads(earlier[-1].read_text()) if r["method"] not in methods]
 
 
-def report_inputs(paths, out, device: str) -> list[Path]:
+def report_inputs(paths, out, device: str, *, kind: str = "compare") -> list[Path]:
     """The JSON files of the report, one per task in TASKS order: this sweep's own, and for every task it did
-    not run the newest ``compare-<task>-<device>-<date>.json`` already in ``out``, so sweeping one task
-    rewrites its section of the report and keeps the others'."""
+    not run the newest ``<kind>-<task>-<device>-<date>.json`` already in ``out``, so sweeping one task
+    rewrites its section of the report and keeps the others'. ``kind``: "compare", or "compare-sweep" for
+    the learning-rate sweeps."""
     paths = [Path(p) for p in paths]
     chosen = []
     for task in TASKS:
-        mine = [p for p in paths if p.name.startswith(f"compare-{task}-")]
-        earlier = sorted(Path(out).glob(f"compare-{task}-{device}-*.json"))  # ISO dates: newest last
+        mine = [p for p in paths if p.name.startswith(f"{kind}-{task}-")]
+        earlier = sorted(Path(out).glob(f"{kind}-{task}-{device}-*.json"))  # ISO dates: newest last
         chosen += mine or earlier[-1:]
     return chosen
 
@@ -356,7 +366,8 @@ def compare(tasks, methods, seeds, *, out: Path = RESULTS, runs: Path | None = N
         paths.append(path)
     report = Path(report) if report is not None else (Path(out) / "comparison-quick.md" if quick else REPORT)
     write_report(paths if quick else report_inputs(paths, out, device), report,
-                 sweep_paths=[] if quick else sweep_inputs([], out, device))  # fmt: skip
+                 sweep_paths=[] if quick else report_inputs([], out, device, kind="compare-sweep"),
+                 sweep_rates=LEARNING_RATES)  # fmt: skip
     print(f"wrote {report}")
     return paths
 
@@ -394,7 +405,8 @@ def sweep(tasks, methods, rates, *, seed: int = 0, out: Path = RESULTS, runs: Pa
     print("".join(f"wrote {p}\n" for p in paths), end="")
     report = Path(report) if report is not None else (Path(out) / "comparison-quick.md" if quick else REPORT)
     main_inputs = [] if quick else report_inputs([], out, device)
-    write_report(main_inputs, report, sweep_paths=paths if quick else sweep_inputs(paths, out, device))
+    write_report(main_inputs, report, sweep_paths=paths if quick else report_inputs(paths, out, device, kind="compare-sweep"),
+                 sweep_rates=rates)  # fmt: skip
     print(f"wrote {report}")
     return paths
 
@@ -411,26 +423,6 @@ def _write_sweep(task: str, rows: list[dict], *, out, device: str, quick: bool, 
         kept = [r for r in json.loads(earlier[-1].read_text()) if (r["method"], r["learning_rate"]) not in ran]
     atomic_write_text(path, json.dumps(kept + rows, indent=1) + "\n")
     return path
-
-
-def sweep_inputs(paths, out, device: str) -> list[Path]:
-    """Per task, this sweep's JSON or the newest ``compare-sweep-<task>-<device>-<date>.json`` in ``out``."""
-    paths = [Path(p) for p in paths]
-    chosen = []
-    for task in TASKS:
-        mine = [p for p in paths if p.name.startswith(f"compare-sweep-{task}-")]
-        chosen += mine or sorted(Path(out).glob(f"compare-sweep-{task}-{device}-*.json"))[-1:]
-    return chosen
-
-
-def parse_rates(value: str) -> list[float]:
-    try:
-        rates = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        rates = []
-    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
-        raise ValueError(f"--learning-rates must be comma-separated numbers > 0 (e.g. 3e-5,1e-4,3e-4), got {value!r}")
-    return rates
 
 
 def main(argv=None) -> int:

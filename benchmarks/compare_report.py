@@ -254,10 +254,11 @@ def _rel(path: Path, md_dir: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), md_dir.resolve())).as_posix()
 
 
-def sweep_section(rows, task: str, md_dir: Path, json_path: Path) -> list[str]:
-    """The learning-rate sweep of one task: final held-out accuracy per method and rate (one seed), the
-    best rate of each method in bold."""
-    rates = sorted({r["learning_rate"] for r in rows})
+def sweep_section(rows, task: str, md_dir: Path, json_path: Path, rates=()) -> list[str]:
+    """The learning-rate sweep of one task: final held-out accuracy per method and rate (one seed), ``rates``
+    and those of the rows; the best rate of a method whose every rate has run in bold, – for a rate not
+    yet run."""
+    rates = sorted({r["learning_rate"] for r in rows} | set(rates))
     seeds = sorted({r["seed"] for r in rows})
     out = [f"### {task}: learning-rate sweep (seed {', '.join(map(str, seeds))})", "",
            f"Final held-out accuracy after the full budget (`{_rel(json_path, md_dir)}`); the run's "
@@ -271,16 +272,20 @@ def sweep_section(rows, task: str, md_dir: Path, json_path: Path) -> list[str]:
             curve = _by(rows, method=method, learning_rate=rate)
             if curve:
                 finals[rate] = max(curve, key=lambda r: r["step"])["accuracy"]
-        best = max(finals.values()) if finals else None
+        best = max(finals.values()) if len(finals) == len(rates) else None  # no winner before every rate ran
         cells = [("–" if rate not in finals else
                   (f"**{finals[rate]:.3f}**" if finals[rate] == best else f"{finals[rate]:.3f}")) for rate in rates]
         out.append(f"| {method} | " + " | ".join(cells) + " |")
+    if any(len(_by(rows, method=m)) and not all(_by(rows, method=m, learning_rate=r) for r in rates)
+           for m in _methods(rows)):  # fmt: skip
+        out += ["", "–: not run yet (the sweep resumes where it stopped)."]
     return out + [""]
 
 
-def write_report(json_paths, md_path, *, sweep_paths=()) -> Path:
+def write_report(json_paths, md_path, *, sweep_paths=(), sweep_rates=()) -> Path:
     """Write the markdown report of the comparison rows in ``json_paths`` to ``md_path`` (header first),
-    then the learning-rate sweeps of ``sweep_paths`` (``compare --learning-rates``)."""
+    then the learning-rate sweeps of ``sweep_paths`` (``compare --learning-rates``) over ``sweep_rates`` and
+    the rates they ran."""
     md_path = Path(md_path)
     lines = [HEADER]
     paths = [Path(p) for p in json_paths]
@@ -298,7 +303,7 @@ def write_report(json_paths, md_path, *, sweep_paths=()) -> Path:
     for path in sweeps:
         rows = [r for r in json.loads(path.read_text()) if r.get("benchmark") == "compare-sweep"]
         for task in dict.fromkeys(r["task"] for r in rows):
-            lines += sweep_section([r for r in rows if r["task"] == task], task, md_path.parent, path)
+            lines += sweep_section([r for r in rows if r["task"] == task], task, md_path.parent, path, sweep_rates)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines).rstrip() + "\n")
     return md_path

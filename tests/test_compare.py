@@ -297,3 +297,17 @@ def test_learning_rate_sweep_runs_each_rate_and_reports_the_best(monkeypatch, tm
         compare.parse_rates("1e-4,-1")
     with pytest.raises(ValueError, match="methods: unknown base"):
         compare.sweep(["sudoku"], ["base"], [1e-4], out=out, runs=runs, quick=True)
+
+
+def test_sweep_table_marks_rates_not_run_and_bolds_only_a_complete_row(report_module, tmp_path):
+    def curve(method, rate, acc):
+        return [{"benchmark": "compare-sweep", "task": "sudoku", "method": method, "seed": 0,
+                 "learning_rate": rate, "step": s, "accuracy": a} for s, a in ((0, 0.4), (120, acc))]  # fmt: skip
+
+    rows = curve("dmpo", 3e-5, 0.5) + curve("dmpo", 1e-4, 0.6) + curve("mro", 3e-5, 0.45) + curve("mro", 1e-4, 0.3)
+    table = "\n".join(report_module.sweep_section(rows, "sudoku", tmp_path, tmp_path / "x.json", (3e-5, 1e-4, 3e-4)))
+    assert "| dmpo | 0.500 | 0.600 | – |" in table and "| mro | 0.450 | 0.300 | – |" in table
+    assert "not run yet" in table
+    done = "\n".join(report_module.sweep_section(rows, "sudoku", tmp_path, tmp_path / "x.json", (3e-5, 1e-4)))
+    assert "| dmpo | 0.500 | **0.600** |" in done and "| mro | **0.450** | 0.300 |" in done
+    assert "not run yet" not in done
