@@ -148,8 +148,8 @@ def parse_seeds(value: str) -> list[int]:
 
 
 def parse_rates(value: str) -> list[float]:
-    return _parse_list(value, float, lambda r: math.isfinite(r) and r > 0,
-                       "--learning-rates must be comma-separated numbers > 0 (e.g. 3e-5,1e-4,3e-4)")  # fmt: skip
+    message = "--learning-rates must be comma-separated numbers > 0 (e.g. 3e-5,1e-4,3e-4)"
+    return _parse_list(value, float, lambda r: math.isfinite(r) and r > 0, message)
 
 
 def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, device: str,
@@ -159,7 +159,7 @@ def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, de
     lives in ``<method>/lr<rate>/seed<k>``, one at its own rate is the comparison's run."""
     budget = QUICK_BUDGET if quick else BUDGET
     settings = dict(METHODS[method])
-    own = TrainConfig(**{k: v for k, v in settings.items() if k in ("algorithm", "num_iterations", "learning_rate")})
+    own = TrainConfig(**{k: settings[k] for k in ("algorithm", "num_iterations", "learning_rate") if k in settings})
     F = own.num_iterations
     every = budget["eval_every_buffers"] * F
     path = runs / task / method
@@ -398,15 +398,16 @@ def sweep(tasks, methods, rates, *, seed: int = 0, out: Path = RESULTS, runs: Pa
                  "learning_rate": rate, "settings": METHODS[method], "config": _nondefault(cfg), **r,
                  **environment(torch.device(cfg.device)), "quick": quick} for r in _curve_rows(cfg)]  # fmt: skip
         curve = [f"{r['accuracy']:.3f}" for r in rows]
-        print(f"{head}: {done} in {time.time() - t:.0f} s; held-out accuracy {' -> '.join(curve)}", flush=True)
+        print(f"{head}: {done} in {time.time() - t:.0f} s; held-out accuracy {' -> '.join(curve)}",
+              flush=True)  # fmt: skip
         by_task[task] += rows
         _write_sweep(task, by_task[task], out=out, device=device, quick=quick, date=date)  # after every run
-    paths = [_write_sweep(task, by_task[task], out=out, device=device, quick=quick, date=date) for task in tasks]
+    paths = [_write_sweep(t, by_task[t], out=out, device=device, quick=quick, date=date) for t in tasks]
     print("".join(f"wrote {p}\n" for p in paths), end="")
     report = Path(report) if report is not None else (Path(out) / "comparison-quick.md" if quick else REPORT)
     main_inputs = [] if quick else report_inputs([], out, device)
-    write_report(main_inputs, report, sweep_paths=paths if quick else report_inputs(paths, out, device, kind="compare-sweep"),
-                 sweep_rates=rates)  # fmt: skip
+    sweeps = paths if quick else report_inputs(paths, out, device, kind="compare-sweep")
+    write_report(main_inputs, report, sweep_paths=sweeps, sweep_rates=rates)
     print(f"wrote {report}")
     return paths
 
@@ -420,7 +421,8 @@ def _write_sweep(task: str, rows: list[dict], *, out, device: str, quick: bool, 
     earlier = [] if quick else sorted(Path(out).glob(f"compare-sweep-{task}-{device}-*.json"))
     kept = []
     if earlier:
-        kept = [r for r in json.loads(earlier[-1].read_text()) if (r["method"], r["learning_rate"]) not in ran]
+        kept = json.loads(earlier[-1].read_text())
+        kept = [r for r in kept if (r["method"], r["learning_rate"]) not in ran]
     atomic_write_text(path, json.dumps(kept + rows, indent=1) + "\n")
     return path
 

@@ -273,8 +273,8 @@ def sweep_section(rows, task: str, md_dir: Path, json_path: Path, rates=()) -> l
             if curve:
                 finals[rate] = max(curve, key=lambda r: r["step"])["accuracy"]
         best = max(finals.values()) if len(finals) == len(rates) else None  # no winner before every rate ran
-        cells = [("–" if rate not in finals else
-                  (f"**{finals[rate]:.3f}**" if finals[rate] == best else f"{finals[rate]:.3f}")) for rate in rates]
+        cells = ["–" if rate not in finals else f"**{finals[rate]:.3f}**" if finals[rate] == best
+                 else f"{finals[rate]:.3f}" for rate in rates]  # fmt: skip
         out.append(f"| {method} | " + " | ".join(cells) + " |")
     if any(len(_by(rows, method=m)) and not all(_by(rows, method=m, learning_rate=r) for r in rates)
            for m in _methods(rows)):  # fmt: skip
@@ -303,7 +303,8 @@ def write_report(json_paths, md_path, *, sweep_paths=(), sweep_rates=()) -> Path
     for path in sweeps:
         rows = [r for r in json.loads(path.read_text()) if r.get("benchmark") == "compare-sweep"]
         for task in dict.fromkeys(r["task"] for r in rows):
-            lines += sweep_section([r for r in rows if r["task"] == task], task, md_path.parent, path, sweep_rates)
+            mine = [r for r in rows if r["task"] == task]
+            lines += sweep_section(mine, task, md_path.parent, path, sweep_rates)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines).rstrip() + "\n")
     return md_path

@@ -241,7 +241,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         for name in ("mro_states_per_window", "mro_verification_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an int >= 1 or null (every step), got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"{name} must be an int >= 1 or null (every step), got {getattr(self, name)!r}"
+                )
         for name in ("warmup_steps", "eval_every", "seed", "eval_tts_k", "log_completions_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
