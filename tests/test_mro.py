@@ -49,6 +49,20 @@ def gpt2():
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+def _verified_logp(model, rollout, n, t, j, U, verification):
+    """log p of row n's token j (committed at step t with U) in its verification context, full logits."""
+    P = rollout.prompt_length
+    if verification == "leave_one_out":
+        x = rollout.state_at(t + 1)[n].clone()
+        x[P + j] = MASK
+    elif verification == "pre_step":
+        x = rollout.state_at(t)[n]
+    else:
+        x = rollout.ids[n].clone()
+        x[[P + u for u in U]] = MASK
+    return _logp_full(model, x, rollout.attention_mask[n], P + j, rollout.ids[n, P + j])
+
+
 def _logp_full(model, x, am, pos, token):
     """log softmax of the full logits at ``pos`` of state ``x`` (fp64)."""
     logits = model.logits(x[None], am[None])[0, pos].double()
@@ -78,15 +92,7 @@ def test_token_verification_matches_direct(model, rollout, verification, score):
             U = [j for j in range(G) if cs[n, j] == t]
             vals = []
             for j in U:
-                if verification == "leave_one_out":
-                    x = rollout.state_at(t + 1)[n].clone()
-                    x[P + j] = MASK
-                elif verification == "pre_step":
-                    x = rollout.state_at(t)[n]
-                else:
-                    x = rollout.ids[n].clone()
-                    x[[P + u for u in U]] = MASK
-                lp = _logp_full(model, x, rollout.attention_mask[n], P + j, rollout.ids[n, P + j])
+                lp = _verified_logp(model, rollout, n, t, j, U, verification)
                 vals.append(lp.exp() if score == "prob" else lp)
             want = torch.stack(vals).mean() if vals else torch.tensor(0.0)
             torch.testing.assert_close(got[n, t].double(), want, rtol=1e-5, atol=1e-6)
@@ -108,18 +114,7 @@ def test_one_verified_token_per_step(model, rollout, verification):
             if not U:
                 assert one[n, t] == 0
                 continue
-            vals = []
-            for j in U:
-                if verification == "leave_one_out":
-                    x = rollout.state_at(t + 1)[n].clone()
-                    x[P + j] = MASK
-                elif verification == "pre_step":
-                    x = rollout.state_at(t)[n]
-                else:
-                    x = rollout.ids[n].clone()
-                    x[[P + u for u in U]] = MASK
-                lp = _logp_full(model, x, rollout.attention_mask[n], P + j, rollout.ids[n, P + j])
-                vals.append(float(lp.detach()))
+            vals = [float(_verified_logp(model, rollout, n, t, j, U, verification).detach()) for j in U]
             hits = [i for i, v in enumerate(vals) if abs(v - float(one[n, t])) < 1e-4]
             assert hits, (n, t)
             if len(U) > 1:
