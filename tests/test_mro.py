@@ -81,7 +81,7 @@ def test_token_verification_matches_direct(model, rollout, verification, score):
     got = mro.token_verification_rewards(
         model, rollout, verification=verification, score=score, micro_batch=5, impl=impl
     )
-    P, cs, ns = rollout.prompt_length, rollout.commit_step, rollout.num_steps
+    cs, ns = rollout.commit_step, rollout.num_steps
     N, G = cs.shape
     assert got.shape == (N, int(ns.max()))
     for n in range(N):
@@ -106,7 +106,7 @@ def test_one_verified_token_per_step(model, rollout, verification):
 
     kw = dict(verification=verification, score="logprob", impl="chunked")
     one = mro.token_verification_rewards(model, rollout, tokens="one", micro_batch=3, **kw)
-    P, cs, ns = rollout.prompt_length, rollout.commit_step, rollout.num_steps
+    cs, ns = rollout.commit_step, rollout.num_steps
     picked = []
     for n in range(cs.shape[0]):
         for t in range(int(ns[n])):
