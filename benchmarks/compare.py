@@ -57,8 +57,8 @@ METHODS: dict[str, dict] = {
     # optimizer steps per buffer).
     "dmpo": {"algorithm": "dmpo"},
     # d1's diffu-GRPO: mu = 2 updates per buffer (DMPO's F, so both take the same optimizer steps), the
-    # GRPO paper's clip 0.2, d1's KL coefficient 0.04 to the frozen starting model. The shared rate 3e-4:
-    # Sudoku seed-0 probes at 1e-3 / 1e-4 ended at 0.305 / 0.485 held-out (0.460 at 3e-4; DMPO 0.740).
+    # GRPO paper's clip 0.2, d1's KL coefficient 0.04 to the frozen starting model. Its rate per task is in
+    # RATES (Sudoku seed-0 sweep: 0.500 / 0.485 / 0.460 at 3e-5 / 1e-4 / 3e-4, and 0.305 at 1e-3).
     "diffu_grpo": {"algorithm": "diffu_grpo", "num_iterations": 2, "grpo_epsilon": 0.2, "grpo_beta": 0.04},
     # MRO-RL at its defaults (docs/mro.md): SGRO over windows of 8 steps with the group baseline, one state
     # of each window per optimizer step, token verification of one drawn token per step (leave-one-out
@@ -78,6 +78,15 @@ METHODS: dict[str, dict] = {
     # 1e-4 drifted down (0.095 at the end) and 3e-5 held (0.425). Its loss sums the one-step log-probs of
     # every completion token, so, like MRO's REINFORCE, it moves this small denoiser far per step.
     "wd1": {"algorithm": "wd1", "num_iterations": 2, "learning_rate": 3e-5},
+}
+# The comparison's learning rate of a method on a task: the best of that task's seed-0 sweep (--learning-rates;
+# the sweep tables at the end of docs/comparison.md). A method not listed runs at its METHODS / TrainConfig rate.
+# A run at this rate lives in <runs>/<task>/<method>/seed<k> and is shared by the sweep and the comparison.
+RATES: dict[str, dict[str, float]] = {
+    # Held-out accuracy after 60 buffers at 3e-5 / 1e-4 / 3e-4, from 0.435 untrained: DMPO 0.545 / 0.635 /
+    # 0.740, diffu-GRPO 0.500 / 0.485 / 0.460, wd1 0.425 / 0.095 / 0.000, mro_rs 0.400 / 0.360 / 0.000,
+    # MRO-RL 0.425 / 0.275 / 0.000.
+    "sudoku": {"dmpo": 3e-4, "diffu_grpo": 3e-5, "wd1": 3e-5, "mro_rs": 3e-5, "mro": 3e-5},
 }
 # The tiny model and task options of each task. Sudoku rewards a solved grid, as the embedded run does.
 TASKS: dict[str, dict] = {
@@ -152,18 +161,28 @@ def parse_rates(value: str) -> list[float]:
     return _parse_list(value, float, lambda r: math.isfinite(r) and r > 0, message)
 
 
+def comparison_rate(task: str, method: str) -> float:
+    """The learning rate ``method`` runs at in the comparison on ``task``: RATES, else its own default."""
+    if method in RATES.get(task, {}):
+        return RATES[task][method]
+    keys = ("algorithm", "num_iterations", "learning_rate")
+    return TrainConfig(**{k: v for k, v in METHODS[method].items() if k in keys}).learning_rate
+
+
 def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, device: str,
                learning_rate: float | None = None) -> TrainConfig:  # fmt: skip
-    """The TrainConfig of one run: the task's model, the method's settings, the shared budget.
-    ``learning_rate`` (the sweep) replaces the method's rate; a run at another rate than the method's own
-    lives in ``<method>/lr<rate>/seed<k>``, one at its own rate is the comparison's run."""
+    """The TrainConfig of one run: the task's model, the method's settings at its rate on the task
+    (``comparison_rate``), the shared budget. ``learning_rate`` (the sweep) replaces that rate; a run at
+    another rate lives in ``<method>/lr<rate>/seed<k>``, one at the comparison's rate is the comparison's run."""
     budget = QUICK_BUDGET if quick else BUDGET
     settings = dict(METHODS[method])
-    own = TrainConfig(**{k: settings[k] for k in ("algorithm", "num_iterations", "learning_rate") if k in settings})
+    own = TrainConfig(**{k: settings[k] for k in ("algorithm", "num_iterations") if k in settings})
     F = own.num_iterations
     every = budget["eval_every_buffers"] * F
     path = runs / task / method
-    if learning_rate is not None and learning_rate != own.learning_rate:
+    if method != "base":
+        settings["learning_rate"] = comparison_rate(task, method)
+    if learning_rate is not None and learning_rate != settings.get("learning_rate"):
         settings["learning_rate"] = learning_rate
         path = path / f"lr{learning_rate:g}"
     return TrainConfig(
@@ -292,7 +311,8 @@ def run_rows(task: str, method: str, cfg: TrainConfig) -> tuple[list[dict], str]
     rows = [] if method == "base" else _curve_rows(cfg)
     rows += _eval_rows(cfg, None if method == "base" else cfg.output_dir)
     base = {"benchmark": "compare", "task": task, "method": method, "seed": cfg.seed,
-            "settings": METHODS[method], "config": _nondefault(cfg)}  # fmt: skip
+            "settings": METHODS[method], "learning_rate": None if method == "base" else cfg.learning_rate,
+            "config": _nondefault(cfg)}  # fmt: skip
     env = environment(torch.device(cfg.device))
     rows = [{**base, **r, **env} for r in rows]
     atomic_write_text(cache, json.dumps({"key": key, "rows": rows}, indent=1) + "\n")

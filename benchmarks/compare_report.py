@@ -49,8 +49,9 @@ learning-rate sweep, its table at the end of this file), then each method at its
 python -m benchmarks compare --learning-rates 3e-5,1e-4,3e-4 --seeds 0 --methods dmpo,diffu_grpo,mro,mro_rs,wd1
 ```
 
-The comparison's own rates are each method's default (`TrainConfig`: 3e-4; MRO and wd1 3e-5) unless its
-`METHODS` entry names another; a run at a method's own rate is shared by the sweep and the comparison.
+The comparison runs each method at the best rate of the task's sweep (`RATES` in `benchmarks/compare.py`,
+the `lr` in the settings column; a method not listed there at its default, `TrainConfig`: 3e-4, MRO and
+wd1 3e-5); a run at that rate is shared by the sweep and the comparison.
 Earlier single-run probes outside the sweep (not in the JSON rows): diffu-GRPO on Sudoku seed 0 ended at
 0.305 at 1e-3 and 0.485 at 1e-4 (0.460 at 3e-4); wd1 at 0.000 at 3e-4, 0.095 at 1e-4 and 0.425 at 3e-5
 (0.435 untrained).
@@ -199,7 +200,9 @@ def _task_section(rows, task: str, md_dir: Path, json_path: Path | None) -> list
         mine = [r for r in rows if r["method"] == m and r["kind"] == "curve"]
         steps = max(r["step"] for r in mine)
         walls = [r["run_wall_seconds"] for r in mine if "run_wall_seconds" in r and r["step"] == steps]
-        settings = ", ".join(f"{k}={v}" for k, v in mine[0].get("settings", {}).items()) or "–"
+        shown = {**mine[0].get("settings", {}), **({"lr": f"{mine[0]['learning_rate']:g}"}
+                                                      if mine[0].get("learning_rate") else {})}  # fmt: skip
+        settings = ", ".join(f"{k}={v}" for k, v in shown.items() if k != "learning_rate") or "–"
         out.append(
             f"| {m} | {settings} | {_pm(acc)} | {min(acc):.3f}–{max(acc):.3f} | "
             f"{_pm(d, signed=True) if d else '–'} | {steps} | {f'{_mean(walls):.0f}' if walls else '–'} |"

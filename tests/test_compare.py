@@ -311,3 +311,22 @@ def test_sweep_table_marks_rates_not_run_and_bolds_only_a_complete_row(report_mo
     done = "\n".join(report_module.sweep_section(rows, "sudoku", tmp_path, tmp_path / "x.json", (3e-5, 1e-4)))
     assert "| dmpo | 0.500 | **0.600** |" in done and "| mro | **0.450** | 0.300 |" in done
     assert "not run yet" not in done
+
+
+def test_each_method_runs_at_its_best_rate_on_the_task_and_other_rates_live_beside_it(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import compare
+
+    monkeypatch.setitem(compare.RATES, "sudoku", {"diffu_grpo": 3e-5})
+    monkeypatch.delitem(compare.RATES, "countdown", raising=False)
+    kw = {"runs": tmp_path, "quick": True, "device": "cpu"}
+    cfg = compare.run_config("sudoku", "diffu_grpo", 1, **kw)
+    assert cfg.learning_rate == 3e-5 and Path(cfg.output_dir) == tmp_path / "sudoku" / "diffu_grpo" / "seed1"
+    swept = compare.run_config("sudoku", "diffu_grpo", 0, learning_rate=3e-4, **kw)
+    assert swept.learning_rate == 3e-4
+    assert Path(swept.output_dir) == tmp_path / "sudoku" / "diffu_grpo" / "lr0.0003" / "seed0"
+    # A task without a chosen rate runs the method at its default, as before.
+    other = compare.run_config("countdown", "diffu_grpo", 0, **kw)
+    assert other.learning_rate == TrainConfig(algorithm="diffu_grpo").learning_rate == 3e-4
+    assert Path(other.output_dir) == tmp_path / "countdown" / "diffu_grpo" / "seed0"
+    assert compare.run_config("sudoku", "wd1", 0, **kw).learning_rate == 3e-5  # its METHODS rate
