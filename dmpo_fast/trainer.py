@@ -65,7 +65,7 @@ def make_buffer(algo: Algorithm, policy, reference, tokenizer, task, cfg: TrainC
     )  # fmt: skip
     out, completions, rewards, n_failed, solved = result
     buf = algo.build(policy, out, rewards, reference=reference, scorer=scorer, buffer_index=buffer_index,
-                     first_row=first_row)  # fmt: skip
+                     first_row=first_row, solved=solved)  # fmt: skip
     buf.rows.update(rewards=rewards.float().to(out.ids.device), solved=solved.to(out.ids.device))
     parts = getattr(result, "reward_parts", {})  # each reward function's own values, NaN where it failed
     buf.rows.update({f"rewards/{k}": v.float().to(out.ids.device) for k, v in parts.items()})

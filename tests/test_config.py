@@ -169,3 +169,22 @@ def test_printed_defaults_leave_the_algorithm_dependent_fields_to_the_algorithm(
     cfg = TrainConfig.from_yaml(tmp_path / "my.yaml")
     assert (cfg.learning_rate, cfg.num_iterations) == (3e-5, 1)
     assert TrainConfig.from_dict(printed) == TrainConfig()
+
+
+def test_rejection_sampling_keeps_solved_bests_by_default_only_for_mro_rs(tmp_path):
+    # mro_rs ranks by the multi-reward, so a group that solved nothing would hand it its most confident failure.
+    import yaml
+
+    from dmpo_fast.evaluation import saved_config
+
+    assert TrainConfig(algorithm="mro_rs").rs_keep == "solved"
+    assert TrainConfig(algorithm="rejection_sft").rs_keep == "best" == TrainConfig().rs_keep
+    assert TrainConfig(algorithm="mro_rs").replace(algorithm="rejection_sft").rs_keep == "best"
+    assert TrainConfig(algorithm="mro_rs", rs_keep="best").replace(max_steps=3).rs_keep == "best"
+    with pytest.raises(ValueError, match=r"rs_keep.*'best', 'solved'"):
+        TrainConfig(rs_keep="all")
+    old = TrainConfig(algorithm="mro_rs", output_dir=str(tmp_path / "run")).to_dict()
+    del old["rs_keep"]  # an mro_rs run saved before the field: it kept every group's best
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert saved_config(str(tmp_path / "run")).rs_keep == "best"

@@ -195,6 +195,20 @@ def test_rejection_sampling_trains_on_each_groups_best(toy_rollout, min_reward, 
     assert whole.stats["masked_tokens"] > 0
 
 
+@pytest.mark.parametrize("min_reward, kept", [(None, [2, 7]), (0.7, [7])])
+def test_rejection_sampling_can_keep_only_solved_bests(toy_rollout, min_reward, kept):
+    # rs_keep="solved": a group's best is trained on only when the task judged it solved.
+    model, out, rewards = toy_rollout
+    model.eos_id = TOK.eos_id
+    cfg = TrainConfig(algorithm="rejection_sft", num_generations=2, rs_min_reward=min_reward, rs_keep="solved")
+    solved = torch.tensor([0, 0, 1, 0, 0, 0, 1, 1])  # the bests are rows 1, 2, 4, 7
+    buf = RejectionSFT(cfg).build(model, out, rewards, reference=None, scorer=None, buffer_index=0, first_row=0,
+                                  solved=solved)  # fmt: skip
+    assert buf["selected"].nonzero().squeeze(1).tolist() == kept and buf["selected_total"] == len(kept)
+    with pytest.raises(ValueError, match="rs_keep='solved' needs the rollouts' solved flags"):
+        RejectionSFT(cfg).build(model, out, rewards, reference=None, scorer=None, buffer_index=0, first_row=0)
+
+
 @pytest.mark.parametrize("algorithm, keys", [("diffu_grpo", ("kl", "ratio_mean")), ("wd1", ("logp_token_mean",))])
 def test_two_processes_match_one(tmp_path, algorithm, keys):
     """diffu-GRPO and wd1 on 2 CPU processes (gloo), one prompt group each: the buffers are built apart (with
@@ -403,7 +417,7 @@ def test_mro_rejection_sampling_groups_its_rollouts_and_keeps_the_best_by_multi_
 
     monkeypatch.setattr(sampling, "generate_tts", spy)
     cfg = TrainConfig(algorithm="mro_rs", prompts_per_step=2, num_generations=4, mro_rs_window=3, impl="chunked",
-                      progress=False, mro_ppl_model=None)  # fmt: skip
+                      progress=False, mro_ppl_model=None, rs_keep="best")  # fmt: skip
     algo = get("mro_rs")(cfg)
     policy, tokenizer = load_policy(cfg, torch.device("cpu"))
     task = get_task(cfg.task, **cfg.task_options())
@@ -417,6 +431,14 @@ def test_mro_rejection_sampling_groups_its_rollouts_and_keeps_the_best_by_multi_
         assert buf["multi_reward"][rows].argmax() == sel[rows].int().argmax()
     step = {"tv": buf["tv_mean"][:, None], "ppl": None}
     torch.testing.assert_close(multi_reward(step, r, algo.options), buf["multi_reward"])
+    # mro_rs's default (rs_keep="solved"): of those bests, only the solved ones are trained on.
+    algo = get("mro_rs")(cfg.replace(rs_keep=None))
+    rows = task.train()[:8]
+    buf = train_mod.make_buffer(algo, policy, None, tokenizer, task, algo.cfg, [task.reward], rows, 0)
+    best = buf["multi_reward"].view(8, 4).argmax(dim=1) + torch.arange(0, 32, 4)
+    solved_best = best[buf["solved"][best].bool()]
+    assert 0 < len(solved_best) < 8  # the check below can tell the two rules apart
+    assert buf["selected"].nonzero().squeeze(1).tolist() == solved_best.tolist()
 
 
 def test_mro_with_the_built_in_perplexity_scorer(tmp_path):

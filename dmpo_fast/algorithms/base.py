@@ -197,10 +197,11 @@ class Algorithm:
 
     # ---- the work ------------------------------------------------------------------------------------
     def build(self, policy, rollout, rewards: torch.Tensor, *, reference, scorer, buffer_index: int,
-              first_row: int) -> Buffer:  # fmt: skip
+              first_row: int, solved: torch.Tensor | None = None) -> Buffer:  # fmt: skip
         """The buffer of one batch of rollouts (``rewards`` [N], NaN = failed) on the rollout's device.
         ``reference`` is a zero-argument callable returning a context manager that yields the reference
-        model; ``first_row`` the global index of this batch's first rollout."""
+        model; ``first_row`` the global index of this batch's first rollout; ``solved`` [N] the task's 0/1
+        judgement of each rollout (None where the caller has none)."""
         raise NotImplementedError
 
     def loss(self, policy, buf: Buffer, step: int) -> LossOutput:

@@ -59,7 +59,8 @@ class DiffuGRPO(Algorithm):
     def needs_reference(self) -> bool:
         return self.options.beta > 0
 
-    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row) -> Buffer:
+    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row,
+              solved=None) -> Buffer:  # fmt: skip
         d = grpo.make_buffer(
             policy, rollout, rewards.to(rollout.ids.device), self.options,
             seed=derive_seed(self.seed, self.name, buffer_index),

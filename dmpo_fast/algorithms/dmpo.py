@@ -224,7 +224,8 @@ class DMPO(Algorithm):
     def needs_reference(self) -> bool:
         return self.options.alpha > 0
 
-    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row) -> Buffer:
+    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row,
+              solved=None) -> Buffer:  # fmt: skip
         o, G = self.options, self.group_size
         maskable = completion_positions(rollout, policy.eos_id, o.include_eos_padding)
         tied = tied_of(rewards, o, G).cpu()

@@ -127,7 +127,8 @@ class MRO(Algorithm):
             ]
         return []
 
-    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row) -> Buffer:
+    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row,
+              solved=None) -> Buffer:  # fmt: skip
         d = mro.make_buffer(
             policy, rollout, rewards.to(rollout.ids.device), self.options,
             seed=derive_seed(self.seed, self.name, buffer_index), scorer=scorer, row_offset=first_row,

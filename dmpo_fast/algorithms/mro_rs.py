@@ -5,7 +5,8 @@ selection, masked-diffusion SFT on the kept rollout.
     mro_rs_window model calls the group's partial states are scored by the step rewards of the last window
     (token verification, perplexity) and every rollout continues from the best one's state
       --> multi-reward of each finished rollout: λ_tv·mean r_tv + λ_ppl·mean r_ppl over its steps + λ_q·task
-      --> the best of each group (dropped when its task reward is below rs_min_reward)
+      --> the best of each group (dropped when its task reward is below rs_min_reward, and with
+          rs_keep="solved", mro_rs's default, unless the task judges it solved)
       --> num_iterations x rejection_sft_loss on the kept rollouts (fresh masks every step)
 
 The step rewards are averaged over a rollout's steps, so each term stays on its per-step scale (token
@@ -72,7 +73,8 @@ class MRORejectionSampling(RejectionSFT):
         fn = mro.tts_reward_fn(policy, self.options, scorer=scorer, window=self.cfg.mro_rs_window, impl=self.impl)
         return {"k": self.group_size, "window": self.cfg.mro_rs_window, "reward_fn": fn, "grouped": True}
 
-    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row) -> Buffer:
+    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row,
+              solved=None) -> Buffer:  # fmt: skip
         task = rewards.float().to(rollout.ids.device)
         step = mro.step_rewards(policy, rollout, self.options, scorer=scorer, impl=self.impl)
         score = multi_reward(step, task, self.options)
@@ -80,6 +82,7 @@ class MRORejectionSampling(RejectionSFT):
         best = best[torch.isfinite(task[best])]
         if self.cfg.rs_min_reward is not None:
             best = best[task[best] >= self.cfg.rs_min_reward]
+        best = self.kept(best, solved)
         extra = {f"{name}_mean": torch.nanmean(step[name], dim=1) for name in ("tv", "ppl") if step[name] is not None}
         return self.selection(policy, rollout, best, first_row, multi_reward=score, **extra)
 

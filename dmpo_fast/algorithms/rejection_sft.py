@@ -1,6 +1,7 @@
 """Rejection sampling as an algorithm: masked-diffusion SFT on each group's best rollout (MRO's recipe).
 
-    rollouts, rewards r [N] --best of each group (first on ties; below rs_min_reward dropped)--> selected
+    rollouts, rewards r [N] --best of each group (first on ties; below rs_min_reward dropped; with
+        rs_keep="solved" dropped unless solved)--> selected
     fresh masks every step --rejection_sft_loss: WDCE with weight 1/n on the selected rows--> loss
 
 n (``selected_total``) counts every process's selections, so the processes' losses add up to the mean.
@@ -35,9 +36,18 @@ class RejectionSFT(Algorithm):
         if cfg.algorithm == cls.name:
             require_groups(cfg)
 
-    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row) -> Buffer:
+    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row,
+              solved=None) -> Buffer:  # fmt: skip
         best = mro.select_best(rewards, self.group_size, min_reward=self.cfg.rs_min_reward)
-        return self.selection(policy, rollout, best, first_row)
+        return self.selection(policy, rollout, self.kept(best, solved), first_row)
+
+    def kept(self, best: torch.Tensor, solved: torch.Tensor | None) -> torch.Tensor:
+        """The rows of ``best`` to train on: all with rs_keep="best", the solved ones with "solved"."""
+        if self.cfg.rs_keep == "best":
+            return best
+        if solved is None:
+            raise ValueError(f"rs_keep='solved' needs the rollouts' solved flags; {self.name}.build got none")
+        return best[solved.to(best.device)[best].bool()]
 
     def selection(self, policy, rollout, best: torch.Tensor, first_row: int, **rows) -> Buffer:
         """The buffer that trains on rows ``best`` of ``rollout`` (and carries ``rows`` for the log)."""

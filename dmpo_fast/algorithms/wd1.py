@@ -68,7 +68,8 @@ class WD1(Algorithm):
         if cfg.algorithm == cls.name:
             require_groups(cfg)
 
-    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row) -> Buffer:
+    def build(self, policy, rollout, rewards, *, reference, scorer, buffer_index, first_row,
+              solved=None) -> Buffer:  # fmt: skip
         ids, P = rollout.ids, rollout.prompt_length
         N = ids.shape[0]
         w_pos, w_neg, adv = wd1_weights(rewards.to(ids.device), self.group_size, psi=self.cfg.wd1_psi)
