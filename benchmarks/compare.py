@@ -79,8 +79,9 @@ METHODS: dict[str, dict] = {
     # every completion token, so, like MRO's REINFORCE, it moves this small denoiser far per step.
     "wd1": {"algorithm": "wd1", "num_iterations": 2, "learning_rate": 3e-5},
 }
-# The comparison's learning rate of a method on a task: the best of that task's seed-0 sweep (--learning-rates;
-# the sweep tables at the end of docs/comparison.md). A method not listed runs at its METHODS / TrainConfig rate.
+# The comparison's learning rate of a method on a task: the best of that task's seed-0 sweep
+# (--learning-rates; the sweep tables at the end of docs/comparison.md). A method not listed runs at its
+# METHODS / TrainConfig rate.
 # A run at this rate lives in <runs>/<task>/<method>/seed<k> and is shared by the sweep and the comparison.
 RATES: dict[str, dict[str, float]] = {
     # Held-out accuracy after 60 buffers at 3e-5 / 1e-4 / 3e-4, from 0.435 untrained: DMPO 0.545 / 0.635 /
@@ -173,7 +174,8 @@ def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, de
                learning_rate: float | None = None) -> TrainConfig:  # fmt: skip
     """The TrainConfig of one run: the task's model, the method's settings at its rate on the task
     (``comparison_rate``), the shared budget. ``learning_rate`` (the sweep) replaces that rate; a run at
-    another rate lives in ``<method>/lr<rate>/seed<k>``, one at the comparison's rate is the comparison's run."""
+    another rate lives in ``<method>/lr<rate>/seed<k>``; one at the comparison's rate is the comparison's
+    run."""
     budget = QUICK_BUDGET if quick else BUDGET
     settings = dict(METHODS[method])
     own = TrainConfig(**{k: settings[k] for k in ("algorithm", "num_iterations") if k in settings})
@@ -306,7 +308,9 @@ def run_rows(task: str, method: str, cfg: TrainConfig) -> tuple[list[dict], str]
     key = {"config": _comparable(cfg.to_dict()), "steps_sweep": list(STEPS_SWEEP), "tts": TTS}
     if trained is None and cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved["key"] == key:
+        others = [k for k in key if k != "config"]
+        same = all(saved["key"].get(k) == key[k] for k in others) and saved["key"].keys() == key.keys()
+        if same and not _changed(saved["key"]["config"], cfg):  # a field added since at its old behaviour
             return saved["rows"], ("evaluated" if method == "base" else "finished") + " before, skipped"
     rows = [] if method == "base" else _curve_rows(cfg)
     rows += _eval_rows(cfg, None if method == "base" else cfg.output_dir)

@@ -330,3 +330,25 @@ def test_each_method_runs_at_its_best_rate_on_the_task_and_other_rates_live_besi
     assert other.learning_rate == TrainConfig(algorithm="diffu_grpo").learning_rate == 3e-4
     assert Path(other.output_dir) == tmp_path / "countdown" / "diffu_grpo" / "seed0"
     assert compare.run_config("sudoku", "wd1", 0, **kw).learning_rate == 3e-5  # its METHODS rate
+
+
+def test_cached_evaluations_survive_a_config_field_added_later(quick_sweep, monkeypatch):
+    # compare_rows.json of a run (here the untrained model's evaluations), saved before a TrainConfig field existed: still the same run, its
+    # evaluations are reused (the field at the behaviour the run had, config.SAVED_WITHOUT); another value of a
+    # field is another run.
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import compare
+
+    tmp, _, _, _ = quick_sweep
+    cfg = compare.run_config("sudoku", "base", 0, runs=tmp / "runs", quick=True, device="cpu")
+    cache = Path(cfg.output_dir) / "compare_rows.json"
+    saved = json.loads(cache.read_text())
+    del saved["key"]["config"]["rs_keep"]
+    cache.write_text(json.dumps(saved))
+    rows, done = compare.run_rows("sudoku", "base", cfg)
+    assert done == "evaluated before, skipped" and rows == saved["rows"]
+    saved["key"]["config"]["num_generations"] = 99
+    cache.write_text(json.dumps(saved))
+    monkeypatch.setattr(compare, "_eval_rows", lambda *a: [])  # what a fresh evaluation would add
+    _, done = compare.run_rows("sudoku", "base", cfg)
+    assert done == "evaluated"
