@@ -69,8 +69,8 @@ METHODS: dict[str, dict] = {
     # buffer 15), and at 3e-5 it barely moved.
     "mro": {"algorithm": "mro", "num_iterations": 2},
     # MRO's rejection sampling: each prompt's 8 rollouts decoded as one step-wise group (branching every 4
-    # model calls on the step rewards), the best by token verification + task reward kept, masked-diffusion
-    # SFT on it (F = 2 steps per buffer, as DMPO).
+    # model calls on the step rewards), the best by token verification + perplexity + task reward kept when
+    # it is solved (rs_keep's mro_rs default), masked-diffusion SFT on it (F = 2 steps per buffer, as DMPO).
     "mro_rs": {"algorithm": "mro_rs"},
     # wd1 (arXiv 2507.08838): its code's settings (psi = lambda = 1, prompt masking 0.15, a fresh prompt mask
     # per update) with mu = 2 updates per buffer, so it takes DMPO's optimizer steps. Learning rate 3e-5: in
