@@ -165,28 +165,20 @@ def parse_rates(value: str) -> list[float]:
     return _parse_list(value, float, lambda r: math.isfinite(r) and r > 0, message)
 
 
-def comparison_rate(task: str, method: str) -> float:
-    """The learning rate ``method`` runs at in the comparison on ``task``: RATES, else its own default."""
-    if method in RATES.get(task, {}):
-        return RATES[task][method]
-    keys = ("algorithm", "num_iterations", "learning_rate")
-    return TrainConfig(**{k: v for k, v in METHODS[method].items() if k in keys}).learning_rate
-
-
 def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, device: str,
                learning_rate: float | None = None) -> TrainConfig:  # fmt: skip
     """The TrainConfig of one run: the task's model, the method's settings at its rate on the task
-    (``comparison_rate``), the shared budget. ``learning_rate`` (the sweep) replaces that rate; a run at
-    another rate lives in ``<method>/lr<rate>/seed<k>``; one at the comparison's rate is the comparison's
-    run."""
+    (``RATES``, else its own default), the shared budget. ``learning_rate`` (the sweep) replaces that rate;
+    a run at another rate lives in ``<method>/lr<rate>/seed<k>``, one at the comparison's rate is the
+    comparison's run."""
     budget = QUICK_BUDGET if quick else BUDGET
     settings = dict(METHODS[method])
-    own = TrainConfig(**{k: settings[k] for k in ("algorithm", "num_iterations") if k in settings})
+    own = TrainConfig(**{k: v for k, v in settings.items() if k in ("algorithm", "num_iterations", "learning_rate")})
     F = own.num_iterations
     every = budget["eval_every_buffers"] * F
     path = runs / task / method
     if method != "base":
-        settings["learning_rate"] = comparison_rate(task, method)
+        settings["learning_rate"] = RATES.get(task, {}).get(method, own.learning_rate)
     if learning_rate is not None and learning_rate != settings.get("learning_rate"):
         settings["learning_rate"] = learning_rate
         path = path / f"lr{learning_rate:g}"
@@ -311,8 +303,7 @@ def run_rows(task: str, method: str, cfg: TrainConfig) -> tuple[list[dict], str]
     key = {"config": _comparable(cfg.to_dict()), "steps_sweep": list(STEPS_SWEEP), "tts": TTS}
     if trained is None and cache.is_file():
         saved = json.loads(cache.read_text())
-        others = [k for k in key if k != "config"]
-        same = all(saved["key"].get(k) == key[k] for k in others) and saved["key"].keys() == key.keys()
+        same = {**saved["key"], "config": None} == {**key, "config": None}
         if same and not _changed(saved["key"]["config"], cfg):  # a field added since at its old behaviour
             return saved["rows"], ("evaluated" if method == "base" else "finished") + " before, skipped"
     rows = [] if method == "base" else _curve_rows(cfg)
