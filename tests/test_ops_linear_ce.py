@@ -126,6 +126,89 @@ def test_gradcheck_float64(impl):
     )
 
 
+# --- vocabulary blocks (CPU): the chunk of logits is [rows, block], not [rows, V] ---
+
+
+@pytest.mark.parametrize("block", [16, 40, 131])  # 131: V itself, one block
+@pytest.mark.parametrize("need", ["both", "weight", "hidden"])
+def test_vocab_blocks_match_fp64(monkeypatch, block, need):
+    """Blocks of a vocabulary that is not a multiple of the block, several row chunks, peaked rows (the
+    running max moves between blocks), zero-weight rows, targets in the first and the last column."""
+    monkeypatch.setattr(linear_ce, "CPU_VOCAB_BLOCK", block)
+    n, h, v = 23, 12, 131
+    hidden, weight, targets, w = _inputs(n, h, v, torch.float32, peaked=True, zero_every=3)
+    g = torch.randn(n)
+    truth_lp, th_lp, tW_lp = _truth_and_grads(lambda a, b: linear_logprob_ref(a, b, targets) * g.double(),
+                                              hidden, weight)  # fmt: skip
+    truth_ce, th_ce, tW_ce = _truth_and_grads(lambda a, b: weighted_linear_ce_ref(a, b, targets, w),
+                                              hidden, weight)  # fmt: skip
+    for fn, truth, th, tW in (
+        (lambda a, b: dmpo_fast.linear_logprob(a, b, targets, impl="chunked", chunk_elements=7 * block) * g,
+         truth_lp, th_lp, tW_lp),
+        (lambda a, b: dmpo_fast.weighted_linear_ce(a, b, targets, w.float(), impl="chunked",
+                                                   chunk_elements=7 * block), truth_ce, th_ce, tW_ce),
+    ):  # fmt: skip
+        h32 = hidden.clone().requires_grad_(need in ("both", "hidden"))
+        W32 = weight.clone().requires_grad_(need in ("both", "weight"))
+        out = fn(h32, W32)
+        out.sum().backward()
+        torch.testing.assert_close(out.detach().double(), truth, rtol=1e-5, atol=1e-4)
+        if h32.requires_grad:
+            torch.testing.assert_close(h32.grad.double(), th, rtol=1e-4, atol=1e-5)
+        if W32.requires_grad:
+            torch.testing.assert_close(W32.grad.double(), tW, rtol=1e-4, atol=1e-5)
+
+
+def test_vocab_blocks_gradcheck_float64(monkeypatch):
+    monkeypatch.setattr(linear_ce, "CPU_VOCAB_BLOCK", 8)
+    hidden, weight, targets, w = _inputs(11, 7, 29, zero_every=4)
+    h, W = hidden.requires_grad_(), weight.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda h, W: dmpo_fast.linear_logprob(h, W, targets, impl="chunked", chunk_elements=40), (h, W)
+    )
+    assert torch.autograd.gradcheck(
+        lambda h, W: dmpo_fast.weighted_linear_ce(h, W, targets, w, impl="chunked", chunk_elements=40), (h, W)
+    )
+    tw = w.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda tw: dmpo_fast.weighted_linear_ce(h, W, targets, tw, impl="chunked", chunk_elements=40), (tw,)
+    )
+
+
+def test_vocab_block_is_the_cpu_block_or_the_whole_vocabulary(monkeypatch):
+    assert linear_ce.vocab_block(32000, "cpu") == linear_ce.CPU_VOCAB_BLOCK == 2048
+    assert linear_ce.vocab_block(55, "cpu") == 55  # the default run's head: one block, one GEMM
+    assert linear_ce.vocab_block(32000, "cuda") == linear_ce.vocab_block(32000) == 32000
+    monkeypatch.setattr(linear_ce, "CPU_VOCAB_BLOCK", None)
+    assert linear_ce.vocab_block(32000, "cpu") == 32000
+
+
+def test_vocab_blocks_hold_one_block_of_logits_whatever_the_vocabulary(monkeypatch):
+    """With blocks the peak is dW, dH and a [rows, block] buffer; whole rows hold [rows, V]."""
+    n, H, V, block = 256, 16, 16384, 512
+    hidden = torch.randn(n, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    targets, w = torch.randint(0, V, (n,)), torch.rand(n)
+    peaks = {}
+    for name, value in (("blocks", block), ("rows", None)):
+        monkeypatch.setattr(linear_ce, "CPU_VOCAB_BLOCK", value)
+        for op in ("ce", "logprob"):
+
+            def step():
+                if op == "ce":
+                    dmpo_fast.weighted_linear_ce(hidden, weight, targets, w, impl="chunked").backward()
+                else:
+                    dmpo_fast.linear_logprob(hidden, weight, targets, impl="chunked").sum().backward()
+                hidden.grad = weight.grad = None
+
+            peaks[name, op] = peak_memory(step)[1]
+    grads = (V * H + n * H) * 4  # dW and dH, fp32
+    for op in ("ce", "logprob"):
+        assert peaks["blocks", op] <= grads + 4 * n * block * 4, peaks
+        # whole rows: a chunk of chunk_rows(V) rows x V (127 rows, 8.3 MB against the blocks' 0.5 MB)
+        assert peaks["rows", op] >= grads + chunk_rows(V, device="cpu", hidden=H) * V * 4, peaks
+
+
 def test_all_zero_weights_give_exact_zero():
     hidden, weight, targets, _ = _inputs(9, 8, 31, torch.float32)
     h, W = hidden.requires_grad_(), weight.requires_grad_()

@@ -19,12 +19,17 @@ Backends (``impl=``):
   gradient (or, when that is 1, hands the saved buffers over without a copy).
   ``linear_logprob`` cannot do that (its per-row coefficient arrives in the backward), so it saves the
   per-row log-sum-exp and recomputes each chunk of logits in the backward.
+- On the CPU a vocabulary larger than ``CPU_VOCAB_BLOCK`` (2048) columns is also cut into blocks: a chunk
+  of logits is [rows, block], the row's log-sum-exp is accumulated block by block (running max and sum),
+  and the gradient is formed block by block from it, each block's dW rows written in place; the forward of
+  ``weighted_linear_ce`` then projects every block twice. Its memory is dW plus one block, whatever V.
 - ``triton``: the fused kernels in ``dmpo_fast.kernels.linear_ce``.
 - ``native`` (CPU): the chunked path with each chunk's row work in one C++ call (``csrc/linear_ce.cpp``)
   instead of four to six torch kernels over the chunk: for ``weighted_linear_ce`` log-sum-exp, CE and the
   in-place gradient of the logits (``ce_rows_``); for ``linear_logprob`` log-sum-exp and log-prob in the
   forward (``logprob_rows``), the in-place gradient of the recomputed logits in the backward
-  (``logprob_grad_rows_``). The GEMMs are torch's.
+  (``logprob_grad_rows_``). The GEMMs are torch's. With vocabulary blocks the row work is torch's too (a
+  block of rows is small enough for the cache, where the C++ sweep's saving was memory traffic).
 
 Gradients, with p_i = softmax(h_i · Wᵀ) and e_y the one-hot of the target:
     d logp_i / d h_i = (e_{y_i} − p_i) · W             d logp_i / d W = (e_{y_i} − p_i)ᵀ h_i
@@ -59,6 +64,13 @@ CHUNK_ELEMENTS = 1 << 24
 # vocabulary: 6743 rows of the default run's 55-token head). CPU_MIN_CHUNK_ROWS None means "H rows".
 CPU_CHUNK_ELEMENTS = 1 << 21
 CPU_MIN_CHUNK_ROWS: int | None = None
+# On the CPU a vocabulary larger than CPU_VOCAB_BLOCK is also split into blocks of that many columns, so a
+# chunk of logits is [rows, block] rather than [rows, V]: the chunk no longer grows with V, and every GEMM
+# keeps all the chunk's rows (a tall [rows, H] x [H, block] product, where fewer rows over the whole
+# vocabulary made skinny ones). The price is one more GEMM per chunk: the row's log-sum-exp needs every block
+# before any block's gradient, so the forward projects the blocks twice (online max and sum, then the
+# gradient). Measured in docs/benchmarks.md ("vocabulary blocks"). None: whole rows (one block) everywhere.
+CPU_VOCAB_BLOCK: int | None = 2048
 
 
 def chunk_rows(vocab: int, chunk_elements: int | None = None, *, device=None, hidden: int = 0) -> int:
@@ -76,6 +88,55 @@ def chunk_rows(vocab: int, chunk_elements: int | None = None, *, device=None, hi
     return max(1, CHUNK_ELEMENTS // per_row)
 
 
+def vocab_block(vocab: int, device=None) -> int:
+    """Columns of logits per block: ``CPU_VOCAB_BLOCK`` on a CPU ``device`` when the vocabulary is larger,
+    else the whole vocabulary (one block: the single-GEMM path)."""
+    if device is not None and torch.device(device).type == "cpu" and CPU_VOCAB_BLOCK:
+        return min(vocab, CPU_VOCAB_BLOCK)
+    return vocab
+
+
+def _blocks(vocab: int, block: int) -> list[tuple[int, int]]:
+    return [(b, min(b + block, vocab)) for b in range(0, vocab, block)]
+
+
+def _block_lse(h: torch.Tensor, w: torch.Tensor, block: int, buf: torch.Tensor) -> torch.Tensor:
+    """Per-row log-sum-exp of ``h @ w.T`` [c, V] one [c, block] block of logits at a time (in ``buf``, c·block
+    values): a running max m and Σ exp(z − m), rescaled when m grows."""
+    c = h.shape[0]
+    m = torch.full((c,), -torch.inf, dtype=h.dtype, device=h.device)
+    total = torch.zeros(c, dtype=h.dtype, device=h.device)
+    for b0, b1 in _blocks(w.shape[0], block):
+        z = torch.mm(h, w[b0:b1].T, out=buf[: c * (b1 - b0)].view(c, b1 - b0))
+        m_new = torch.maximum(m, z.amax(dim=1))
+        total = total.mul_((m - m_new).exp_()).add_(z.sub_(m_new[:, None]).exp_().sum(dim=1))
+        m = m_new
+    return m + total.log()
+
+
+def _target_logits(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_{i, y_i} = h_i · W[y_i] without the row's other logits."""
+    return (h * w.index_select(0, y)).sum(dim=1)
+
+
+def _block_grads(h, w, y, lse, coef, block: int, buf, dw, need_h: bool = True) -> torch.Tensor | None:
+    """G = coef · (softmax(h·Wᵀ) − e_y) block by block, from the row's log-sum-exp: returns dH = G·W [c, H]
+    (with ``need_h``) and adds Gᵀ·h into ``dw`` (when not None), block by block (its rows b0:b1 only)."""
+    c = h.shape[0]
+    dh = torch.zeros_like(h) if need_h else None
+    for b0, b1 in _blocks(w.shape[0], block):
+        wb = w[b0:b1]
+        G = torch.mm(h, wb.T, out=buf[: c * (b1 - b0)].view(c, b1 - b0))
+        G.sub_(lse[:, None]).exp_().mul_(coef[:, None])
+        inside = ((y >= b0) & (y < b1)).nonzero().squeeze(1)
+        _subtract_one_hot_(G, y.index_select(0, inside) - b0, coef.index_select(0, inside), inside)
+        if dh is not None:
+            dh.addmm_(G, wb)
+        if dw is not None:
+            dw[b0:b1].addmm_(G.T, h)
+    return dh
+
+
 def _lse_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(lse, E, Σ)`` of a [c, V] chunk: lse_i = m_i + log Σ_i, Σ_i = Σ_v exp(z_iv − m_i), with ``logits``
     overwritten by E = exp(z − m). In place: ``torch.logsumexp`` allocates a second [c, V] buffer for
@@ -86,10 +147,15 @@ def _lse_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return m.squeeze(1) + total.log(), E, total
 
 
-def _subtract_one_hot_(G: torch.Tensor, targets: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``G[i, targets[i]] -= value[i]`` in place, through the flat index i·V + y (G contiguous [c, V]).
-    ``scatter_add_`` along dim 1 did the same 10x slower on CPU at 13500 rows of 55."""
-    flat = torch.arange(G.shape[0], device=G.device) * G.shape[1] + targets
+def _subtract_one_hot_(
+    G: torch.Tensor, targets: torch.Tensor, value: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``G[i, targets[i]] -= value[i]`` in place (for the ``rows`` i when given, every row otherwise), through
+    the flat index i·V + y (G contiguous [c, V]). ``scatter_add_`` along dim 1 did the same 10x slower on CPU
+    at 13500 rows of 55."""
+    if rows is None:
+        rows = torch.arange(G.shape[0], device=G.device)
+    flat = rows * G.shape[1] + targets
     G.view(-1).index_add_(0, flat, -value)
     return G
 
@@ -162,9 +228,11 @@ def weighted_linear_ce_ref(
 @dataclass(frozen=True)
 class _Chunking:
     """The non-tensor arguments of a chunked call, passed through autograd as one value: rows per chunk,
-    whether the row work runs in the native ops, and which gradients the forward computes."""
+    columns per block of the vocabulary (``vocab_block``; the whole vocabulary: one block), whether the row
+    work runs in the native ops (one block only), and which gradients the forward computes."""
 
     chunk: int
+    block: int
     native: bool = False
     need_h: bool = False
     need_w: bool = False
@@ -180,9 +248,16 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         logp = torch.empty(n, dtype=dt, device=hidden.device)
         lse = torch.empty(n, dtype=dt, device=hidden.device)
         w = weight.to(dt)
+        blocked = how.block < weight.shape[0]
+        buf = torch.empty(min(chunk, n) * how.block, dtype=dt, device=hidden.device) if blocked else None
         for s in range(0, n, chunk):
-            logits = hidden[s : s + chunk].to(dt) @ w.T  # [c, V]
             y = targets[s : s + chunk].long()
+            if blocked:  # the log-sum-exp block by block; the target's logit from its own dot product
+                h = hidden[s : s + chunk].to(dt)
+                lse[s : s + chunk] = _block_lse(h, w, how.block, buf)
+                logp[s : s + chunk] = _target_logits(h, w, y) - lse[s : s + chunk]
+                continue
+            logits = hidden[s : s + chunk].to(dt) @ w.T  # [c, V]
             if native:  # max, Σexp and the gather in one C++ sweep per row (csrc/linear_ce.cpp)
                 logp[s : s + chunk], lse[s : s + chunk] = torch.ops.dmpo_fast.logprob_rows(logits, y)
             else:
@@ -190,7 +265,7 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
                 lse[s : s + chunk] = _lse_(logits)[0]
                 logp[s : s + chunk] = z_y - lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk, ctx.native = chunk, native
+        ctx.chunk, ctx.block, ctx.native = chunk, how.block, native
         return logp
 
     @staticmethod
@@ -207,10 +282,18 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         w = weight.to(dt)
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need_w else None
-        for s in range(0, hidden.shape[0], chunk):
+        n = hidden.shape[0]
+        blocked = ctx.block < weight.shape[0]
+        buf = torch.empty(min(chunk, n) * ctx.block, dtype=dt, device=hidden.device) if blocked else None
+        for s in range(0, n, chunk):
             h = hidden[s : s + chunk].to(dt)
             g = grad_logp[s : s + chunk].to(dt).contiguous()
             y = targets[s : s + chunk].long()
+            if blocked:  # g · (e_y − p) = −g · (p − e_y), block by block; dW's rows of each block in place
+                dh_c = _block_grads(h, w, y, lse[s : s + chunk], -g, ctx.block, buf, dw, need_h)
+                if need_h:
+                    dh[s : s + chunk] = dh_c.to(hidden.dtype)
+                continue
             # d logp / d logits = e_y − p, scaled by the upstream gradient: G = g · (e_y − p), written over
             # the recomputed logits (one [c, V] buffer per chunk)
             G = h @ w.T  # [c, V]
@@ -245,10 +328,21 @@ class _ChunkedWeightedLinearCE(torch.autograd.Function):
             live = torch.arange(n, device=tw.device)
         else:
             live = rows if rows is not None else (tw != 0).nonzero().squeeze(1)
+        blocked = how.block < weight.shape[0]
+        buf = torch.empty(min(chunk, live.numel()) * how.block, dtype=dt, device=hidden.device) if blocked else None
         for s in range(0, live.numel(), chunk):
             idx = live[s : s + chunk]
             h = hidden.index_select(0, idx).to(dt)  # [c, H]
             y = targets.index_select(0, idx).long()[:, None]
+            if blocked:  # CE from the block-by-block log-sum-exp, then G block by block (a second projection)
+                lse = _block_lse(h, w, how.block, buf)
+                ce[idx] = lse - _target_logits(h, w, y[:, 0])
+                if need_h or need_w:
+                    tw_c = tw.index_select(0, idx)
+                    dh_c = _block_grads(h, w, y[:, 0], lse, tw_c, how.block, buf, dw, need_h)
+                    if need_h:
+                        dh.index_copy_(0, idx, dh_c)
+                continue
             logits = h @ w.T  # [c, V]
             if native:
                 # The same row work in one C++ call (csrc/linear_ce.cpp): CE, and G written over the logits.
@@ -292,8 +386,9 @@ def linear_logprob_chunked(
     """The chunked path; with ``native`` the per-row work of each chunk runs in the C++ ops ``logprob_rows``
     (forward) and ``logprob_grad_rows_`` (backward). Same chunks, so the same peak memory."""
     V, H = weight.shape
-    chunk = chunk_rows(V, chunk_elements, device=hidden.device, hidden=H)
-    return _ChunkedLinearLogprob.apply(hidden, weight, targets, _Chunking(chunk, native))
+    block = vocab_block(V, hidden.device)
+    chunk = chunk_rows(block, chunk_elements, device=hidden.device, hidden=H)
+    return _ChunkedLinearLogprob.apply(hidden, weight, targets, _Chunking(chunk, block, native))
 
 
 def weighted_linear_ce_chunked(
@@ -314,8 +409,9 @@ def weighted_linear_ce_chunked(
     need_w = grad_on and weight.requires_grad
     need_tw = grad_on and token_weights.requires_grad
     V, H = weight.shape
-    chunk = chunk_rows(V, chunk_elements, device=hidden.device, hidden=H)
-    how = _Chunking(chunk, native, need_h, need_w, need_tw)
+    block = vocab_block(V, hidden.device)
+    chunk = chunk_rows(block, chunk_elements, device=hidden.device, hidden=H)
+    how = _Chunking(chunk, block, native, need_h, need_w, need_tw)
     return _ChunkedWeightedLinearCE.apply(hidden, weight, targets, token_weights, rows, how)
 
 
