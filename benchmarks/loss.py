@@ -45,8 +45,10 @@ its resident-set high-water mark over its resident set before (``benchmarks.comm
 second is what the machine must have; it also counts what malloc keeps and the GEMM's workspaces.
 
 ``--chunk-curve`` (CPU) measures chunked and native at chunk budgets 2^18 ... 2^24 fp32 values
-(``dmpo_fast.ops.linear_ce.CPU_CHUNK_ELEMENTS``): time and both memory columns per budget, a
-``chunk_elements`` field in each row.
+(``dmpo_fast.ops.linear_ce.CPU_CHUNK_ELEMENTS``) over whole rows of the vocabulary: time and both memory
+columns per budget, a ``chunk_elements`` field in each row. ``--block-curve`` (CPU) measures them at
+vocabulary blocks of 256 ... 8192 columns and whole rows (``CPU_VOCAB_BLOCK``), the default row chunks, a
+``vocab_block`` field in each row (0: whole rows).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ SHAPES = {
     "default-run": (32 * 8 * 4, 44, 20, 128, 55),
 }
 CHUNK_CURVE = tuple(1 << k for k in range(18, 25))
+BLOCK_CURVE = (256, 512, 1024, 2048, 4096, 8192, 0)  # 0: whole rows (one block)
 OWN_IMPL = {"reference": "eager", "chunked": "chunked", "native": "native", "triton": "triton"}
 PEERS = {"cce": "cut-cross-entropy", "liger": "liger-kernel"}  # provider -> distribution name
 LIGER_PER_TOKEN_GRADS = (0, 8, 2)  # first Liger-Kernel release whose reduction="none" backward is per token
@@ -127,11 +130,16 @@ def op_function(op: str, impl: str):
     return partial(_logprob_loss, impl=impl)
 
 
-def rss_setup(op: str, provider: str, shape: list, dtype: str, chunk_elements: int | None = None):
+def rss_setup(op: str, provider: str, shape: list, dtype: str, chunk_elements: int | None = None,
+              vocab_block: int | None = None):  # fmt: skip
     """``(warmup, step)`` for ``benchmarks.common.peak_rss_extra``: one forward+backward of ``provider`` (one
-    of reference, chunked, native) on ``op`` at ``shape``, after a warm-up at the quick shape."""
-    if chunk_elements:  # the curve: exactly this budget, no floor on the rows
+    of reference, chunked, native) on ``op`` at ``shape``, after a warm-up at the quick shape. The curves'
+    settings: ``chunk_elements`` (over whole rows), ``vocab_block`` (0: whole rows)."""
+    if chunk_elements:  # the chunk curve: exactly this budget, no floor on the rows, whole rows
         linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS = chunk_elements, 1
+        linear_ce.CPU_VOCAB_BLOCK = None
+    if vocab_block is not None:
+        linear_ce.CPU_VOCAB_BLOCK = vocab_block or None
     fn = op_function(op, OWN_IMPL[provider])
     dt, cpu = getattr(torch, dtype), torch.device("cpu")
     small = op_inputs(op, make_inputs(*SHAPES["quick"], 0.55, dt, cpu, seed=1))
@@ -417,9 +425,10 @@ def run(args) -> list[dict]:
     return rows
 
 
-def chunk_curve(args) -> list[dict]:
-    """Time and memory of chunked and native against the CPU chunk budget (``CPU_CHUNK_ELEMENTS``), one row
-    per (provider, budget), with the reference once for the ratios. Same inputs, one run."""
+def chunk_curve(args, kind: str = "chunk") -> list[dict]:
+    """Time and memory of chunked and native against the CPU chunk budget (``CPU_CHUNK_ELEMENTS``, whole
+    rows; ``kind="chunk"``) or the vocabulary block (``CPU_VOCAB_BLOCK``, default chunks; ``kind="block"``),
+    one row per (provider, setting), with the reference once for the ratios. Same inputs, one run."""
     device = torch.device("cpu")
     op = getattr(args, "op", None) or "wdce_loss"
     shape = shape_name(args, device)
@@ -430,28 +439,38 @@ def chunk_curve(args) -> list[dict]:
     n_masked = int(base_inputs[3].sum())
     env = {**environment(device), "op": op, "mode": "fwd+bwd", "shape_name": shape,
            "shape": dict(R=R, L=L, prompt=prompt, H=H, V=V, n_masked=n_masked, dtype=dtype_name)}  # fmt: skip
-    budgets = CHUNK_CURVE[::3] if args.quick else CHUNK_CURVE
+    settings = CHUNK_CURVE if kind == "chunk" else BLOCK_CURVE
+    settings = settings[::3] if args.quick else settings
     providers = ["chunked"] + (["native"] if native_ready(build=not args.quick) else [])
-    default = linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS
+    default = linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS, linear_ce.CPU_VOCAB_BLOCK
     rows = []
     try:
-        for name, budget in [("reference", None)] + [(p, b) for p in providers for b in budgets]:
-            linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS = (budget, 1) if budget else default
+        for name, value in [("reference", None)] + [(p, v) for p in providers for v in settings]:
+            linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS, linear_ce.CPU_VOCAB_BLOCK = default
+            budget = value if kind == "chunk" else None
+            block = value if kind == "block" else None
+            if budget:
+                linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS = budget, 1
+                linear_ce.CPU_VOCAB_BLOCK = None
+            if block is not None:
+                linear_ce.CPU_VOCAB_BLOCK = block or None
             fn = op_function(op, OWN_IMPL[name])
 
             def step(fn=fn):
                 inputs[0].grad = inputs[1].grad = None
                 fn(*inputs).backward()
 
-            row = {**env, "provider": name, "chunk_elements": budget, **bench(step, device, quick=args.quick)}
-            row["chunk_rows"] = linear_ce.chunk_rows(V, device=device, hidden=H) if budget else None
+            row = {**env, "provider": name, "chunk_elements": budget, "vocab_block": block,
+                   **bench(step, device, quick=args.quick)}  # fmt: skip
+            width = linear_ce.vocab_block(V, device)
+            row["chunk_rows"] = linear_ce.chunk_rows(width, device=device, hidden=H) if value is not None else None
             row["peak_extra_bytes"] = peak_memory(step, device)[1]
-            setup = ("benchmarks.loss:rss_setup", op, name, [R, L, prompt, H, V], dtype_name, budget)
+            setup = ("benchmarks.loss:rss_setup", op, name, [R, L, prompt, H, V], dtype_name, budget, block)
             row["peak_rss_extra_bytes"] = peak_rss_extra(*setup, threads=torch.get_num_threads())
             rows.append(row)
-            print(f"{name} chunk {budget}: {row['median_ms']:.1f} ms, rss {row['peak_rss_extra_bytes']}")
+            print(f"{name} {kind} {value}: {row['median_ms']:.1f} ms, rss {row['peak_rss_extra_bytes']}")
     finally:
-        linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS = default
+        linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS, linear_ce.CPU_VOCAB_BLOCK = default
     ref = rows[0]
     for row in rows:
         row["speedup_vs_reference"] = ref["median_ms"] / row["median_ms"]
@@ -460,9 +479,10 @@ def chunk_curve(args) -> list[dict]:
     return rows
 
 
-def plot_chunk_curve(rows: list[dict], path) -> bool:
-    """Time and extra peak RSS against rows per chunk (one line per provider, the reference as a level);
-    False when matplotlib is not installed."""
+def plot_chunk_curve(rows: list[dict], path, kind: str = "chunk") -> bool:
+    """Time and extra peak RSS against rows per chunk (``kind="chunk"``) or columns per vocabulary block
+    (``"block"``, whole rows drawn at V), one line per provider, the reference as a level; False when
+    matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -472,8 +492,13 @@ def plot_chunk_curve(rows: list[dict], path) -> bool:
         return False
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
     ref = next(r for r in rows if r["provider"] == "reference")
+    V = rows[0]["shape"]["V"]
+
+    def x_of(r):
+        return r["chunk_rows"] if kind == "chunk" else (r["vocab_block"] or V)
+
     for name in ("chunked", "native"):
-        pts = [(r["chunk_rows"], r["median_ms"], r["peak_rss_extra_bytes"] / 2**20) for r in rows
+        pts = [(x_of(r), r["median_ms"], r["peak_rss_extra_bytes"] / 2**20) for r in rows
                if r["provider"] == name]  # fmt: skip
         if pts:
             x, t, m = zip(*pts, strict=True)
@@ -483,7 +508,7 @@ def plot_chunk_curve(rows: list[dict], path) -> bool:
     ax_m.axhline(ref["peak_rss_extra_bytes"] / 2**20, color="gray", ls="--", label="reference")
     for ax, label in ((ax_t, "ms (median)"), (ax_m, "extra peak RSS, MiB")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("rows per chunk")
+        ax.set_xlabel("rows per chunk" if kind == "chunk" else "columns per vocabulary block (V: whole rows)")
         ax.set_ylabel(label)
         ax.legend()
     shape = rows[0]["shape"]
@@ -517,20 +542,25 @@ def main(argv=None):
                    help="default: cuda on CUDA, cpu on CPU (see the module docstring)")  # fmt: skip
     p.add_argument("--chunk-curve", action="store_true",
                    help="CPU: chunked and native at chunk budgets 2^18..2^24 (time and memory)")  # fmt: skip
+    p.add_argument("--block-curve", action="store_true",
+                   help="CPU: chunked and native at vocabulary blocks 256..8192 and whole rows")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parse(p, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.chunk_curve:
+    if args.chunk_curve and args.block_curve:
+        raise SystemExit("--chunk-curve and --block-curve are separate runs: pass one of them")
+    if args.chunk_curve or args.block_curve:
+        kind = "chunk" if args.chunk_curve else "block"
         if args.device != "cpu":
-            raise SystemExit("--chunk-curve measures the CPU chunk budget: use --device cpu")
-        rows = chunk_curve(args)
+            raise SystemExit(f"--{kind}-curve measures the CPU path: use --device cpu")
+        rows = chunk_curve(args, kind)
         if not args.quick and args.out:
-            plot_chunk_curve(rows, str(args.out).removesuffix(".json") + ".png")
-        columns = ["provider", "chunk_elements", "chunk_rows", "median_ms", "p20_ms", "p80_ms",
-                   "speedup_vs_reference", "peak_extra_bytes", "peak_rss_extra_bytes",
-                   "rss_vs_reference"]  # fmt: skip
-        return finish(rows, "loss-chunks", args, columns)
+            plot_chunk_curve(rows, str(args.out).removesuffix(".json") + ".png", kind)
+        columns = ["provider", "chunk_elements" if kind == "chunk" else "vocab_block", "chunk_rows",
+                   "median_ms", "p20_ms", "p80_ms", "speedup_vs_reference", "peak_extra_bytes",
+                   "peak_rss_extra_bytes", "rss_vs_reference"]  # fmt: skip
+        return finish(rows, "loss-chunks" if kind == "chunk" else "loss-blocks", args, columns)
     rows = run(args)
     columns = ["provider", "median_ms", "p20_ms", "p80_ms", "tflops", "pct_of_floor", "speedup_vs_reference",
                "peak_extra_bytes", "peak_rss_extra_bytes", "rss_vs_reference", "err_vs_tol",

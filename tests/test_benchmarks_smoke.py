@@ -168,3 +168,19 @@ def test_every_script_accepts_the_device_option():
             cwd=ROOT, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
+
+
+def test_loss_block_curve_quick(tmp_path):
+    """``--block-curve``: one row per (provider, vocabulary block), whole rows as block 0, the reference once;
+    it and ``--chunk-curve`` are separate runs."""
+    out = tmp_path / "blocks.json"
+    cmd = [sys.executable, "-m", "benchmarks", "loss", "--quick", "--device", "cpu", "--block-curve"]
+    proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["provider"] for r in rows][0] == "reference" and rows[0]["vocab_block"] is None
+    blocks = [r["vocab_block"] for r in rows if r["provider"] == "chunked"]
+    assert blocks == [256, 2048, 0]  # BLOCK_CURVE[::3]
+    assert all(r["chunk_rows"] > 0 and r["median_ms"] > 0 for r in rows[1:])
+    proc = subprocess.run([*cmd, "--chunk-curve"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "separate runs" in proc.stderr

@@ -176,7 +176,7 @@ def test_vocab_blocks_gradcheck_float64(monkeypatch):
 
 
 def test_vocab_block_is_the_cpu_block_or_the_whole_vocabulary(monkeypatch):
-    assert linear_ce.vocab_block(32000, "cpu") == linear_ce.CPU_VOCAB_BLOCK == 2048
+    assert linear_ce.vocab_block(32000, "cpu") == linear_ce.CPU_VOCAB_BLOCK == 1024
     assert linear_ce.vocab_block(55, "cpu") == 55  # the default run's head: one block, one GEMM
     assert linear_ce.vocab_block(32000, "cuda") == linear_ce.vocab_block(32000) == 32000
     monkeypatch.setattr(linear_ce, "CPU_VOCAB_BLOCK", None)

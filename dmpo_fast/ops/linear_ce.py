@@ -19,7 +19,7 @@ Backends (``impl=``):
   gradient (or, when that is 1, hands the saved buffers over without a copy).
   ``linear_logprob`` cannot do that (its per-row coefficient arrives in the backward), so it saves the
   per-row log-sum-exp and recomputes each chunk of logits in the backward.
-- On the CPU a vocabulary larger than ``CPU_VOCAB_BLOCK`` (2048) columns is also cut into blocks: a chunk
+- On the CPU a vocabulary larger than ``CPU_VOCAB_BLOCK`` (1024) columns is also cut into blocks: a chunk
   of logits is [rows, block], the row's log-sum-exp is accumulated block by block (running max and sum),
   and the gradient is formed block by block from it, each block's dW rows written in place; the forward of
   ``weighted_linear_ce`` then projects every block twice. Its memory is dW plus one block, whatever V.
@@ -62,6 +62,7 @@ CHUNK_ELEMENTS = 1 << 24
 # size"): 64 rows ran 1.6-1.7x and 129 rows 1.3-1.4x the time of 258 rows, all at 0.15-0.19x the reference's
 # extra peak RSS. CPU_CHUNK_ELEMENTS (8 MiB of fp32 values) allows more rows when they are cheap (a small
 # vocabulary: 6743 rows of the default run's 55-token head). CPU_MIN_CHUNK_ROWS None means "H rows".
+# With vocabulary blocks (below) the same rule sizes a chunk of [rows, block] logits: 1365 rows at H = 256.
 CPU_CHUNK_ELEMENTS = 1 << 21
 CPU_MIN_CHUNK_ROWS: int | None = None
 # On the CPU a vocabulary larger than CPU_VOCAB_BLOCK is also split into blocks of that many columns, so a
@@ -69,8 +70,12 @@ CPU_MIN_CHUNK_ROWS: int | None = None
 # keeps all the chunk's rows (a tall [rows, H] x [H, block] product, where fewer rows over the whole
 # vocabulary made skinny ones). The price is one more GEMM per chunk: the row's log-sum-exp needs every block
 # before any block's gradient, so the forward projects the blocks twice (online max and sum, then the
-# gradient). Measured in docs/benchmarks.md ("vocabulary blocks"). None: whole rows (one block) everywhere.
-CPU_VOCAB_BLOCK: int | None = 2048
+# gradient). Measured on the 2-core CPU at V = 32000, H = 256, 431 rows (docs/benchmarks.md, "vocabulary
+# blocks"): blocks of 1024 columns took 0.23-0.24x the eager reference's extra peak RSS where whole rows took
+# 0.55-0.74x, at about the same speed for the linear ops and 10% slower in wdce_loss (2.8-2.9x the reference
+# instead of 3.1-3.2x, at 0.08x its memory instead of 0.19x); 2048 columns reached 0.25-0.26x.
+# None: whole rows (one block) everywhere.
+CPU_VOCAB_BLOCK: int | None = 1024
 
 
 def chunk_rows(vocab: int, chunk_elements: int | None = None, *, device=None, hidden: int = 0) -> int:
