@@ -463,7 +463,8 @@ def chunk_curve(args, kind: str = "chunk") -> list[dict]:
             row = {**env, "provider": name, "chunk_elements": budget, "vocab_block": block,
                    **bench(step, device, quick=args.quick)}  # fmt: skip
             width = linear_ce.vocab_block(V, device)
-            row["chunk_rows"] = linear_ce.chunk_rows(width, device=device, hidden=H) if value is not None else None
+            rows_per_chunk = linear_ce.chunk_rows(width, device=device, hidden=H)
+            row["chunk_rows"] = rows_per_chunk if value is not None else None
             row["peak_extra_bytes"] = peak_memory(step, device)[1]
             setup = ("benchmarks.loss:rss_setup", op, name, [R, L, prompt, H, V], dtype_name, budget, block)
             row["peak_rss_extra_bytes"] = peak_rss_extra(*setup, threads=torch.get_num_threads())

@@ -194,7 +194,7 @@ def test_vocab_blocks_hold_one_block_of_logits_whatever_the_vocabulary(monkeypat
         monkeypatch.setattr(linear_ce, "CPU_VOCAB_BLOCK", value)
         for op in ("ce", "logprob"):
 
-            def step():
+            def step(op=op):
                 if op == "ce":
                     dmpo_fast.weighted_linear_ce(hidden, weight, targets, w, impl="chunked").backward()
                 else:

@@ -334,7 +334,9 @@ class _ChunkedWeightedLinearCE(torch.autograd.Function):
         else:
             live = rows if rows is not None else (tw != 0).nonzero().squeeze(1)
         blocked = how.block < weight.shape[0]
-        buf = torch.empty(min(chunk, live.numel()) * how.block, dtype=dt, device=hidden.device) if blocked else None
+        buf = None
+        if blocked:
+            buf = torch.empty(min(chunk, live.numel()) * how.block, dtype=dt, device=hidden.device)
         for s in range(0, live.numel(), chunk):
             idx = live[s : s + chunk]
             h = hidden.index_select(0, idx).to(dt)  # [c, H]
