@@ -71,9 +71,9 @@ CPU_MIN_CHUNK_ROWS: int | None = None
 # vocabulary made skinny ones). The price is one more GEMM per chunk: the row's log-sum-exp needs every block
 # before any block's gradient, so the forward projects the blocks twice (online max and sum, then the
 # gradient). Measured on the 2-core CPU at V = 32000, H = 256, 431 rows (docs/benchmarks.md, "vocabulary
-# blocks"): blocks of 1024 columns took 0.23-0.24x the eager reference's extra peak RSS where whole rows took
-# 0.55-0.74x, at about the same speed for the linear ops and 10% slower in wdce_loss (2.8-2.9x the reference
-# instead of 3.1-3.2x, at 0.08x its memory instead of 0.19x); 2048 columns reached 0.25-0.26x.
+# blocks"): blocks of 1024 columns took 0.22-0.24x the eager reference's extra peak RSS where whole rows took
+# 0.55-0.74x, at about the same speed for the linear ops and up to 10% slower in wdce_loss (2.8-3.1x the
+# reference instead of 3.1-3.2x, at 0.08x its memory instead of 0.19x); 2048 columns reached 0.25-0.26x.
 # None: whole rows (one block) everywhere.
 CPU_VOCAB_BLOCK: int | None = 1024
 
