@@ -173,7 +173,8 @@ def run_config(task: str, method: str, seed: int, *, runs: Path, quick: bool, de
     comparison's run."""
     budget = QUICK_BUDGET if quick else BUDGET
     settings = dict(METHODS[method])
-    own = TrainConfig(**{k: v for k, v in settings.items() if k in ("algorithm", "num_iterations", "learning_rate")})
+    own_keys = ("algorithm", "num_iterations", "learning_rate")
+    own = TrainConfig(**{k: v for k, v in settings.items() if k in own_keys})
     F = own.num_iterations
     every = budget["eval_every_buffers"] * F
     path = runs / task / method

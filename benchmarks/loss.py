@@ -130,16 +130,22 @@ def op_function(op: str, impl: str):
     return partial(_logprob_loss, impl=impl)
 
 
+def _curve_point(chunk_elements: int | None = None, vocab_block: int | None = None) -> None:
+    """Set the CPU chunking of one point of a curve: ``chunk_elements`` exactly (no floor on the rows) over
+    whole rows, or ``vocab_block`` columns per block (0: whole rows) with the default chunks."""
+    if chunk_elements:
+        linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS = chunk_elements, 1
+        linear_ce.CPU_VOCAB_BLOCK = None
+    if vocab_block is not None:
+        linear_ce.CPU_VOCAB_BLOCK = vocab_block or None
+
+
 def rss_setup(op: str, provider: str, shape: list, dtype: str, chunk_elements: int | None = None,
               vocab_block: int | None = None):  # fmt: skip
     """``(warmup, step)`` for ``benchmarks.common.peak_rss_extra``: one forward+backward of ``provider`` (one
     of reference, chunked, native) on ``op`` at ``shape``, after a warm-up at the quick shape. The curves'
     settings: ``chunk_elements`` (over whole rows), ``vocab_block`` (0: whole rows)."""
-    if chunk_elements:  # the chunk curve: exactly this budget, no floor on the rows, whole rows
-        linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS = chunk_elements, 1
-        linear_ce.CPU_VOCAB_BLOCK = None
-    if vocab_block is not None:
-        linear_ce.CPU_VOCAB_BLOCK = vocab_block or None
+    _curve_point(chunk_elements, vocab_block)
     fn = op_function(op, OWN_IMPL[provider])
     dt, cpu = getattr(torch, dtype), torch.device("cpu")
     small = op_inputs(op, make_inputs(*SHAPES["quick"], 0.55, dt, cpu, seed=1))
@@ -449,11 +455,7 @@ def chunk_curve(args, kind: str = "chunk") -> list[dict]:
             linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS, linear_ce.CPU_VOCAB_BLOCK = default
             budget = value if kind == "chunk" else None
             block = value if kind == "block" else None
-            if budget:
-                linear_ce.CPU_CHUNK_ELEMENTS, linear_ce.CPU_MIN_CHUNK_ROWS = budget, 1
-                linear_ce.CPU_VOCAB_BLOCK = None
-            if block is not None:
-                linear_ce.CPU_VOCAB_BLOCK = block or None
+            _curve_point(budget, block)
             fn = op_function(op, OWN_IMPL[name])
 
             def step(fn=fn):
